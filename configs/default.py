@@ -1,0 +1,94 @@
+"""Default config: DPO on the embedded synthetic preference task, sized for a laptop CPU.
+
+Variants: `--config configs/default.py:tiny` (a very small model for tests and smoke runs).
+Override any field from the command line, e.g. `--config.loss.beta=0.05 --config.mesh.fsdp=2`.
+"""
+
+import ml_collections
+
+# Logical axis name -> mesh axes of the ('data', 'fsdp', 'tensor') mesh; the first matching rule wins.
+# Params: FSDP shards the embedding dimension, tensor parallelism shards heads / MLP / vocab.
+# Activations: the batch is split over data and fsdp; 'act_embed' (the residual stream) is replicated.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # PRNG seed: param init, data order, sampling.
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=512,  # tokens; the trainer overrides it with the tokenizer's size when they differ.
+      hidden_size=128,  # residual stream width D.
+      intermediate_size=352,  # SwiGLU hidden width F.
+      num_layers=4,
+      num_heads=4,  # query heads H.
+      num_kv_heads=2,  # key/value heads K (grouped-query attention; H % K == 0).
+      head_dim=None,  # None: hidden_size // num_heads.
+      rope_theta=10000.0,  # RoPE base.
+      rms_norm_eps=1e-6,
+      tie_embeddings=True,  # share the input embedding and the LM head.
+      qkv_bias=False,  # biases on q/k/v projections (Qwen2).
+      attn_out_bias=False,  # bias on the attention output projection.
+      mlp_bias=False,  # biases in the MLP.
+      initializer_range=0.02,  # stddev of the normal init.
+      param_dtype="float32",  # dtype params (and optimizer moments) are stored in.
+      compute_dtype="float32",  # dtype of activations and matmuls ('bfloat16' on TPU/GPU); log-probs are fp32 always.
+      matmul_precision="default",  # 'highest' for full-fp32 matmuls on TPU (default there is bf16 passes).
+      remat="none",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable'.
+      scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # data-parallel replicas; -1 = all devices not used by the other axes.
+      fsdp=1,  # params, grads and optimizer state sharded over this axis (ZeRO-3 style).
+      tensor=1,  # tensor parallelism over heads / MLP / vocab.
+  ))
+  c.sharding = ml_collections.ConfigDict(dict(
+      rules=SHARDING_RULES,  # logical axis -> mesh axes; see the table above.
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      type="sigmoid",  # dpo_jax.losses.LOSSES key; 'sigmoid' is the DPO loss (seed eq. 7).
+      beta=0.1,  # strength of the KL constraint; the implicit reward is beta * log(pi / pi_ref).
+      label_smoothing=0.0,  # cDPO: assumed probability a label is flipped, in [0, 0.5).
+      options=ml_collections.ConfigDict(),  # extra keyword options of the chosen loss type.
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3,  # peak learning rate.
+      schedule="cosine",  # decay after warmup: 'cosine' | 'linear' | 'constant'.
+      warmup_steps=10,  # linear warmup from 0, in optimizer steps.
+      total_steps=200,  # optimizer steps; the schedule reaches end_lr_ratio here.
+      end_lr_ratio=0.1,  # final learning rate as a fraction of the peak.
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,  # decoupled (AdamW) decay on matrices only.
+      max_grad_norm=1.0,  # global-norm clipping; 0 disables.
+      grad_accum_steps=1,  # micro-batches per optimizer step (batch_size must divide by it).
+  ))
+
+  c.batch_size = 32  # global preference pairs per optimizer step (2x sequences per forward).
+  c.max_length = 64  # tokens per sequence: prompt + response + EOS (padded to this).
+  c.max_prompt_length = 24  # prompt tokens kept (its end) before the response.
+
+  if arg == "tiny":
+    c.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    c.batch_size = 8
+    c.max_length = 32
+    c.max_prompt_length = 12
+  elif arg not in (None, ""):
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny.")
+  return c

@@ -1,0 +1,287 @@
+"""Llama-family decoder-only transformer (Flax linen): RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+The forward is a pure function of (params, token ids, positions, attention mask):
+
+    logits_BxTxV = make_model(cfg).apply({'params': params}, ids_BxT, positions_BxT, mask_BxT)
+
+Params are a plain nested dict. Every param carries logical axis names (`param_logical_axes`), which
+`sharding.py` maps to mesh axes, so the model code itself never names a mesh axis.
+
+Attention mask semantics: `mask_BxT` holds segment ids. Token t attends token s iff s <= t and
+mask[s] == mask[t]. With a 0/1 padding mask this means real tokens never see padding (and padding rows see
+only padding, so no softmax row is empty); with packed sequences (ids 1, 2, ...) each segment only sees
+itself.
+
+Conventions follow HF `LlamaForCausalLM` so checkpoints convert without permutation: RoPE rotates the two
+halves of each head (`rotate_half`), query head h reads key/value head h // (num_heads // num_kv_heads),
+RMSNorm is computed in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.sharding import ShardingContext, constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of the decoder. Field meanings are documented in configs/default.py."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2-style biases on q, k, v
+  attn_out_bias: bool = False
+  mlp_bias: bool = False
+  initializer_range: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  matmul_precision: str = "default"  # 'highest' for true fp32 matmuls on TPU
+  remat: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"model: head_dim={self.resolved_head_dim} must be even for RoPE.")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "ModelConfig":
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"config.model: unknown fields {sorted(unknown)}.")
+    return cls(**d)
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, rotate-half convention, angles in fp32."""
+  head_dim = x_BxTxNxH.shape[-1]
+  half = head_dim // 2
+  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))
+  angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_H2
+  sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, 1, 1, T, S] boolean: causal and same-segment (see the module docstring)."""
+  t = segment_ids_BxT.shape[1]
+  causal_TxS = jnp.tril(jnp.ones((t, t), dtype=bool))
+  same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return (causal_TxS[None] & same_BxTxS)[:, None, None]
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  shard: ShardingContext | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    cfg = self.cfg
+    h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    init = nn.initializers.normal(cfg.initializer_range)
+    dense = functools.partial(
+        nn.DenseGeneral, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+        precision=cfg.matmul_precision)
+
+    def proj(name, heads, heads_axis, bias):
+      return dense(
+          features=(heads, d), use_bias=bias, name=name,
+          kernel_init=_partitioned(init, ("embed", heads_axis, "head_dim")),
+          bias_init=_partitioned(nn.initializers.zeros, (heads_axis, "head_dim")))(x_BxTxD)
+
+    q_BxTxHxD = proj("q", h, "heads", cfg.qkv_bias)
+    k_BxTxKxD = proj("k", k, "kv_heads", cfg.qkv_bias)
+    v_BxTxKxD = proj("v", k, "kv_heads", cfg.qkv_bias)
+    q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, cfg.rope_theta), ("batch", "length", "heads", None), self.shard)
+    k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, cfg.rope_theta), ("batch", "length", "kv_heads", None), self.shard)
+    v_BxTxKxD = constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
+
+    b, t = x_BxTxD.shape[:2]
+    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)  # query head h uses kv head h // G
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxTxKxD, precision=cfg.matmul_precision,
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(attention_mask(segment_ids_BxT), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxTxKxD, precision=cfg.matmul_precision)
+    out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(b, t, h, d), ("batch", "length", "heads", None), self.shard)
+    return dense(
+        features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attn_out_bias, name="o",
+        kernel_init=_partitioned(init, ("heads", "head_dim", "embed")),
+        bias_init=_partitioned(nn.initializers.zeros, ("norm",)))(out_BxTxHxD)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  shard: ShardingContext | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    init = nn.initializers.normal(cfg.initializer_range)
+    dense = functools.partial(
+        nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
+        precision=cfg.matmul_precision)
+    up_kernel = _partitioned(init, ("embed", "mlp"))
+    up_bias = _partitioned(nn.initializers.zeros, ("mlp",))
+    gate_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="gate")(x_BxTxD)
+    up_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="up")(x_BxTxD)
+    hidden_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"), self.shard)
+    return dense(cfg.hidden_size, kernel_init=_partitioned(init, ("mlp", "embed")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("norm",)), name="down")(hidden_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; (carry, None) in and out so it can be scanned over layers."""
+  cfg: ModelConfig
+  shard: ShardingContext | None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    cfg = self.cfg
+    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype)
+    x_BxTxD = x_BxTxD + Attention(cfg, self.shard, name="attn")(
+        norm(name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+    x_BxTxD = x_BxTxD + Mlp(cfg, self.shard, name="mlp")(norm(name="mlp_norm")(x_BxTxD))
+    return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard), None
+
+
+class Decoder(nn.Module):
+  """Token ids -> logits (fp32) or final hidden states. See the module docstring for the mask."""
+  cfg: ModelConfig
+  shard: ShardingContext | None = None
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+        embedding_init=_partitioned(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      scanned = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = scanned(cfg, self.shard)
+    else:
+      self.layers = [block(cfg, self.shard, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param(
+          "lm_head", _partitioned(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+
+  def hidden(self, ids_BxT, positions_BxT, segment_ids_BxT):
+    """Final (normed) hidden states `[B, T, hidden]` in the compute dtype."""
+    # FSDP: gather the table's 'embed' shards before the lookup (the batch is split over the same mesh
+    # axis); the 'vocab' split stays, and the partitioner masks and sums the lookup over it.
+    table_VxD = constrain(self.embed.embedding, ("vocab", None), self.shard)
+    x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0).astype(self.cfg.compute_dtype)
+    x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard)
+    if self.cfg.scan_layers:
+      x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT)
+    else:
+      for layer in self.layers:
+        x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+    return self.final_norm(x_BxTxD)
+
+  def logits(self, hidden_BxTxD):
+    """LM head with fp32 accumulation: logits `[B, T, vocab]` in fp32 whatever the compute dtype."""
+    dtype = self.cfg.compute_dtype
+    if self.cfg.tie_embeddings:
+      kernel_DxV = self.embed.embedding.astype(dtype).T
+    else:
+      kernel_DxV = self.lm_head.astype(dtype)
+    logits = jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dtype), kernel_DxV,
+                        precision=self.cfg.matmul_precision, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"), self.shard)
+
+  def __call__(self, ids_BxT, positions_BxT, segment_ids_BxT):
+    return self.logits(self.hidden(ids_BxT, positions_BxT, segment_ids_BxT))
+
+
+def make_model(cfg: ModelConfig, shard: ShardingContext | None = None) -> Decoder:
+  """The decoder; pass `shard` to pin activation shardings on a mesh (None: run unsharded)."""
+  return Decoder(cfg, shard)
+
+
+def _dummy_inputs(cfg: ModelConfig):
+  ids = jnp.zeros((1, 2), jnp.int32)
+  return ids, ids, jnp.ones((1, 2), jnp.int32)
+
+
+def _boxed_abstract_params(cfg: ModelConfig) -> Any:
+  model = make_model(cfg)
+  return jax.eval_shape(lambda rng: model.init(rng, *_dummy_inputs(cfg))["params"], jax.random.key(0))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """ShapeDtypeStructs of the params (no FLOPs, no memory)."""
+  return nn.meta.unbox(_boxed_abstract_params(cfg))
+
+
+def param_logical_axes(cfg: ModelConfig) -> Any:
+  """Pytree (same structure as the params) of logical axis-name tuples, e.g. ('embed', 'mlp')."""
+  specs = nn.get_partition_spec(_boxed_abstract_params(cfg))
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, shardings: Any | None = None) -> Any:
+  """Random params, created directly in their shardings (`jit(init, out_shardings=...)`)."""
+  model = make_model(cfg)
+  init = lambda r: nn.meta.unbox(model.init(r, *_dummy_inputs(cfg))["params"])
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def count_params(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

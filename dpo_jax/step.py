@@ -1,0 +1,198 @@
+"""The DPO train and eval steps: pure functions, jitted by the caller with explicit shardings.
+
+    train_step(state, reference_params, batch) -> (state, metrics)
+
+`reference_params` is a separate pytree, sharded like the policy, never donated, never in the optimizer
+state and never differentiated: the reference forward runs outside `jax.value_and_grad`, on
+`stop_gradient(reference_params)`. Pass `reference_params=None` with `ref_chosen_logps` /
+`ref_rejected_logps` (`[B]`) in the batch to use precomputed reference log-probs instead.
+
+Batches (see `logprobs`): `input_ids`, `attention_mask`, `positions`, `loss_mask` `[2B, T]` with pairs
+interleaved, optional `pair_mask` `[B]` (0 = padding pair, ignored in loss and metrics). Metric names follow
+TRL's DPOTrainer so dashboards compare directly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpo_jax import logprobs, losses, model as model_lib, sharding as sharding_lib
+
+PAIR_KEYS = ("pair_mask", "row_ids", "ref_chosen_logps", "ref_rejected_logps")  # [B] per-pair fields
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # [] int32, optimizer updates applied so far
+  params: Any  # policy params
+  opt_state: Any
+
+
+# Per-batch sums from which every metric is a ratio; summing them across micro-batches or eval batches
+# and then dividing gives exact means over all pairs.
+SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "tokens/chosen",
+            "tokens/rejected", "num_tokens")
+
+
+def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means from sums: per pair for losses/rewards/logps, per response token for `logits/*`."""
+  pairs = jnp.maximum(sums["pairs"], 1.0)
+  out = {k: sums[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                      "rewards/margins", "logps/chosen", "logps/rejected")}
+  for side in ("chosen", "rejected"):
+    out[f"logits/{side}"] = sums[f"logits/{side}"] / jnp.maximum(sums[f"tokens/{side}"], 1.0)
+  out["num_pairs"] = sums["pairs"]
+  out["num_tokens"] = sums["num_tokens"]
+  return out
+
+
+def _pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+  if "pair_mask" in batch:
+    return batch["pair_mask"].astype(jnp.float32)
+  return jnp.ones((batch["input_ids"].shape[0] // 2,), jnp.float32)
+
+
+def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array]):
+  """Reference (chosen `[B]`, rejected `[B]`) log-probs: precomputed in the batch, or one frozen forward."""
+  if reference_params is None:
+    if "ref_chosen_logps" not in batch:
+      raise ValueError("reference_params is None but the batch has no ref_chosen_logps/ref_rejected_logps.")
+    return batch["ref_chosen_logps"].astype(jnp.float32), batch["ref_rejected_logps"].astype(jnp.float32)
+  ref = logprobs.sequence_logps(model, jax.lax.stop_gradient(reference_params), batch)
+  return logprobs.split_pairs(ref.logps)
+
+
+def dpo_loss(params: Any, ref_chosen_B: jax.Array, ref_rejected_B: jax.Array, batch: Mapping[str, jax.Array], *,
+             model: Any, loss_cfg: Mapping[str, Any], total_weight: jax.Array):
+  """(sum of weighted pair losses / total_weight, metric sums) for the policy `params` (argument 0)."""
+  policy = logprobs.sequence_logps(model, params, batch)
+  pc, pr = logprobs.split_pairs(policy.logps)
+  pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
+      loss_cfg["type"], pc, pr, ref_chosen_B, ref_rejected_B, beta=loss_cfg["beta"],
+      label_smoothing=loss_cfg["label_smoothing"], **dict(loss_cfg.get("options", {})))
+  w = _pair_weights(batch)
+  logits_c, logits_r = logprobs.split_pairs(policy.logits_sum)
+  tokens_c, tokens_r = logprobs.split_pairs(policy.num_tokens)
+  seq_len_c, seq_len_r = logprobs.split_pairs((batch["attention_mask"] > 0).sum(-1).astype(jnp.float32))
+  wsum = lambda x: jnp.sum(x * w)
+  sums = {
+      "pairs": jnp.sum(w),
+      "loss": wsum(pair_losses),
+      "rewards/chosen": wsum(chosen_rewards),
+      "rewards/rejected": wsum(rejected_rewards),
+      "rewards/accuracies": wsum((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/margins": wsum(chosen_rewards - rejected_rewards),
+      "logps/chosen": wsum(jax.lax.stop_gradient(pc)),
+      "logps/rejected": wsum(jax.lax.stop_gradient(pr)),
+      "logits/chosen": wsum(jax.lax.stop_gradient(logits_c)),
+      "logits/rejected": wsum(jax.lax.stop_gradient(logits_r)),
+      "tokens/chosen": wsum(tokens_c),
+      "tokens/rejected": wsum(tokens_r),
+      "num_tokens": wsum(seq_len_c + seq_len_r),  # prompt + response tokens processed, for throughput
+  }
+  return sums["loss"] / total_weight, sums
+
+
+def microbatches(batch: Mapping[str, jax.Array], num_micro: int,
+                 shard: sharding_lib.ShardingContext | None) -> dict[str, jax.Array]:
+  """Split a batch of B pairs into `[num_micro, B / num_micro, ...]`, micro-batch m = pairs m, m + A, ...
+
+  Strided pairs keep every device's share of each micro-batch equal when the pair axis is sharded, and
+  never split a (chosen, rejected) pair.
+  """
+  num_pairs = batch["input_ids"].shape[0] // 2
+  out = {}
+  for k, x in batch.items():
+    rows_per_pair = x.shape[0] // num_pairs  # 2 for sequence rows, 1 for per-pair fields
+    x = x.reshape((num_pairs // num_micro, num_micro, rows_per_pair) + x.shape[1:]).swapaxes(0, 1)
+    x = x.reshape((num_micro, (num_pairs // num_micro) * rows_per_pair) + x.shape[3:])
+    out[k] = sharding_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2), shard)
+  return out
+
+
+def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, loss_cfg: Mapping[str, Any],
+               grad_accum_steps: int = 1, shard: sharding_lib.ShardingContext | None = None):
+  """One optimizer update from one global batch (accumulated over `grad_accum_steps` micro-batches)."""
+  total_weight = jnp.maximum(jnp.sum(_pair_weights(batch)), 1.0)
+  loss_and_grad = jax.value_and_grad(
+      functools.partial(dpo_loss, model=model, loss_cfg=loss_cfg, total_weight=total_weight), has_aux=True)
+
+  def grads_and_sums(mb):
+    ref_c, ref_r = reference_logps(model, reference_params, mb)
+    (_, sums), grads = loss_and_grad(state.params, ref_c, ref_r, mb)
+    return grads, sums
+
+  if grad_accum_steps == 1:
+    grads, sums = grads_and_sums(batch)
+  else:
+    def body(carry, mb):
+      grads, sums = grads_and_sums(mb)
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
+    (grads, sums), _ = jax.lax.scan(body, zeros, microbatches(batch, grad_accum_steps, shard))
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = finalize_metrics(sums)
+  metrics["grad_norm"] = optax.tree.norm(grads)  # before clipping, as the HF Trainer logs it
+  metrics["learning_rate"] = schedule(state.step)  # the rate this update used
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_sums(params: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
+              loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Metric sums for one batch (sum them over batches, then `finalize_metrics`)."""
+  ref_c, ref_r = reference_logps(model, reference_params, batch)
+  _, sums = dpo_loss(params, ref_c, ref_r, batch, model=model, loss_cfg=loss_cfg, total_weight=jnp.float32(1.0))
+  return sums
+
+
+def eval_step(params: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
+              loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The train step's metrics (without grad_norm / learning_rate) for `params`, with no update."""
+  return finalize_metrics(eval_sums(params, reference_params, batch, model=model, loss_cfg=loss_cfg))
+
+
+# ---- state creation and jitting with declared shardings ----
+
+def state_shardings(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding_lib.Rules) -> TrainState:
+  """NamedShardings for every leaf of the TrainState: params by their logical axes, optimizer moments
+  like their params, counters replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract = model_lib.abstract_params(model_cfg)
+  params = sharding_lib.tree_shardings(mesh, rules, model_lib.param_logical_axes(model_cfg), abstract)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract)
+  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
+                                    transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def create_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """A fresh state whose params are a COPY of `params` (the reference keeps its own buffers: the train
+  step donates the state, and must never free the reference)."""
+  def init(p):
+    p = jax.tree.map(lambda x: jnp.array(x, copy=True), p)
+    return TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def jit_train_step(step_fn, *, state_shardings: TrainState, reference_shardings: Any, batch_shardings: Any,
+                   mesh: Mesh):
+  """jit with explicit in/out shardings; only the state (argument 0) is donated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step_fn, in_shardings=(state_shardings, reference_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, *, param_shardings: Any, reference_shardings: Any, batch_shardings: Any, mesh: Mesh):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(eval_fn, in_shardings=(param_shardings, reference_shardings, batch_shardings),
+                 out_shardings=replicated)
