@@ -1,0 +1,470 @@
+"""Preference data: load prompt/chosen/rejected rows, tokenize each pair, cut deterministic host batches.
+
+Pipeline:  load_rows(source) -> tokenize_pairs(rows, tokenizer) -> iterate_batches / eval_batches -> dict
+
+Batch contract (the model side, dpo_jax/logprobs.py, relies on it). A DPO batch of B pairs is a dict of
+numpy int32 arrays whose rows INTERLEAVE pairs, so one forward pass serves chosen and rejected:
+
+  input_ids       [2B, T]  row 2i = pair i's prompt + chosen + EOS, row 2i + 1 = prompt + rejected + EOS,
+                           right-padded with the pad id to T = max_length
+  attention_mask  [2B, T]  1 on real tokens (prompt, response, EOS), 0 on padding
+  positions       [2B, T]  0 .. len - 1 over the real tokens, 0 on padding
+  loss_mask       [2B, T]  1 on response tokens (EOS included), 0 on prompt and padding
+  row_ids         [B]      the pair's row index in the source (-1 for a padding pair)
+  pair_mask       [B]      1 for real pairs, 0 for padding pairs (only eval_batches pads)
+
+An SFT batch (fitting pi_ref on prompt + chosen) has the same keys without interleaving: `[B, T]` chosen
+rows, `row_ids` and `pair_mask` `[B]`.
+
+Token t is scored by the logits at t - 1, so a prompt must be non-empty (the first response token needs a
+context): an empty prompt is an error, never silently dropped, and loss_mask[:, 0] is always 0.
+
+Data position = global step. Epoch e's order is a permutation seeded by (seed, e); global batch s of an
+epoch is the contiguous block s of that order, and each host materialises only its contiguous slice of
+it. So `iterate_batches(start_step=k)` replays exactly what an uninterrupted run yields from step k, and a
+checkpoint only needs the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
+FILE_TYPES = (".json", ".jsonl", ".parquet")
+KINDS = ("dpo", "sft")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def load_rows(source: str, split: str = "train") -> Any:
+  """Rows with `prompt`, `chosen`, `rejected` string fields, validated -> list[dict] or datasets.Dataset.
+
+  `source` is chosen by what it names:
+    a .json / .jsonl / .parquet file   read directly (list of dicts; row i = i-th record, blank lines skipped)
+    a folder                           `datasets.load_from_disk`, else `datasets.load_dataset(folder)`
+    anything else that is not a path   `datasets.load_dataset(source, split=split)` (a hub name; needs network)
+  A .json file may hold a list of records, {split: [records]}, a mapping of column lists, or JSON lines.
+  Raises FileNotFoundError for a missing path and ValueError naming the source, row and field for a
+  missing column or a non-string value.
+  """
+  path = Path(source).expanduser()
+  if path.is_file():
+    rows = _read_file(path, split)
+  elif path.is_dir():
+    rows = _read_folder(path, split)
+  elif _looks_like_path(source):
+    raise FileNotFoundError(
+        f"{source}: no such file or folder. Pass an existing .json/.jsonl/.parquet file, a folder written by "
+        f"datasets' save_to_disk or readable by load_dataset, or a hub dataset name like 'owner/name'.")
+  else:
+    rows = _read_hub(source, split)
+  check_rows(rows, source)
+  return rows
+
+
+def check_rows(rows: Any, source: str = "rows") -> None:
+  """ValueError naming the source (and row, field) unless every row has string prompt/chosen/rejected."""
+  if len(rows) == 0:
+    raise ValueError(f"{source}: no rows; check the file or the split name.")
+  try:
+    found = _column_names(rows)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
+  missing = [f for f in REQUIRED_FIELDS if f not in found]
+  if missing:
+    raise ValueError(
+        f"{source}: missing column(s) {missing}; found {sorted(found)}. Each row needs string fields "
+        f"{list(REQUIRED_FIELDS)}: rename your columns (e.g. dataset.rename_column('response_a', 'chosen')) or "
+        f"write rows as {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}.")
+  for field in REQUIRED_FIELDS:
+    column_strings(rows, field, source)
+
+
+def column_strings(rows: Any, field: str, source: str = "rows") -> list[str]:
+  """`field` of every row as a list of str; ValueError naming the source, row index and field otherwise."""
+  if isinstance(rows, (list, tuple)):
+    values = []
+    for i, row in enumerate(rows):
+      if not isinstance(row, dict):
+        raise ValueError(f"{source}: row {i} is a {type(row).__name__}, not an object with fields "
+                         f"{list(REQUIRED_FIELDS)}; fix that record.")
+      if field not in row:
+        raise ValueError(f"{source}: row {i} has no field '{field}' (it has {sorted(row)}); add it or drop the row.")
+      values.append(row[field])
+  else:  # a datasets.Dataset; with_format(None) so a numpy/torch format cannot turn strings into arrays
+    values = list(rows.with_format(None)[field])
+  for i, value in enumerate(values):
+    if not isinstance(value, str):
+      raise ValueError(f"{source}: row {i}, field '{field}': expected a string, got {_describe(value)}. "
+                       f"{_fix_for(value)}")
+  return values
+
+
+def _describe(value: Any) -> str:
+  return "null (a missing value)" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
+
+
+def _fix_for(value: Any) -> str:
+  if value is None:
+    return "Fill in or drop that row."
+  if isinstance(value, (list, dict)):
+    return ("This loader takes plain text, not chat messages: render them first, e.g. "
+            "tokenizer.apply_chat_template(messages, tokenize=False), and store the string.")
+  return "Store the field as text."
+
+
+def _column_names(rows: Any) -> set[str]:
+  """Columns of a Dataset, or the fields of the first record of a list."""
+  if isinstance(rows, (list, tuple)):
+    if not isinstance(rows[0], dict):
+      raise ValueError(f"row 0 is a {type(rows[0]).__name__}, not an object with fields {list(REQUIRED_FIELDS)}; "
+                       "write one JSON object per record.")
+    return set(rows[0])
+  return set(rows.column_names)
+
+
+def _looks_like_path(source: str) -> bool:
+  """A hub name is 'name' or 'owner/name'; anything with a path's marks is taken as a local path."""
+  return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") >= 2
+          or Path(source).suffix.lower() in FILE_TYPES + (".csv", ".arrow", ".txt"))
+
+
+def _read_file(path: Path, split: str) -> list[dict]:
+  suffix = path.suffix.lower()
+  if suffix == ".jsonl":
+    return _read_jsonl(path)
+  if suffix == ".json":
+    return _read_json(path, split)
+  if suffix == ".parquet":
+    import pyarrow.parquet as pq  # installed with datasets; read directly to avoid a cache copy
+
+    try:
+      return pq.read_table(str(path)).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+      raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); rewrite it, e.g. "
+                       f"pandas df.to_parquet(path).") from e
+  raise ValueError(f"{path}: unsupported file type '{suffix}'; use one of {list(FILE_TYPES)} (e.g. pandas "
+                   f"df.to_json(path, orient='records', lines=True)) or a folder readable by datasets.")
+
+
+def _read_text(path: Path) -> str:
+  try:
+    return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8.") from None
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> list[dict]:
+  rows = []
+  for line_no, line in enumerate((_read_text(path) if text is None else text).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: line {line_no} (row {len(rows)}) is not valid JSON ({e.msg} at column "
+                       f"{e.colno}); fix or remove that line.") from None
+  return rows
+
+
+def _read_json(path: Path, split: str) -> list[dict]:
+  text = _read_text(path)
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError:
+    return _read_jsonl(path, text)  # datasets' Dataset.to_json writes JSON lines under a .json name
+  if isinstance(data, list):
+    return data
+  if isinstance(data, dict) and isinstance(data.get(split), list):
+    return data[split]
+  if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+    lengths = {k: len(v) for k, v in data.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"{path}: column lists differ in length {lengths}; make every column the same length.")
+    return [dict(zip(data, values)) for values in zip(*data.values())]
+  keys = sorted(data) if isinstance(data, dict) else []
+  raise ValueError(f"{path}: expected a list of records, {{'{split}': [records]}} or a mapping of column lists; "
+                   f"found a {type(data).__name__} with keys {keys[:10]}. Write records, e.g. pandas "
+                   f"df.to_json(path, orient='records'), or pass split= one of those keys.")
+
+
+def _read_folder(path: Path, split: str) -> Any:
+  import datasets
+
+  try:
+    loaded = datasets.load_from_disk(str(path))
+  except FileNotFoundError:  # not a save_to_disk folder: let load_dataset find data files in it
+    try:
+      return datasets.load_dataset(str(path), split=split)
+    except Exception as e:  # datasets raises many types (missing files, bad split, bad schema)
+      raise ValueError(f"{path}: neither a save_to_disk folder nor readable by datasets.load_dataset with "
+                       f"split='{split}' ({type(e).__name__}: {e}). Put e.g. train.jsonl in it, pass a file "
+                       f"path, or pass the right split.") from e
+  if isinstance(loaded, datasets.DatasetDict):
+    if split not in loaded:
+      raise ValueError(f"{path}: no split '{split}'; it has {sorted(loaded)}. Pass split= one of those.")
+    return loaded[split]
+  return loaded
+
+
+def _read_hub(name: str, split: str) -> Any:
+  import datasets
+
+  try:
+    return datasets.load_dataset(name, split=split)
+  except Exception as e:  # offline, unknown name, unknown split: all reported the same way
+    raise ValueError(f"{name}: not a local path, and loading it as a hub dataset (split='{split}') failed "
+                     f"({type(e).__name__}: {e}). Check the spelling and split; for a local file use a path "
+                     f"like ./{name}; for the hub, unset HF_DATASETS_OFFLINE and check the network.") from e
+
+
+# --------------------------------------------------------------------------------------------- tokenizing
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenizedPairs:
+  """Kept pairs in source order; token ids are ragged int32 arrays, one per pair.
+
+  prompt_ids[k]    `[prompt_len]`, left-truncated to max_prompt_length (its end kept), never empty
+  chosen_ids[k]    `[response_len]`, response + EOS truncated to max_length - prompt_len (EOS is cut
+                   first, so it is present only when the whole response fits), never empty
+  rejected_ids[k]  as chosen_ids
+  row_ids          `[num_pairs]` int32, the source row index of each kept pair
+  """
+  prompt_ids: tuple[np.ndarray, ...]
+  chosen_ids: tuple[np.ndarray, ...]
+  rejected_ids: tuple[np.ndarray, ...]
+  row_ids: np.ndarray
+  max_length: int  # T, tokens per batch row
+  pad_id: int
+  eos_id: int
+
+  @property
+  def num_pairs(self) -> int:
+    return int(self.row_ids.shape[0])
+
+
+def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int,
+                   source: str = "rows") -> tuple[TokenizedPairs, dict]:
+  """Tokenize prompt, chosen and rejected SEPARATELY and concatenate ids -> (TokenizedPairs, stats).
+
+  Each text is tokenized with `add_special_tokens=False` and never re-tokenized joined, so the prompt's
+  ids are identical in both rows of a pair. Texts are used as given: with a whitespace-sensitive (byte-level
+  BPE / sentencepiece) tokenizer, put the separating space where your data wants it.
+  EOS (tokenizer.eos_token_id, required) ends each response; padding uses tokenizer.pad_token_id, or the
+  EOS id when the tokenizer has no pad token (padding positions are masked out either way).
+  Truncation: the prompt keeps its last `max_prompt_length` tokens; each response + EOS then keeps its
+  first `max_length - prompt_len` tokens.
+  Pairs whose chosen or rejected response has no tokens are dropped (counted in stats); an empty prompt is
+  a ValueError naming the row. `source` names the data in error messages.
+
+  stats: num_rows, num_pairs (kept), num_dropped_empty_response, num_truncated (pairs with any truncation),
+  num_prompt_truncated, num_response_truncated.
+  """
+  check_lengths(max_length, max_prompt_length)
+  eos_id = tokenizer.eos_token_id
+  if eos_id is None:
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; every response "
+                     "ends with EOS. Set one, e.g. tokenizer.eos_token = '</s>' (a token in its vocabulary).")
+  pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+  if len(rows) == 0:
+    raise ValueError(f"{source}: no rows to tokenize.")
+  texts = {f: column_strings(rows, f, source) for f in REQUIRED_FIELDS}
+  ids = {f: tokenizer(texts[f], add_special_tokens=False)["input_ids"] for f in REQUIRED_FIELDS}
+
+  prompts, chosens, rejecteds, row_ids = [], [], [], []
+  dropped = prompt_cut = response_cut = any_cut = 0
+  for i in range(len(texts["prompt"])):
+    prompt, chosen, rejected = ids["prompt"][i], ids["chosen"][i], ids["rejected"][i]
+    if not prompt:
+      raise ValueError(f"{source}: row {i}, field 'prompt' is empty (0 tokens); the first response token needs "
+                       "a context to be scored. Give the row a prompt (even a fixed one like 'Answer:') or drop it.")
+    if not chosen or not rejected:
+      dropped += 1
+      continue
+    kept_prompt = prompt[-max_prompt_length:]
+    budget = max_length - len(kept_prompt)
+    p_cut = len(prompt) > len(kept_prompt)
+    r_cut = len(chosen) + 1 > budget or len(rejected) + 1 > budget
+    prompt_cut, response_cut, any_cut = prompt_cut + p_cut, response_cut + r_cut, any_cut + (p_cut or r_cut)
+    prompts.append(np.asarray(kept_prompt, np.int32))
+    chosens.append(np.asarray((chosen + [eos_id])[:budget], np.int32))
+    rejecteds.append(np.asarray((rejected + [eos_id])[:budget], np.int32))
+    row_ids.append(i)
+
+  tokenized = TokenizedPairs(tuple(prompts), tuple(chosens), tuple(rejecteds), np.asarray(row_ids, np.int32),
+                             max_length=int(max_length), pad_id=int(pad_id), eos_id=int(eos_id))
+  stats = dict(num_rows=len(texts["prompt"]), num_pairs=len(row_ids), num_dropped_empty_response=dropped,
+               num_truncated=any_cut, num_prompt_truncated=prompt_cut, num_response_truncated=response_cut)
+  return tokenized, stats
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+  """ValueError unless 1 <= max_prompt_length < max_length (every row keeps >= 1 response token)."""
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (max_length, max_prompt_length)):
+    raise ValueError(f"max_length ({max_length!r}) and max_prompt_length ({max_prompt_length!r}) must be ints.")
+  if max_prompt_length < 1:
+    raise ValueError(f"max_prompt_length={max_prompt_length} must be >= 1: a prompt token is the context of the "
+                     "first response token.")
+  if max_prompt_length >= max_length:
+    raise ValueError(f"max_prompt_length={max_prompt_length} must be < max_length={max_length}: the response "
+                     f"needs room. Lower max_prompt_length or raise max_length (e.g. max_length="
+                     f"{max_prompt_length * 2}).")
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+def pack_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], *, max_length: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+  """Rows `prompt + response`, right-padded to `max_length` -> input_ids, attention_mask, positions,
+  loss_mask, each int32 `[N, max_length]` (see the module docstring)."""
+  n = len(prompts)
+  input_ids = np.full((n, max_length), pad_id, np.int32)
+  attention_mask = np.zeros((n, max_length), np.int32)
+  loss_mask = np.zeros((n, max_length), np.int32)
+  for k, (p, r) in enumerate(zip(prompts, responses)):
+    length = len(p) + len(r)
+    if length > max_length:
+      raise ValueError(f"pack_sequences: row {k} has {length} tokens > max_length={max_length}; tokenize with "
+                       "the same max_length you batch with.")
+    input_ids[k, :len(p)] = p
+    input_ids[k, len(p):length] = r
+    attention_mask[k, :length] = 1
+    loss_mask[k, len(p):length] = 1
+  positions = np.maximum(np.cumsum(attention_mask, axis=1, dtype=np.int32) - 1, 0) * attention_mask
+  return dict(input_ids=input_ids, attention_mask=attention_mask, positions=positions.astype(np.int32),
+              loss_mask=loss_mask)
+
+
+def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str = "dpo") -> dict[str, np.ndarray]:
+  """The batch of the pairs `pair_indices` (`[B]` indices into `tokenized`; -1 = a padding pair).
+
+  kind="dpo": interleaved `[2B, T]` rows (chosen 2i, rejected 2i + 1); kind="sft": `[B, T]` chosen rows.
+  A padding pair repeats pair 0's tokens with loss_mask all 0, row_ids -1 and pair_mask 0: every row then
+  attends to real tokens, so no softmax sees a fully masked row (which would give NaN).
+  """
+  check_kind(kind)
+  idx = np.asarray(pair_indices, dtype=np.int64)
+  real = idx >= 0
+  src = np.where(real, idx, 0)
+  if kind == "dpo":
+    prompts = [tokenized.prompt_ids[j] for j in src for _ in range(2)]
+    responses = [seq for j in src for seq in (tokenized.chosen_ids[j], tokenized.rejected_ids[j])]
+    row_real = np.repeat(real, 2)
+  else:
+    prompts = [tokenized.prompt_ids[j] for j in src]
+    responses = [tokenized.chosen_ids[j] for j in src]
+    row_real = real
+  batch = pack_sequences(prompts, responses, max_length=tokenized.max_length, pad_id=tokenized.pad_id)
+  batch["loss_mask"] = batch["loss_mask"] * row_real[:, None].astype(np.int32)
+  batch["row_ids"] = np.where(real, tokenized.row_ids[src], -1).astype(np.int32)
+  batch["pair_mask"] = real.astype(np.int32)
+  return batch
+
+
+def check_kind(kind: str) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r}: use 'dpo' (interleaved chosen/rejected rows) or 'sft' (chosen rows only).")
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> np.ndarray:
+  """The pair order of `epoch`: a permutation of range(num_pairs) `[num_pairs]`, a pure function of its args."""
+  if seed < 0 or epoch < 0:
+    raise ValueError(f"epoch_order: seed={seed} and epoch={epoch} must be >= 0.")
+  return np.random.default_rng([seed, epoch]).permutation(num_pairs)
+
+
+def num_batches_per_epoch(num_pairs: int, global_batch: int) -> int:
+  """Full global batches per training epoch (the remainder of each epoch is dropped)."""
+  if global_batch < 1:
+    raise ValueError(f"global_batch={global_batch} must be >= 1 (pairs per optimizer step).")
+  return num_pairs // global_batch
+
+
+def num_eval_batches(num_pairs: int, global_batch: int) -> int:
+  """Global batches eval_batches yields: every pair once, the last batch padded."""
+  if global_batch < 1:
+    raise ValueError(f"global_batch={global_batch} must be >= 1 (pairs per eval batch).")
+  return -(-num_pairs // global_batch)
+
+
+def host_pairs(global_batch: int, process_index: int, process_count: int) -> slice:
+  """This host's contiguous block of a global batch (in pairs); hosts in process order."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"global_batch={global_batch} pairs must be a positive multiple of process_count="
+                     f"{process_count}; pick a batch size divisible by the number of hosts.")
+  per_host = global_batch // process_count
+  return slice(process_index * per_host, (process_index + 1) * per_host)
+
+
+def host_batch(tokenized: TokenizedPairs, order: np.ndarray, step_in_epoch: int, *, global_batch: int,
+               process_index: int = 0, process_count: int = 1, kind: str = "dpo") -> dict[str, np.ndarray]:
+  """This host's part of global batch `step_in_epoch` of an epoch with pair order `order`.
+
+  Global batch s = order[s * global_batch : (s + 1) * global_batch]; the host takes its contiguous
+  global_batch // process_count pairs of it (rows `[2 * that, T]` for kind="dpo").
+  """
+  block = host_pairs(global_batch, process_index, process_count)
+  n = num_batches_per_epoch(len(order), global_batch)
+  if not 0 <= step_in_epoch < n:
+    raise ValueError(f"step_in_epoch={step_in_epoch} is outside the {n} full batches of {global_batch} pairs "
+                     f"in an epoch of {len(order)} pairs.")
+  start = step_in_epoch * global_batch
+  return make_batch(tokenized, order[start + block.start:start + block.stop], kind=kind)
+
+
+def iterate_batches(tokenized: TokenizedPairs, *, global_batch: int, seed: int, start_step: int = 0,
+                    process_index: int = 0, process_count: int = 1,
+                    kind: str = "dpo") -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """Training batches forever: yields (global_step, this host's batch) from `start_step` on.
+
+  Step s is batch s % n of epoch s // n (n = num_batches_per_epoch), so starting at k reproduces exactly
+  the batches an uninterrupted run yields from step k. Arguments are checked here, not at the first next().
+  """
+  n = num_batches_per_epoch(tokenized.num_pairs, global_batch)
+  if n == 0:
+    raise ValueError(f"{tokenized.num_pairs} pairs cannot fill one global batch of {global_batch}; lower the "
+                     "batch size or add data.")
+  host_pairs(global_batch, process_index, process_count)
+  check_kind(kind)
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0 (the global step a checkpoint stored).")
+
+  def batches():
+    step, epoch, order = start_step, -1, None
+    while True:
+      if step // n != epoch:
+        epoch = step // n
+        order = epoch_order(tokenized.num_pairs, seed, epoch)
+      yield step, host_batch(tokenized, order, step % n, global_batch=global_batch, process_index=process_index,
+                             process_count=process_count, kind=kind)
+      step += 1
+
+  return batches()
+
+
+def eval_batches(tokenized: TokenizedPairs, *, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 kind: str = "dpo") -> Iterator[dict[str, np.ndarray]]:
+  """Every pair exactly once, in source order: this host's part of each global batch.
+
+  The last global batch is filled up with padding pairs (pair_mask 0, row_ids -1) so shapes stay static;
+  num_eval_batches(tokenized.num_pairs, global_batch) batches in all.
+  """
+  block = host_pairs(global_batch, process_index, process_count)
+  check_kind(kind)
+  num = num_eval_batches(tokenized.num_pairs, global_batch)
+  order = np.arange(num * global_batch)
+  order[order >= tokenized.num_pairs] = -1
+
+  def batches():
+    for s in range(num):
+      start = s * global_batch
+      yield make_batch(tokenized, order[start + block.start:start + block.stop], kind=kind)
+
+  return batches()
