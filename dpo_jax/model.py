@@ -122,6 +122,35 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
   cfg: ModelConfig
   shard: ShardingContext | None
+  decode: bool = False
+
+  def _cached_kv_and_mask(self, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT):
+    """Write this call's keys/values at slots [index, index + T) of the cache; attend every written slot.
+
+    The cache (collection 'cache') holds keys after RoPE, values, and each slot's segment id, `[B, S, ...]`
+    with S fixed when the cache was created (`init_cache`). Causality uses slot indices, so a left-padded
+    prompt prefilled in one call and tokens decoded one at a time see exactly what a full forward sees.
+    The index is traced, so the caller keeps index + T <= S (`dynamic_update_slice` would clamp silently).
+    """
+    t = k_BxTxKxD.shape[1]
+    cached_k = self.variable("cache", "cached_k", jnp.zeros, k_BxTxKxD.shape, k_BxTxKxD.dtype)
+    cached_v = self.variable("cache", "cached_v", jnp.zeros, v_BxTxKxD.shape, v_BxTxKxD.dtype)
+    cached_seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxT.shape, jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if cached_k.value.shape[0] != k_BxTxKxD.shape[0] or cached_k.value.shape[1] < t:
+      raise ValueError(f"model: decoding (batch, tokens)={k_BxTxKxD.shape[:2]} into a cache of (batch, slots)="
+                       f"{cached_k.value.shape[:2]}; build it with init_cache(cfg, batch_size, max_len).")
+    if self.is_initializing():  # shapes only: `init_cache` zeroes what init creates
+      return k_BxTxKxD, v_BxTxKxD, attention_mask(segment_ids_BxT)
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxKxD, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxKxD, (0, i, 0, 0))
+    cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids_BxT.astype(jnp.int32), (0, i))
+    index.value = i + t
+    slots_S = jnp.arange(cached_k.value.shape[1])
+    causal_TxS = slots_S[None, :] <= (i + jnp.arange(t))[:, None]
+    same_BxTxS = cached_seg.value[:, None, :] == segment_ids_BxT[:, :, None]
+    return cached_k.value, cached_v.value, (causal_TxS[None] & same_BxTxS)[:, None, None]
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
@@ -145,13 +174,19 @@ class Attention(nn.Module):
     k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, cfg.rope_theta), ("batch", "length", "kv_heads", None), self.shard)
     v_BxTxKxD = constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
 
+    if self.decode:
+      k_BxSxKxD, v_BxSxKxD, mask = self._cached_kv_and_mask(k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    else:
+      k_BxSxKxD, v_BxSxKxD, mask = k_BxTxKxD, v_BxTxKxD, None
     b, t = x_BxTxD.shape[:2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)  # query head h uses kv head h // G
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxTxKxD, precision=cfg.matmul_precision,
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, precision=cfg.matmul_precision,
                         preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(attention_mask(segment_ids_BxT), scores, jnp.finfo(jnp.float32).min)
+    # Without a cache the mask is built here, where it always was: the training program is op-for-op unchanged.
+    mask = attention_mask(segment_ids_BxT) if mask is None else mask
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxTxKxD, precision=cfg.matmul_precision)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, precision=cfg.matmul_precision)
     out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(b, t, h, d), ("batch", "length", "heads", None), self.shard)
     return dense(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attn_out_bias, name="o",
@@ -183,12 +218,13 @@ class Block(nn.Module):
   """Pre-norm residual block; (carry, None) in and out so it can be scanned over layers."""
   cfg: ModelConfig
   shard: ShardingContext | None
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     cfg = self.cfg
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype)
-    x_BxTxD = x_BxTxD + Attention(cfg, self.shard, name="attn")(
+    x_BxTxD = x_BxTxD + Attention(cfg, self.shard, self.decode, name="attn")(
         norm(name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
     x_BxTxD = x_BxTxD + Mlp(cfg, self.shard, name="mlp")(norm(name="mlp_norm")(x_BxTxD))
     return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard), None
@@ -198,6 +234,7 @@ class Decoder(nn.Module):
   """Token ids -> logits (fp32) or final hidden states. See the module docstring for the mask."""
   cfg: ModelConfig
   shard: ShardingContext | None = None
+  decode: bool = False  # KV-cached incremental calls (collection 'cache'); see `sample.py`
 
   def setup(self):
     cfg = self.cfg
@@ -205,16 +242,16 @@ class Decoder(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
         embedding_init=_partitioned(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
     block = Block
-    if cfg.remat != "none":
+    if cfg.remat != "none" and not self.decode:  # decoding keeps no activations for a backward pass
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      self.layers = scanned(cfg, self.shard)
+      self.layers = scanned(cfg, self.shard, self.decode)
     else:
-      self.layers = [block(cfg, self.shard, name=f"layers_{i}") for i in range(cfg.num_layers)]
+      self.layers = [block(cfg, self.shard, self.decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = self.param(
@@ -250,9 +287,18 @@ class Decoder(nn.Module):
     return self.logits(self.hidden(ids_BxT, positions_BxT, segment_ids_BxT))
 
 
-def make_model(cfg: ModelConfig, shard: ShardingContext | None = None) -> Decoder:
-  """The decoder; pass `shard` to pin activation shardings on a mesh (None: run unsharded)."""
-  return Decoder(cfg, shard)
+def make_model(cfg: ModelConfig, shard: ShardingContext | None = None, decode: bool = False) -> Decoder:
+  """The decoder; pass `shard` to pin activation shardings on a mesh (None: run unsharded), `decode=True`
+  for KV-cached incremental calls (`apply(..., mutable=['cache'])`)."""
+  return Decoder(cfg, shard, decode)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Any:
+  """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
+  model = make_model(cfg, decode=True)
+  ids = jnp.zeros((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids)["cache"])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _dummy_inputs(cfg: ModelConfig):
