@@ -19,6 +19,7 @@ setup(
         "datasets>=3.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is pinned to the CPU wheel available offline; install it before (or with) anything that

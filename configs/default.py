@@ -27,9 +27,22 @@ SHARDING_RULES = (
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: param init, data order, sampling.
+  c.stage = "pipeline"  # 'pipeline' (SFT on chosen -> DPO -> evaluate), 'sft' alone, or 'dpo' alone (its
+  #                       reference is the SFT result in the same workdir).
+
+  c.data = ml_collections.ConfigDict(dict(
+      train="",  # '' = the embedded synthetic task; else a local .json/.jsonl/.parquet file, a dataset folder
+      #            (save_to_disk or load_dataset layout), or a hub name when online. Columns: prompt, chosen, rejected.
+      test="",  # held-out pairs, same forms; '' = the embedded test set, or data.test_split of data.train.
+      train_split="train",  # split read from a dataset folder / hub dataset.
+      test_split="test",
+      tokenizer="",  # '' = the embedded task's tokenizer; else a local folder for transformers.AutoTokenizer.
+      reward="synthetic",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task)
+      #                      or 'none' (skip the reward column; KL is still reported).
+  ))
 
   c.model = ml_collections.ConfigDict(dict(
-      vocab_size=512,  # tokens; the trainer overrides it with the tokenizer's size when they differ.
+      vocab_size=256,  # embedding rows; must be >= the tokenizer's size (extra rows are never targets).
       hidden_size=128,  # residual stream width D.
       intermediate_size=352,  # SwiGLU hidden width F.
       num_layers=4,
@@ -70,7 +83,7 @@ def get_config(arg=None):
       learning_rate=1e-3,  # peak learning rate.
       schedule="cosine",  # decay after warmup: 'cosine' | 'linear' | 'constant'.
       warmup_steps=10,  # linear warmup from 0, in optimizer steps.
-      total_steps=200,  # optimizer steps; the schedule reaches end_lr_ratio here.
+      total_steps=400,  # DPO optimizer steps; the schedule reaches end_lr_ratio here.
       end_lr_ratio=0.1,  # final learning rate as a fraction of the peak.
       b1=0.9,
       b2=0.999,
@@ -81,14 +94,38 @@ def get_config(arg=None):
   ))
 
   c.batch_size = 32  # global preference pairs per optimizer step (2x sequences per forward).
-  c.max_length = 64  # tokens per sequence: prompt + response + EOS (padded to this).
-  c.max_prompt_length = 24  # prompt tokens kept (its end) before the response.
+  c.max_length = 32  # tokens per sequence: prompt + response + EOS (padded to this).
+  c.max_prompt_length = 12  # prompt tokens kept (its end) before the response.
+
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=300,  # SFT optimizer steps (0 skips SFT: pi_ref is then the initial params).
+      batch_size=32,  # global sequences (chosen responses) per SFT step.
+      learning_rate=2e-3,  # peak SFT learning rate (the rest of the schedule follows config.optim).
+      warmup_steps=20,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=100,  # held-out preference metrics every this many DPO steps (0: only at the end).
+      batch_size=64,  # pairs per eval batch (padded at the end, never dropped).
+      num_prompts=200,  # held-out prompts sampled for reward / KL (0 skips sampling).
+      samples_per_prompt=2,
+      max_new_tokens=24,  # sample length cap, tokens.
+      temperature=1.0,  # 1.0 = ancestral sampling from pi, as the KL estimate assumes.
+  ))
+
+  c.log_every_steps = 20  # metrics to stdout / metrics.jsonl / TensorBoard.
+  c.checkpoint_every_steps = 200  # orbax checkpoint of state + data position (and one at each stage's end).
+  c.max_checkpoints = 2  # checkpoints kept per stage.
+  c.progress_bar = True  # tqdm bar with loss, accuracy and tokens/s.
 
   if arg == "tiny":
     c.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
     c.batch_size = 8
-    c.max_length = 32
-    c.max_prompt_length = 12
+    c.optim.update(total_steps=20, warmup_steps=2)
+    c.sft.update(steps=20, batch_size=8, warmup_steps=2)
+    c.eval.update(every_steps=10, batch_size=32, num_prompts=16, samples_per_prompt=1, max_new_tokens=12)
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 10
   elif arg not in (None, ""):
     raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny.")
   return c

@@ -99,27 +99,46 @@ def dpo_loss(params: Any, ref_chosen_B: jax.Array, ref_rejected_B: jax.Array, ba
   return sums["loss"] / total_weight, sums
 
 
-def microbatches(batch: Mapping[str, jax.Array], num_micro: int,
+def microbatches(batch: Mapping[str, jax.Array], num_micro: int, num_units: int,
                  shard: sharding_lib.ShardingContext | None) -> dict[str, jax.Array]:
-  """Split a batch of B pairs into `[num_micro, B / num_micro, ...]`, micro-batch m = pairs m, m + A, ...
+  """Split a batch of `num_units` pairs (DPO) or rows (SFT) into `[num_micro, num_units / num_micro, ...]`;
+  micro-batch m holds units m, m + A, m + 2A, ...
 
-  Strided pairs keep every device's share of each micro-batch equal when the pair axis is sharded, and
+  Strided units keep every device's share of each micro-batch equal when the unit axis is sharded, and
   never split a (chosen, rejected) pair.
   """
-  num_pairs = batch["input_ids"].shape[0] // 2
+  if num_units % num_micro:
+    raise ValueError(f"config.optim.grad_accum_steps={num_micro} must divide the batch of {num_units}.")
   out = {}
   for k, x in batch.items():
-    rows_per_pair = x.shape[0] // num_pairs  # 2 for sequence rows, 1 for per-pair fields
-    x = x.reshape((num_pairs // num_micro, num_micro, rows_per_pair) + x.shape[1:]).swapaxes(0, 1)
-    x = x.reshape((num_micro, (num_pairs // num_micro) * rows_per_pair) + x.shape[3:])
+    rows_per_unit = x.shape[0] // num_units  # 2 for DPO sequence rows, 1 for per-pair fields and SFT rows
+    x = x.reshape((num_units // num_micro, num_micro, rows_per_unit) + x.shape[1:]).swapaxes(0, 1)
+    x = x.reshape((num_micro, (num_units // num_micro) * rows_per_unit) + x.shape[3:])
     out[k] = sharding_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2), shard)
   return out
+
+
+def _accumulate_and_update(state: TrainState, batch: Mapping[str, jax.Array], grads_and_sums, *, num_units: int,
+                           sum_keys: tuple[str, ...], optimizer: optax.GradientTransformation,
+                           grad_accum_steps: int, shard: sharding_lib.ShardingContext | None):
+  """Sum grads and metric sums over micro-batches (a scan), then one optimizer update."""
+  if grad_accum_steps == 1:
+    grads, sums = grads_and_sums(batch)
+  else:
+    def body(carry, mb):
+      return jax.tree.map(jnp.add, carry, grads_and_sums(mb)), None
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+    (grads, sums), _ = jax.lax.scan(body, zeros, microbatches(batch, grad_accum_steps, num_units, shard))
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)  # before clipping, as the HF Trainer logs it
+  return TrainState(state.step + 1, params, opt_state), sums, grad_norm
 
 
 def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, loss_cfg: Mapping[str, Any],
                grad_accum_steps: int = 1, shard: sharding_lib.ShardingContext | None = None):
-  """One optimizer update from one global batch (accumulated over `grad_accum_steps` micro-batches)."""
+  """One DPO optimizer update from one global batch (accumulated over `grad_accum_steps` micro-batches)."""
   total_weight = jnp.maximum(jnp.sum(_pair_weights(batch)), 1.0)
   loss_and_grad = jax.value_and_grad(
       functools.partial(dpo_loss, model=model, loss_cfg=loss_cfg, total_weight=total_weight), has_aux=True)
@@ -129,21 +148,69 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
     (_, sums), grads = loss_and_grad(state.params, ref_c, ref_r, mb)
     return grads, sums
 
-  if grad_accum_steps == 1:
-    grads, sums = grads_and_sums(batch)
-  else:
-    def body(carry, mb):
-      grads, sums = grads_and_sums(mb)
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
-    (grads, sums), _ = jax.lax.scan(body, zeros, microbatches(batch, grad_accum_steps, shard))
-
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  new_state, sums, grad_norm = _accumulate_and_update(
+      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0] // 2, sum_keys=SUM_KEYS,
+      optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
   metrics = finalize_metrics(sums)
-  metrics["grad_norm"] = optax.tree.norm(grads)  # before clipping, as the HF Trainer logs it
+  metrics["grad_norm"] = grad_norm
   metrics["learning_rate"] = schedule(state.step)  # the rate this update used
-  return TrainState(state.step + 1, params, opt_state), metrics
+  return new_state, metrics
+
+
+# ---- SFT: the seed's pi_ref = argmax_pi E log pi(y_w | x), when no SFT model exists ----
+
+SFT_SUM_KEYS = ("rows", "nll", "tokens", "num_tokens")
+
+
+def sft_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any, total_tokens: jax.Array):
+  """Negative log-likelihood of the response tokens (chosen only), summed / `total_tokens` (nats per token).
+
+  SFT batches are `[B, T]` rows in the same format as DPO rows, with `pair_mask` `[B]` marking padding rows.
+  """
+  out = logprobs.sequence_logps(model, params, batch)
+  w = batch["pair_mask"].astype(jnp.float32) if "pair_mask" in batch else jnp.ones(out.logps.shape, jnp.float32)
+  sums = {
+      "rows": jnp.sum(w),
+      "nll": -jnp.sum(out.logps * w),
+      "tokens": jnp.sum(out.num_tokens * w),
+      "num_tokens": jnp.sum((batch["attention_mask"] > 0).sum(-1) * w),
+  }
+  return sums["nll"] / total_tokens, sums
+
+
+def finalize_sft_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  nll_per_token = sums["nll"] / jnp.maximum(sums["tokens"], 1.0)
+  return {"loss": nll_per_token, "nll/sequence": sums["nll"] / jnp.maximum(sums["rows"], 1.0),
+          "perplexity": jnp.exp(nll_per_token), "num_rows": sums["rows"], "num_tokens": sums["num_tokens"]}
+
+
+def _scored_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+  w = batch["pair_mask"].astype(jnp.float32) if "pair_mask" in batch else 1.0
+  return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].sum(-1) * w), 1.0)
+
+
+def sft_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
+                   optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1,
+                   shard: sharding_lib.ShardingContext | None = None):
+  """One SFT update: maximum likelihood of the preferred responses, token-averaged over the global batch."""
+  loss_and_grad = jax.value_and_grad(
+      functools.partial(sft_loss, model=model, total_tokens=_scored_tokens(batch)), has_aux=True)
+
+  def grads_and_sums(mb):
+    (_, sums), grads = loss_and_grad(state.params, mb)
+    return grads, sums
+
+  new_state, sums, grad_norm = _accumulate_and_update(
+      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0], sum_keys=SFT_SUM_KEYS,
+      optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
+  metrics = finalize_sft_metrics(sums)
+  metrics["grad_norm"] = grad_norm
+  metrics["learning_rate"] = schedule(state.step)
+  return new_state, metrics
+
+
+def sft_eval_sums(params: Any, batch: Mapping[str, jax.Array], *, model: Any) -> dict[str, jax.Array]:
+  return sft_loss(params, batch, model=model, total_tokens=jnp.float32(1.0))[1]
 
 
 def eval_sums(params: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,

@@ -100,14 +100,19 @@ def test_no_gradient_reaches_the_reference(single):
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
+def assert_same_run(state, history, single):
+  """The metrics of every step and the final params equal the 1-device, no-accumulation run's."""
+  for h, h1 in zip(history, single["history"], strict=True):
+    for k in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logits/chosen"):
+      np.testing.assert_allclose(h[k], h1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single["final"].params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=PARAM_ATOL)
+
+
 def test_eight_devices_match_one_device_and_params_are_sharded(single):
   setup = build({"data": 2, "fsdp": 2, "tensor": 2}, 8)
   state, history = run(setup, 4)
-  for h8, h1 in zip(history, single["history"]):
-    for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
-      np.testing.assert_allclose(h8[k], h1[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single["final"].params))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=PARAM_ATOL)
+  assert_same_run(state, history, single)
   up = state.params["layers_0"]["mlp"]["up"]["kernel"]  # [embed, mlp] -> (fsdp, tensor)
   assert up.sharding.spec == P("fsdp", "tensor")
   assert {s.data.shape for s in up.addressable_shards} == {(up.shape[0] // 2, up.shape[1] // 2)}
@@ -119,11 +124,7 @@ def test_eight_devices_match_one_device_and_params_are_sharded(single):
 def test_gradient_accumulation_matches_the_full_batch(single):
   setup = build({"data": 2, "fsdp": 2, "tensor": 2}, 8, grad_accum_steps=2)
   state, history = run(setup, 4)
-  for ha, h1 in zip(history, single["history"]):
-    for k in ("loss", "grad_norm", "rewards/accuracies", "logits/chosen"):
-      np.testing.assert_allclose(ha[k], h1[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(single["final"].params))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=PARAM_ATOL)
+  assert_same_run(state, history, single)
 
 
 def test_eval_step_gives_the_train_metrics_without_updating():

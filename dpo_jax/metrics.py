@@ -1,0 +1,52 @@
+"""Where metrics go: stdout lines, a JSONL file and TensorBoard event files in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def format_line(prefix: str, step: int, metrics: Mapping[str, float], keys: tuple[str, ...] | None = None) -> str:
+  keys = keys or tuple(metrics)
+  return f"{prefix} step {step:5d} | " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+class MetricsWriter:
+  """Appends `{"step": s, "stage": ..., **metrics}` lines to `<dir>/metrics.jsonl` and scalars to TensorBoard.
+
+  Only process 0 writes (pass `enabled=False` elsewhere).
+  """
+
+  def __init__(self, directory: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(directory, exist_ok=True)
+    self.jsonl_path = os.path.join(directory, "metrics.jsonl")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+    except ImportError:  # TensorBoard files are a convenience; the JSONL file is the record
+      self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, float], *, stage: str, split: str = "train") -> None:
+    if not self.enabled:
+      return
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps({"stage": stage, "split": split, "step": int(step), **metrics}) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{stage}/{split}/{k}", v, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

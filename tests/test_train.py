@@ -1,0 +1,191 @@
+"""The trainer end to end on the embedded task (tiny model): SFT, DPO, resume, and clear config errors."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from dpo_jax import step, train
+
+
+def tiny(**overrides):
+  c = get_config("tiny")
+  c.progress_bar = False
+  c.eval.num_prompts = 0  # sampling is covered by tests/test_sample.py and the slow end-to-end test
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def read_metrics(workdir, stage, split="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if r["stage"] == stage and r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  config = tiny(**{"sft.steps": 40, "optim.total_steps": 40, "sft.learning_rate": 3e-3, "optim.learning_rate": 2e-3})
+  return workdir, train.run(config, workdir)
+
+
+def test_sft_lowers_held_out_nll(pipeline):
+  _, summary = pipeline
+  assert summary["pi_ref"]["nll"] < summary["init"]["nll"] - 0.5, summary
+
+
+def test_dpo_raises_held_out_preference_accuracy(pipeline):
+  workdir, summary = pipeline
+  theta = summary["pi_theta"]
+  # at step 0 policy == reference: every implicit reward is 0, no pair is ranked right, the loss is log 2
+  assert theta["accuracy"] > 0.55 and theta["margin"] > 0 and theta["dpo_loss"] < math.log(2.0), theta
+  assert summary["pi_ref"]["dpo_loss"] == pytest.approx(math.log(2.0))
+  logged = read_metrics(workdir, "dpo")
+  assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30, 35, 40]
+  assert all(np.isfinite(r["loss"]) for r in logged)
+  assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+  assert json.load(open(os.path.join(workdir, "summary.json")))["pi_theta"]["accuracy"] == theta["accuracy"]
+
+
+def test_rerun_of_a_finished_run_does_not_retrain(pipeline, capsys):
+  workdir, summary = pipeline
+  config = tiny(**{"sft.steps": 40, "optim.total_steps": 40, "sft.learning_rate": 3e-3, "optim.learning_rate": 2e-3})
+  again = train.run(config, workdir)
+  out = capsys.readouterr().out
+  assert "resuming from step 40" in out
+  assert again["pi_theta"]["accuracy"] == summary["pi_theta"]["accuracy"]
+
+
+class Stop(Exception):
+  pass
+
+
+def test_resume_continues_at_the_saved_step_with_the_same_data(tmp_path, monkeypatch):
+  config = tiny(**{"sft.steps": 0, "optim.total_steps": 20, "checkpoint_every_steps": 10, "log_every_steps": 1})
+  full = str(tmp_path / "full")
+  train.run(config, full)
+
+  interrupted = str(tmp_path / "interrupted")
+  real_jit = step.jit_train_step
+
+  def dies_after_13_steps(*args, **kwargs):
+    jitted = real_jit(*args, **kwargs)
+    calls = {"n": 0}
+
+    def wrapped(*a):
+      calls["n"] += 1
+      if calls["n"] > 13:
+        raise Stop("preempted")
+      return jitted(*a)
+    return wrapped
+
+  monkeypatch.setattr(step, "jit_train_step", dies_after_13_steps)
+  with pytest.raises(Stop):
+    train.run(config, interrupted)
+  monkeypatch.setattr(step, "jit_train_step", real_jit)
+  assert sorted(os.listdir(os.path.join(interrupted, "dpo", "checkpoints"))) == ["10"]
+
+  train.run(config, interrupted)
+  full_losses = {r["step"]: r["loss"] for r in read_metrics(full, "dpo")}
+  resumed = read_metrics(interrupted, "dpo")
+  after = [r for r in resumed if r["step"] > 13]
+  assert [r["step"] for r in after] == list(range(14, 21))
+  for r in after:  # same state, same batches from the stored data position: the same losses
+    assert r["loss"] == pytest.approx(full_losses[r["step"]], rel=1e-6, abs=1e-7), r["step"]
+
+
+def test_stage_sft_alone_then_dpo_alone(tmp_path):
+  workdir = str(tmp_path)
+  sft = train.run(tiny(stage="sft", **{"sft.steps": 10}), workdir)
+  assert "pi_theta" not in sft and sft["pi_ref"]["nll"] < sft["init"]["nll"]
+  dpo = train.run(tiny(stage="dpo", **{"sft.steps": 10, "optim.total_steps": 5}), workdir)
+  assert dpo["pi_ref"]["nll"] == pytest.approx(sft["pi_ref"]["nll"], rel=1e-6)  # the same reference, reloaded
+  with pytest.raises(FileNotFoundError, match="needs the SFT result"):
+    train.run(tiny(stage="dpo"), str(tmp_path / "empty"))
+
+
+def write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"batch_size": 12}, ValueError, r"config.batch_size=12 is not divisible by the data-parallel size 8"),
+    ({"loss.type": "dpo++"}, ValueError, r"config.loss.type='dpo\+\+' is unknown"),
+    ({"max_prompt_length": 32}, ValueError, r"max_prompt_length"),
+    ({"stage": "rl"}, ValueError, r"config.stage='rl'"),
+    ({"data.train": "/nonexistent/pairs.jsonl"}, FileNotFoundError, r"/nonexistent/pairs.jsonl"),
+    ({"model.vocab_size": 100}, ValueError, r"vocab_size=100 is smaller than the tokenizer's 201"),
+])
+def test_config_errors_name_the_field_before_compiling(tmp_path, monkeypatch, overrides, error, match):
+  compiled = []
+  monkeypatch.setattr(step, "jit_train_step", lambda *a, **k: compiled.append(1))
+  with pytest.raises(error, match=match):
+    train.run(tiny(**overrides), str(tmp_path))
+  assert not compiled
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+  path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "review of the film :", "chosen": "good"}] * 4)
+  with pytest.raises(ValueError, match="rejected"):
+    train.run(tiny(**{"data.train": path, "data.test": path}), str(tmp_path / "wd"))
+
+
+def test_empty_responses_are_dropped_and_counted(tmp_path, capsys):
+  rows = [{"prompt": "review of the film :", "chosen": "it was good .", "rejected": "it was bad ."}] * 16
+  rows[3] = dict(rows[3], rejected="")
+  path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+  summary = train.run(tiny(**{"data.train": path, "data.test": path, "sft.steps": 2, "optim.total_steps": 2,
+                              "eval.batch_size": 8}), str(tmp_path / "wd"))
+  assert summary["data"]["train"]["num_dropped_empty_response"] == 1
+  assert "15 pairs of 16 rows (1 dropped: empty response)" in capsys.readouterr().out
+
+
+def test_a_nan_loss_stops_with_the_step_and_row_ids(tmp_path, monkeypatch):
+  real_jit = step.jit_train_step
+
+  def nan_at_step_3(*args, **kwargs):
+    jitted = real_jit(*args, **kwargs)
+    calls = {"n": 0}
+
+    def wrapped(*a):
+      state, metrics = jitted(*a)
+      calls["n"] += 1
+      if calls["n"] == 4:
+        metrics = dict(metrics, loss=float("nan"))
+      return state, metrics
+    return wrapped
+
+  monkeypatch.setattr(step, "jit_train_step", nan_at_step_3)
+  with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 on batch rows \[\d+(, \d+)*\]"):
+    train.run(tiny(**{"sft.steps": 0, "optim.total_steps": 10}), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_the_pipeline_with_sampling(tmp_path):
+  """`python -m dpo_jax.train` as a user runs it (one device, config flags), sampling included."""
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "-m", "dpo_jax.train", "--config", "configs/default.py:tiny", "--workdir", str(tmp_path),
+         "--config.progress_bar=False", "--config.eval.num_prompts=16", "--config.loss.beta=0.2"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "held-out evaluation" in out.stdout and "pi_theta" in out.stdout
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["config"]["loss"]["beta"] == 0.2
+  assert summary["pi_ref"]["kl"] == pytest.approx(0.0, abs=1e-5)  # pi_ref scored against itself
+  assert np.isfinite(summary["pi_theta"]["reward"]) and summary["pi_theta"]["num_samples"] == 16
+  bad = subprocess.run(cmd + ["--config.loss.bta=0.1"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "bta" in bad.stderr  # a misspelled field is refused (locked config)
