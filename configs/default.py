@@ -35,7 +35,7 @@ def get_config(arg=None):
       #            (save_to_disk or load_dataset layout), or a hub name when online. Columns: prompt, chosen, rejected.
       test="",  # held-out pairs, same forms; '' = the embedded test set, or data.test_split of data.train.
       train_split="train",  # split read from a dataset folder / hub dataset.
-      test_split="test",
+      test_split="test",  # split used for held-out pairs when data.test is empty and data.train is a dataset.
       tokenizer="",  # '' = the embedded task's tokenizer; else a local folder for transformers.AutoTokenizer.
       reward="synthetic",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task)
       #                      or 'none' (skip the reward column; KL is still reported).
@@ -45,12 +45,12 @@ def get_config(arg=None):
       vocab_size=256,  # embedding rows; must be >= the tokenizer's size (extra rows are never targets).
       hidden_size=128,  # residual stream width D.
       intermediate_size=352,  # SwiGLU hidden width F.
-      num_layers=4,
+      num_layers=4,  # decoder blocks.
       num_heads=4,  # query heads H.
       num_kv_heads=2,  # key/value heads K (grouped-query attention; H % K == 0).
       head_dim=None,  # None: hidden_size // num_heads.
       rope_theta=10000.0,  # RoPE base.
-      rms_norm_eps=1e-6,
+      rms_norm_eps=1e-6,  # RMSNorm epsilon.
       tie_embeddings=True,  # share the input embedding and the LM head.
       qkv_bias=False,  # biases on q/k/v projections (Qwen2).
       attn_out_bias=False,  # bias on the attention output projection.
@@ -85,9 +85,9 @@ def get_config(arg=None):
       warmup_steps=10,  # linear warmup from 0, in optimizer steps.
       total_steps=400,  # DPO optimizer steps; the schedule reaches end_lr_ratio here.
       end_lr_ratio=0.1,  # final learning rate as a fraction of the peak.
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
+      b1=0.9,  # Adam first-moment decay.
+      b2=0.999,  # Adam second-moment decay.
+      eps=1e-8,  # Adam epsilon (added to the sqrt of the second moment, as torch AdamW).
       weight_decay=0.0,  # decoupled (AdamW) decay on matrices only.
       max_grad_norm=1.0,  # global-norm clipping; 0 disables.
       grad_accum_steps=1,  # micro-batches per optimizer step (batch_size must divide by it).
@@ -101,14 +101,14 @@ def get_config(arg=None):
       steps=300,  # SFT optimizer steps (0 skips SFT: pi_ref is then the initial params).
       batch_size=32,  # global sequences (chosen responses) per SFT step.
       learning_rate=2e-3,  # peak SFT learning rate (the rest of the schedule follows config.optim).
-      warmup_steps=20,
+      warmup_steps=20,  # SFT linear warmup steps.
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=100,  # held-out preference metrics every this many DPO steps (0: only at the end).
       batch_size=64,  # pairs per eval batch (padded at the end, never dropped).
       num_prompts=200,  # held-out prompts sampled for reward / KL (0 skips sampling).
-      samples_per_prompt=2,
+      samples_per_prompt=2,  # samples drawn per held-out prompt.
       max_new_tokens=24,  # sample length cap, tokens.
       temperature=1.0,  # 1.0 = ancestral sampling from pi, as the KL estimate assumes.
   ))

@@ -169,14 +169,16 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       values["tokens_per_sec"] = window["tokens"] / max(now - window["start"], 1e-9)
       window.update(tokens=0.0, start=now)
       rt.writer.write(step_num + 1, values, stage=name)
+      line = metrics_lib.format_line(name, step_num + 1, values, ("loss", "rewards/accuracies", "rewards/margins",
+                                                                  "grad_norm", "learning_rate", "tokens_per_sec"))
       if bar is not None:
         post = {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_sec']:.0f}"}
         if "rewards/accuracies" in values:
           post["acc"] = f"{values['rewards/accuracies']:.2f}"
         bar.set_postfix(post, refresh=False)
+        bar.write(line)  # above the bar, so the bar stays on the last line
       elif jax.process_index() == 0:
-        print(metrics_lib.format_line(name, step_num + 1, values, ("loss", "rewards/accuracies", "rewards/margins",
-                                                                   "grad_norm", "learning_rate", "tokens_per_sec")))
+        print(line)
 
   for step_num, local in batches:
     if step_num >= num_steps:
@@ -192,7 +194,9 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       pending = None
       checkpoint.save(mngr, done, state, {"stage": name, "data_step": done, "seed": seed})
     if eval_fn is not None and eval_every and done % eval_every == 0 and done < num_steps:
+      eval_start = time.perf_counter()
       rt.writer.write(done, eval_fn(state), stage=name, split="test")
+      window["start"] += time.perf_counter() - eval_start  # tokens/s counts training time only
   if pending is not None:
     finish(pending)
   if bar is not None:

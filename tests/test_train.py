@@ -189,3 +189,25 @@ def test_the_command_line_runs_the_pipeline_with_sampling(tmp_path):
   assert np.isfinite(summary["pi_theta"]["reward"]) and summary["pi_theta"]["num_samples"] == 16
   bad = subprocess.run(cmd + ["--config.loss.bta=0.1"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "bta" in bad.stderr  # a misspelled field is refused (locked config)
+
+
+def test_every_config_field_is_documented_in_the_readme():
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("config_table", os.path.join(root, "scripts", "config_table.py"))
+  table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(table)
+  documented = {name for name, _, _ in table.rows()}
+
+  def fields(d, prefix=""):
+    for k, v in d.items():
+      if hasattr(v, "items") and k != "options":
+        yield from fields(v, prefix + k + ".")
+      else:
+        yield prefix + k
+
+  missing = [f for f in fields(get_config()) if f not in documented]
+  assert not missing, f"fields without a '# comment' next to their default in configs/default.py: {missing}"
+  readme = open(os.path.join(root, "README.md")).read()
+  absent = [f for f in documented if f"`{f}`" not in readme]
+  assert not absent, f"README's config table is stale; run python scripts/config_table.py. Missing: {absent}"

@@ -1,0 +1,30 @@
+"""Print the README's table of config fields from the comments next to each default in configs/default.py.
+
+    python scripts/config_table.py > /tmp/fields.md   # then paste under README "## Configs"
+"""
+
+import re
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+
+
+def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
+  body = source.split("def get_config")[1].split('if arg == "tiny"')[0]
+  out, section = [], ""
+  for line in body.splitlines():
+    if m := re.match(r"\s*c\.(\w+) = ml_collections\.ConfigDict", line):
+      section = m.group(1) + "."
+    elif m := re.match(r"\s*c\.(\w+) = (.+?)\s+# (.*)", line):
+      out.append((m.group(1), m.group(2), m.group(3)))
+    elif m := re.match(r"\s+(\w+)=(.+?),\s+# (.*)", line):
+      out.append((section + m.group(1), m.group(2), m.group(3)))
+    elif (m := re.match(r"\s+#\s+(.*)", line)) and out:  # a comment continued on the next line
+      out[-1] = (out[-1][0], out[-1][1], out[-1][2] + " " + m.group(1))
+  return out
+
+
+if __name__ == "__main__":
+  print("| field | default | meaning |\n|---|---|---|")
+  for name, default, meaning in rows():
+    print(f"| `{name}` | `{default}` | {meaning} |")
