@@ -229,14 +229,19 @@ def eval_step(params: Any, reference_params: Any | None, batch: Mapping[str, jax
 
 # ---- state creation and jitting with declared shardings ----
 
+def param_shardings(model_cfg: model_lib.ModelConfig, mesh: Mesh, rules: sharding_lib.Rules) -> Any:
+  """NamedShardings of the params, from their logical axes and the rules."""
+  return sharding_lib.tree_shardings(mesh, rules, model_lib.param_logical_axes(model_cfg),
+                                     model_lib.abstract_params(model_cfg))
+
+
 def state_shardings(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding_lib.Rules) -> TrainState:
   """NamedShardings for every leaf of the TrainState: params by their logical axes, optimizer moments
   like their params, counters replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract = model_lib.abstract_params(model_cfg)
-  params = sharding_lib.tree_shardings(mesh, rules, model_lib.param_logical_axes(model_cfg), abstract)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract)
+  params = param_shardings(model_cfg, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, model_lib.abstract_params(model_cfg))
   opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
                                     transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=params, opt_state=opt_state)

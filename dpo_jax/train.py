@@ -101,6 +101,12 @@ class Runtime:
   model: Any  # sharded (activation constraints) model for the steps
   plain_model: Any  # unconstrained, for evaluation helpers that run on whatever sharding params have
   writer: metrics_lib.MetricsWriter
+  compiled: dict = dataclasses.field(default_factory=dict)  # eval functions, jitted once per run
+
+  def jitted(self, key: str, make: Callable) -> Callable:
+    if key not in self.compiled:
+      self.compiled[key] = make()
+    return self.compiled[key]
 
   def to_global(self, local: dict) -> dict:
     return sharding.global_batch(self.mesh, self.rules, local)
@@ -207,11 +213,15 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
   return state
 
 
+def _abstract_state(params: Any, optimizer: Any, shardings: step.TrainState) -> step.TrainState:
+  """Shapes, dtypes and target shardings of a train state (what a checkpoint restores into)."""
+  return checkpoint.abstract_like(jax.eval_shape(lambda: step.create_train_state(params, optimizer, shardings)),
+                                  shardings)
+
+
 def _start_state(rt: Runtime, mngr: Any, params: Any, optimizer: Any, shardings: step.TrainState) -> step.TrainState:
   """The newest checkpoint of this stage if there is one (resume), else a fresh state from `params`."""
-  abstract = checkpoint.abstract_like(jax.eval_shape(lambda: step.create_train_state(params, optimizer, shardings)),
-                                      shardings)
-  restored = checkpoint.restore_latest(mngr, abstract)
+  restored = checkpoint.restore_latest(mngr, _abstract_state(params, optimizer, shardings))
   if restored is None:
     return step.create_train_state(params, optimizer, shardings)
   state, meta = restored
@@ -245,26 +255,15 @@ def run_sft(rt: Runtime, params: Any, train: preference.TokenizedPairs, test: pr
 
 
 def sft_eval(rt: Runtime, params: Any, test: preference.TokenizedPairs) -> dict:
-  sums_fn = _jitted(rt, "sft_sums", lambda: jax.jit(functools.partial(step.sft_eval_sums, model=rt.model)))
+  sums_fn = rt.jitted("sft_sums", lambda: jax.jit(functools.partial(step.sft_eval_sums, model=rt.model)))
   return evaluate.sft_metrics(sums_fn, params, test, batch_size=rt.config.eval.batch_size, to_global=rt.to_global)
 
 
 def dpo_eval(rt: Runtime, params: Any, reference: Any, test: preference.TokenizedPairs) -> dict:
-  sums_fn = _jitted(rt, "dpo_sums", lambda: jax.jit(
+  sums_fn = rt.jitted("dpo_sums", lambda: jax.jit(
       functools.partial(step.eval_sums, model=rt.model, loss_cfg=rt.config.loss)))
   return evaluate.preference_metrics(sums_fn, params, reference, test, batch_size=rt.config.eval.batch_size,
                                      to_global=rt.to_global)
-
-
-_JIT_CACHE: dict = {}
-
-
-def _jitted(rt: Runtime, key: str, make: Callable) -> Callable:
-  """One compiled eval function per runtime (evaluation runs several times per stage)."""
-  cache_key = (id(rt), key)
-  if cache_key not in _JIT_CACHE:
-    _JIT_CACHE[cache_key] = make()
-  return _JIT_CACHE[cache_key]
 
 
 def run_dpo(rt: Runtime, reference: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs) -> Any:
@@ -297,9 +296,7 @@ def load_sft_result(rt: Runtime, params_like: Any) -> Any:
     raise FileNotFoundError(f"config.stage='dpo' needs the SFT result in {directory}; run --config.stage=sft (or "
                             f"the default pipeline) with this --workdir first.")
   mngr = checkpoint.manager(directory, max_to_keep=rt.config.max_checkpoints)
-  abstract = checkpoint.abstract_like(
-      jax.eval_shape(lambda: step.create_train_state(params_like, optimizer, shardings)), shardings)
-  restored = checkpoint.restore_latest(mngr, abstract)
+  restored = checkpoint.restore_latest(mngr, _abstract_state(params_like, optimizer, shardings))
   if restored is None:
     raise FileNotFoundError(f"no SFT checkpoint in {directory}; run --config.stage=sft first.")
   return restored[0].params
@@ -359,8 +356,8 @@ def run(config: Any, workdir: str) -> dict:
   print(f"mesh {dict(rt.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); model "
         f"{model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} params; stage {config.stage}")
 
-  shardings = step.state_shardings(rt.model_cfg, stage_optimizer(config, "dpo")[0], rt.mesh, rt.rules)
-  init = model_lib.init_params(rt.model_cfg, jax.random.key(config.seed), shardings.params)
+  init = model_lib.init_params(rt.model_cfg, jax.random.key(config.seed),
+                               step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
   summary: dict = {"config": config.to_dict(), "data": stats}
   prompts = unique_prompts(test, test_rows)
 
