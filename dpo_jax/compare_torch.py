@@ -1,0 +1,165 @@
+"""Parity with the PyTorch baseline: the same weights and batch through HF transformers (torch) and dpo_jax.
+
+    python -m dpo_jax.compare_torch --model DIR --data pairs.jsonl [--reference DIR] [--beta 0.1]
+
+The torch side is a plain PyTorch DPO step as TRL computes it (one concatenated forward over chosen and
+rejected, the reference under `no_grad`, sigmoid loss of seed eq. (7), global-norm clipping,
+`torch.optim.AdamW` with no decay on biases/norms). The report gives max |a - b| and max |a - b| / max |b|
+for logits, sequence log-probs, the loss, gradients per parameter group, and params after one update.
+Needs torch (the `test` extra). fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax import hf, logprobs, model as model_lib, optim, step
+
+GROUPS = (("embed", r"embed_tokens"), ("attention", r"self_attn\."), ("mlp", r"\.mlp\."), ("norms", r"norm"),
+          ("lm_head", r"lm_head"))
+
+
+def param_group(name: str) -> str:
+  for group, pattern in GROUPS:
+    if re.search(pattern, name):
+      return group
+  return "other"
+
+
+def optimizer_config(lr: float, weight_decay: float, max_grad_norm: float) -> dict:
+  return dict(learning_rate=lr, schedule="constant", warmup_steps=0, total_steps=1, end_lr_ratio=1.0, b1=0.9,
+              b2=0.999, eps=1e-8, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+
+
+def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *, beta: float, lr: float,
+                   weight_decay: float, max_grad_norm: float) -> dict:
+  """One plain PyTorch DPO step on `policy` (modified in place). Arrays come back as numpy, HF names."""
+  import torch
+  import torch.nn.functional as F
+
+  ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
+  attention = torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long)
+  mask = torch.as_tensor(np.asarray(batch["loss_mask"])[:, 1:], dtype=torch.float32)
+
+  def sequence_logps(logits):
+    token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (token * mask).sum(-1)
+
+  policy.train()
+  logits = policy(input_ids=ids, attention_mask=attention).logits
+  logps = sequence_logps(logits)
+  with torch.no_grad():
+    ref_logps = sequence_logps(reference(input_ids=ids, attention_mask=attention).logits)
+  margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])  # rows interleave pairs
+  loss = -F.logsigmoid(beta * margin).mean()
+  policy.zero_grad()
+  loss.backward()
+  grads = {n: p.grad.detach().numpy().copy() for n, p in policy.named_parameters()}
+  params = [p for p in policy.parameters()]
+  if max_grad_norm:
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+  groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+  torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8).step()
+  return {"logits": logits.detach().numpy(), "logps": logps.detach().numpy(), "loss": np.float64(loss.item()),
+          "grads": grads, "params": {n: p.detach().numpy().copy() for n, p in policy.named_parameters()}}
+
+
+def jax_dpo_step(cfg: model_lib.ModelConfig, policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *,
+                 beta: float, lr: float, weight_decay: float, max_grad_norm: float, model_type: str) -> dict:
+  """The same step with dpo_jax's own functions; grads and new params converted to HF names."""
+  model = model_lib.make_model(cfg)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss_cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.0}
+  logits = model.apply({"params": policy}, batch["input_ids"], batch["positions"], batch["attention_mask"])
+  logps = logprobs.logps_from_logits(logits, batch["input_ids"], batch["loss_mask"]).logps
+  ref_c, ref_r = step.reference_logps(model, reference, batch)
+  total = jnp.float32(batch["input_ids"].shape[0] // 2)
+  (loss, _), grads = jax.value_and_grad(step.dpo_loss, has_aux=True)(
+      policy, ref_c, ref_r, batch, model=model, loss_cfg=loss_cfg, total_weight=total)
+  optimizer, schedule = optim.make_optimizer(optimizer_config(lr, weight_decay, max_grad_norm))
+  state = step.TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy))
+  new_state, _ = step.train_step(state, reference, batch, model=model, optimizer=optimizer, schedule=schedule,
+                                 loss_cfg=loss_cfg)
+  to_hf = lambda tree: hf.hf_state_dict_from_params(jax.device_get(tree), cfg, model_type=model_type)
+  return {"logits": np.asarray(logits), "logps": np.asarray(logps), "loss": np.float64(loss),
+          "grads": to_hf(grads), "params": to_hf(new_state.params)}
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+  return max_abs, max_abs / max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
+
+
+def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndarray], *, beta: float = 0.1,
+            lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> dict[str, tuple[float, float]]:
+  """{quantity: (max abs diff, max relative diff)}; torch is the reference value. `torch_policy` is updated."""
+  model_type = torch_policy.config.model_type
+  cfg = hf.model_config_from_hf(torch_policy.config)
+  policy = hf.params_from_hf_state_dict(torch_policy.state_dict(), cfg, model_type=model_type)
+  reference = hf.params_from_hf_state_dict(torch_reference.state_dict(), cfg, model_type=model_type)
+  ours = jax_dpo_step(cfg, policy, reference, batch, beta=beta, lr=lr, weight_decay=weight_decay,
+                      max_grad_norm=max_grad_norm, model_type=model_type)
+  theirs = torch_dpo_step(torch_policy, torch_reference, batch, beta=beta, lr=lr, weight_decay=weight_decay,
+                          max_grad_norm=max_grad_norm)
+  real = np.asarray(batch["attention_mask"]) > 0
+  report = {"logits": _diff(ours["logits"][real], theirs["logits"][real]),
+            "logps": _diff(ours["logps"], theirs["logps"]),
+            "loss": _diff(ours["loss"], theirs["loss"])}
+  for kind in ("grads", "params"):
+    by_group: dict[str, tuple[float, float]] = {}
+    for name, value in theirs[kind].items():
+      if name not in ours[kind]:
+        continue  # a tied lm_head is the embedding
+      group = f"{kind}/{param_group(name)}"
+      a, r = _diff(ours[kind][name], value)
+      old = by_group.get(group, (0.0, 0.0))
+      by_group[group] = (max(old[0], a), max(old[1], r))
+    report.update(sorted(by_group.items()))
+  return report
+
+
+def format_report(report: Mapping[str, tuple[float, float]]) -> str:
+  width = max(len(k) for k in report)
+  lines = [f"{'quantity'.ljust(width)}  max|diff|    max|diff|/max|torch|"]
+  lines += [f"{k.ljust(width)}  {a:.3e}    {r:.3e}" for k, (a, r) in report.items()]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  from dpo_jax.data import preference
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", required=True, help="HF checkpoint folder (the policy)")
+  parser.add_argument("--reference", default=None, help="HF checkpoint folder for pi_ref (default: --model)")
+  parser.add_argument("--data", required=True, help="JSON/JSONL/Parquet with prompt/chosen/rejected")
+  parser.add_argument("--pairs", type=int, default=4)
+  parser.add_argument("--max_length", type=int, default=128)
+  parser.add_argument("--max_prompt_length", type=int, default=64)
+  parser.add_argument("--beta", type=float, default=0.1)
+  parser.add_argument("--lr", type=float, default=1e-5)
+  args = parser.parse_args(argv)
+  load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                           attn_implementation="eager")
+  policy, reference = load(args.model), load(args.reference or args.model)
+  tokenizer = AutoTokenizer.from_pretrained(args.model)
+  rows = preference.load_rows(args.data)
+  tokenized, _ = preference.tokenize_pairs(rows, tokenizer, max_length=args.max_length,
+                                           max_prompt_length=args.max_prompt_length, source=args.data)
+  batch = preference.make_batch(tokenized, np.arange(min(args.pairs, tokenized.num_pairs)), kind="dpo")
+  batch.pop("row_ids")
+  print(format_report(compare(policy, reference, batch, beta=args.beta, lr=args.lr)))
+
+
+if __name__ == "__main__":
+  main()
