@@ -27,8 +27,9 @@ SHARDING_RULES = (
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: param init, data order, sampling.
-  c.stage = "pipeline"  # 'pipeline' (SFT on chosen -> DPO -> evaluate), 'sft' alone, or 'dpo' alone (its
-  #                       reference is the SFT result in the same workdir).
+  c.stage = "pipeline"  # 'pipeline' (SFT on chosen -> DPO -> evaluate), 'sft' alone, 'dpo' alone (its
+  #                       reference is the SFT result in the same workdir), or 'precompute' (write that
+  #                       reference's log-probs as columns into <workdir>/reference_logps/{train,test}.jsonl).
 
   c.data = ml_collections.ConfigDict(dict(
       train="",  # '' = the embedded synthetic task; else a local .json/.jsonl/.parquet file, a dataset folder
@@ -37,6 +38,9 @@ def get_config(arg=None):
       train_split="train",  # split read from a dataset folder / hub dataset.
       test_split="test",  # split used for held-out pairs when data.test is empty and data.train is a dataset.
       tokenizer="",  # '' = the embedded task's tokenizer; else a local folder for transformers.AutoTokenizer.
+      reference_logps=False,  # stage 'dpo' only: use the data's ref_chosen_logps / ref_rejected_logps columns
+      #                         (from stage 'precompute') instead of a reference forward; no reference model is
+      #                         held during training (it is reloaded afterwards for the KL evaluation).
       reward="synthetic",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task)
       #                      or 'none' (skip the reward column; KL is still reported).
   ))

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpo_jax import checkpoint, evaluate, losses, metrics as metrics_lib, model as model_lib, optim, sharding, step
+from dpo_jax import checkpoint, evaluate, logprobs as logprobs_lib, losses, metrics as metrics_lib
+from dpo_jax import model as model_lib, optim, sharding, step
 from dpo_jax.data import preference, synthetic
 
-STAGES = ("pipeline", "sft", "dpo")
+STAGES = ("pipeline", "sft", "dpo", "precompute")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -35,6 +36,13 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def validate_config(config: Any, num_devices: int) -> None:
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r}; choose one of {STAGES}.")
+  if config.data.reference_logps and config.stage != "dpo":
+    raise ValueError(
+        f"config.data.reference_logps=True needs config.stage='dpo' (got {config.stage!r}): the columns must come "
+        f"from the reference that stage uses. Run --config.stage=precompute first, then --config.stage=dpo with "
+        f"--config.data.train/test pointing at <workdir>/reference_logps/{{train,test}}.jsonl.")
+  if config.stage == "precompute" and jax.process_count() > 1:
+    raise ValueError("config.stage='precompute' runs on one host; it writes one file per split.")
   preference.check_lengths(config.max_length, config.max_prompt_length)
   losses.validate_loss_config(config.loss.type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
                               **dict(config.loss.options))
@@ -67,8 +75,8 @@ def load_tokenizer(path: str) -> Any:
   return AutoTokenizer.from_pretrained(path)
 
 
-def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, preference.TokenizedPairs, list, dict]:
-  """(train, test) tokenized pairs, the raw test rows (for prompts and r*), and data stats."""
+def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, preference.TokenizedPairs, dict, dict]:
+  """(train, test) tokenized pairs, the raw rows {'train', 'test'} (prompts, r*, precompute), and data stats."""
   train_source = config.data.train or str(synthetic.train_path())
   test_source = config.data.test or (str(synthetic.test_path()) if not config.data.train else config.data.train)
   if config.data.train and not config.data.test and os.path.isfile(config.data.train):
@@ -76,10 +84,11 @@ def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, 
           f"{config.data.train}. Set --config.data.test=FILE for a real held-out estimate.")
   train_rows = preference.load_rows(train_source, split=config.data.train_split)
   test_rows = preference.load_rows(test_source, split=config.data.test_split)
-  kw = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+  kw = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+            reference_logps=config.data.reference_logps)
   train, train_stats = preference.tokenize_pairs(train_rows, tokenizer, source=train_source, **kw)
   test, test_stats = preference.tokenize_pairs(test_rows, tokenizer, source=test_source, **kw)
-  return train, test, test_rows, {"train": train_stats, "test": test_stats}
+  return train, test, {"train": train_rows, "test": test_rows}, {"train": train_stats, "test": test_stats}
 
 
 def report_data(stats: dict) -> None:
@@ -266,8 +275,10 @@ def dpo_eval(rt: Runtime, params: Any, reference: Any, test: preference.Tokenize
                                      to_global=rt.to_global)
 
 
-def run_dpo(rt: Runtime, reference: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs) -> Any:
-  """DPO from pi_ref (the policy starts as a copy of the reference). Returns the policy params."""
+def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs, *,
+            reference: Any | None) -> Any:
+  """DPO from `start` (pi_ref's params: the policy begins as a copy). `reference` is the frozen pi_ref used
+  in every step, or None when the batches carry precomputed reference log-probs. Returns the policy."""
   config = rt.config
   optimizer, schedule = stage_optimizer(config, "dpo")
   shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
@@ -276,10 +287,11 @@ def run_dpo(rt: Runtime, reference: Any, train: preference.TokenizedPairs, test:
   dpo_step = step.jit_train_step(
       functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
                         grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard),
-      state_shardings=shardings, reference_shardings=shardings.params,
+      state_shardings=shardings, reference_shardings=None if reference is None else shardings.params,
       batch_shardings=rt.batch_shardings(example), mesh=rt.mesh)
   mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
-  state = _start_state(rt, mngr, reference, optimizer, shardings)
+  state = _start_state(rt, mngr, start, optimizer, shardings)
+  del start  # with precomputed reference log-probs, nothing holds pi_ref's params from here on
   state = train_loop(rt, name="dpo", step_fn=lambda s, b: dpo_step(s, reference, b), state=state, tokenized=train,
                      kind="dpo", num_steps=config.optim.total_steps, batch_size=config.batch_size,
                      seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, s.params, reference, test),
@@ -300,6 +312,40 @@ def load_sft_result(rt: Runtime, params_like: Any) -> Any:
   if restored is None:
     raise FileNotFoundError(f"no SFT checkpoint in {directory}; run --config.stage=sft first.")
   return restored[0].params
+
+
+# ---- precomputed reference log-probs ----
+
+def reference_logps(rt: Runtime, reference: Any, tokenized: preference.TokenizedPairs) -> np.ndarray:
+  """log pi_ref of every pair's (chosen, rejected) responses, `[num_pairs, 2]` nats, in tokenized order."""
+  score = rt.jitted("ref_logps", lambda: jax.jit(
+      lambda p, b: logprobs_lib.sequence_logps(rt.model, p, b).logps))
+  out = []
+  for local in preference.eval_batches(tokenized, global_batch=rt.config.eval.batch_size, kind="dpo"):
+    mask = local.pop("row_ids") >= 0
+    logps = np.asarray(jax.device_get(score(reference, rt.to_global(local)))).reshape(-1, 2)
+    out.append(logps[mask])
+  return np.concatenate(out).astype(np.float64)
+
+
+def write_reference_logps(rt: Runtime, reference: Any, tokenized: dict, rows: dict) -> dict[str, str]:
+  """<workdir>/reference_logps/<split>.jsonl: every kept row with its ref_chosen_logps / ref_rejected_logps."""
+  directory = os.path.join(rt.workdir, "reference_logps")
+  os.makedirs(directory, exist_ok=True)
+  paths = {}
+  for split in ("train", "test"):
+    logps = reference_logps(rt, reference, tokenized[split])
+    paths[split] = os.path.join(directory, f"{split}.jsonl")
+    with open(paths[split] + ".tmp", "w") as f:
+      for k, row_id in enumerate(tokenized[split].row_ids):
+        row = dict(rows[split][int(row_id)])
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = float(logps[k, 0]), float(logps[k, 1])
+        f.write(json.dumps(row, default=str) + "\n")
+    os.replace(paths[split] + ".tmp", paths[split])  # never a half-written file under the final name
+    print(f"precompute: {len(logps)} {split} pairs -> {paths[split]}")
+  print(f"use them: --config.stage=dpo --config.data.reference_logps=True --config.data.train={paths['train']} "
+        f"--config.data.test={paths['test']} --workdir {rt.workdir}")
+  return paths
 
 
 # ---- sampling evaluation and the summary ----
@@ -349,7 +395,8 @@ def run(config: Any, workdir: str) -> dict:
   """The whole program; returns the summary (also written to `<workdir>/summary.json`)."""
   validate_config(config, jax.device_count())
   tokenizer = load_tokenizer(config.data.tokenizer)
-  train, test, test_rows, stats = load_pairs(config, tokenizer)
+  train, test, rows, stats = load_pairs(config, tokenizer)
+  test_rows = rows["test"]
   report_data(stats)
   os.makedirs(workdir, exist_ok=True)
   rt = build_runtime(config, workdir, len(tokenizer))
@@ -365,13 +412,22 @@ def run(config: Any, workdir: str) -> dict:
     summary["init"] = {"nll": sft_eval(rt, init, test)["loss"]}
     reference = run_sft(rt, init, train, test) if config.sft.steps else init
     summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
+  elif config.stage == "precompute":
+    summary["files"] = write_reference_logps(rt, load_sft_result(rt, init), {"train": train, "test": test}, rows)
+    rt.writer.close()
+    return summary
+  elif config.data.reference_logps:  # pi_ref's params are only needed again for the sampled-KL evaluation
+    policy = run_dpo(rt, load_sft_result(rt, init), train, test, reference=None)
+    reference = load_sft_result(rt, init)
+    summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
   else:
     reference = load_sft_result(rt, init)
     summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
   del init
 
   if config.stage in ("pipeline", "dpo"):
-    policy = run_dpo(rt, reference, train, test)
+    if not config.data.reference_logps:
+      policy = run_dpo(rt, reference, train, test, reference=reference)
     held_out = dpo_eval(rt, policy, reference, test)
     rt.writer.write(config.optim.total_steps, held_out, stage="dpo", split="test")
     summary["pi_theta"] = {"accuracy": held_out["rewards/accuracies"], "margin": held_out["rewards/margins"],

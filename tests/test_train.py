@@ -211,3 +211,50 @@ def test_every_config_field_is_documented_in_the_readme():
   readme = open(os.path.join(root, "README.md")).read()
   absent = [f for f in documented if f"`{f}`" not in readme]
   assert not absent, f"README's config table is stale; run python scripts/config_table.py. Missing: {absent}"
+
+
+def test_precomputed_reference_logps_train_like_the_reference_model(tmp_path, monkeypatch):
+  import shutil
+  with_model = str(tmp_path / "model_ref")
+  train.run(tiny(stage="sft", **{"sft.steps": 10}), with_model)
+  precomputed = str(tmp_path / "precomputed")
+  shutil.copytree(with_model, precomputed)
+
+  summary = train.run(tiny(stage="precompute", **{"sft.steps": 10}), precomputed)
+  files = summary["files"]
+  rows = [json.loads(line) for line in open(files["train"])]
+  assert len(rows) == 4000 and all(np.isfinite(r["ref_chosen_logps"]) and r["ref_chosen_logps"] < 0 for r in rows)
+
+  seen_references = []
+  real_jit = step.jit_train_step
+
+  def spy(*args, **kwargs):
+    jitted = real_jit(*args, **kwargs)
+    def wrapped(state, reference, batch):
+      seen_references.append(reference)
+      return jitted(state, reference, batch)
+    return wrapped
+
+  dpo = {"sft.steps": 10, "optim.total_steps": 10, "log_every_steps": 1}
+  train.run(tiny(stage="dpo", **dpo), with_model)
+  monkeypatch.setattr(step, "jit_train_step", spy)
+  train.run(tiny(stage="dpo", **dpo, **{"data.reference_logps": True, "data.train": files["train"],
+                                         "data.test": files["test"]}), precomputed)
+  assert len(seen_references) == 10 and all(r is None for r in seen_references)  # no reference params in training
+  a, b = read_metrics(with_model, "dpo"), read_metrics(precomputed, "dpo")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
+  for x, y in zip(a, b):
+    assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+    assert y["rewards/margins"] == pytest.approx(x["rewards/margins"], rel=1e-4, abs=1e-5)
+
+
+def test_precomputed_reference_logps_must_be_finite(tmp_path):
+  rows = [{"prompt": "review of the film :", "chosen": "it was good .", "rejected": "it was bad .",
+           "ref_chosen_logps": -3.0, "ref_rejected_logps": -4.0}] * 16
+  rows[5] = dict(rows[5], ref_rejected_logps=float("nan"))
+  path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+  with pytest.raises(ValueError, match=r"row 5, field 'ref_rejected_logps': expected a finite number"):
+    train.run(tiny(stage="dpo", **{"data.reference_logps": True, "data.train": path, "data.test": path}),
+              str(tmp_path / "wd"))
+  with pytest.raises(ValueError, match="reference_logps=True needs config.stage='dpo'"):
+    train.run(tiny(**{"data.reference_logps": True}), str(tmp_path / "wd2"))

@@ -105,6 +105,33 @@ def column_strings(rows: Any, field: str, source: str = "rows") -> list[str]:
   return values
 
 
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def column_floats(rows: Any, field: str, source: str = "rows") -> np.ndarray:
+  """`field` of every row as float64 `[N]`; ValueError naming the row and field for a missing, non-numeric or
+  non-finite value (precomputed reference log-probs must be finite nats)."""
+  if isinstance(rows, (list, tuple)):
+    values = []
+    for i, row in enumerate(rows):
+      if field not in row:
+        raise ValueError(f"{source}: row {i} has no field '{field}'. Write it with "
+                         f"`python -m dpo_jax.train --config.stage=precompute`, or set config.data.reference_logps=False.")
+      values.append(row[field])
+  else:
+    if field not in rows.column_names:
+      raise ValueError(f"{source}: no column '{field}'. Write it with `python -m dpo_jax.train "
+                       f"--config.stage=precompute`, or set config.data.reference_logps=False.")
+    values = list(rows.with_format(None)[field])
+  out = np.empty(len(values), np.float64)
+  for i, value in enumerate(values):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+      raise ValueError(f"{source}: row {i}, field '{field}': expected a finite number (log-prob in nats), got "
+                       f"{_describe(value)}. Recompute the reference log-probs for that row or drop it.")
+    out[i] = value
+  return out
+
+
 def _describe(value: Any) -> str:
   return "null (a missing value)" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
 
@@ -242,6 +269,7 @@ class TokenizedPairs:
   max_length: int  # T, tokens per batch row
   pad_id: int
   eos_id: int
+  reference_logps: np.ndarray | None = None  # [num_pairs, 2] precomputed log pi_ref (chosen, rejected), nats
 
   @property
   def num_pairs(self) -> int:
@@ -249,7 +277,7 @@ class TokenizedPairs:
 
 
 def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int,
-                   source: str = "rows") -> tuple[TokenizedPairs, dict]:
+                   source: str = "rows", reference_logps: bool = False) -> tuple[TokenizedPairs, dict]:
   """Tokenize prompt, chosen and rejected SEPARATELY and concatenate ids -> (TokenizedPairs, stats).
 
   Each text is tokenized with `add_special_tokens=False` and never re-tokenized joined, so the prompt's
@@ -264,6 +292,8 @@ def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_len
 
   stats: num_rows, num_pairs (kept), num_dropped_empty_response, num_truncated (pairs with any truncation),
   num_prompt_truncated, num_response_truncated.
+  With `reference_logps=True` the rows' `ref_chosen_logps` / `ref_rejected_logps` columns are kept for each
+  pair (checked finite), and DPO batches carry them.
   """
   check_lengths(max_length, max_prompt_length)
   eos_id = tokenizer.eos_token_id
@@ -296,8 +326,13 @@ def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_len
     rejecteds.append(np.asarray((rejected + [eos_id])[:budget], np.int32))
     row_ids.append(i)
 
+  reference = None
+  if reference_logps:
+    columns = np.stack([column_floats(rows, f, source) for f in REFERENCE_FIELDS], axis=1)
+    reference = columns[np.asarray(row_ids, np.int64)]
   tokenized = TokenizedPairs(tuple(prompts), tuple(chosens), tuple(rejecteds), np.asarray(row_ids, np.int32),
-                             max_length=int(max_length), pad_id=int(pad_id), eos_id=int(eos_id))
+                             max_length=int(max_length), pad_id=int(pad_id), eos_id=int(eos_id),
+                             reference_logps=reference)
   stats = dict(num_rows=len(texts["prompt"]), num_pairs=len(row_ids), num_dropped_empty_response=dropped,
                num_truncated=any_cut, num_prompt_truncated=prompt_cut, num_response_truncated=response_cut)
   return tokenized, stats
@@ -363,6 +398,9 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
   batch["loss_mask"] = batch["loss_mask"] * row_real[:, None].astype(np.int32)
   batch["row_ids"] = np.where(real, tokenized.row_ids[src], -1).astype(np.int32)
   batch["pair_mask"] = real.astype(np.int32)
+  if kind == "dpo" and tokenized.reference_logps is not None:
+    for j, field in enumerate(REFERENCE_FIELDS):  # `[B]` fp32; padding pairs get 0 (they carry no weight)
+      batch[field] = np.where(real, tokenized.reference_logps[src, j], 0.0).astype(np.float32)
   return batch
 
 
