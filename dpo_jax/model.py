@@ -29,6 +29,11 @@ import jax.numpy as jnp
 
 from dpo_jax.sharding import ShardingContext, constrain
 
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -52,6 +57,10 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2-style biases on q, k, v
   attn_out_bias: bool = False
   mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+  mlp_activation: str = "silu"  # gate activation: 'silu' (SwiGLU) or 'gelu_tanh' (Gemma's GeGLU)
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+  norm_offset: float = 0.0  # Gemma: RMSNorm scales by (norm_offset + w), w initialised to 1 - norm_offset
   initializer_range: float = 0.02
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
@@ -66,6 +75,8 @@ class ModelConfig:
       raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     if self.resolved_head_dim % 2:
       raise ValueError(f"model: head_dim={self.resolved_head_dim} must be even for RoPE.")
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ValueError(f"model: mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}.")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -110,13 +121,15 @@ class RMSNorm(nn.Module):
   eps: float
   dtype: Any
   param_dtype: Any
+  offset: float = 0.0  # the norm multiplies by (offset + scale); Gemma stores scale - 1
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.constant(1.0 - self.offset)
+    scale = self.param("scale", _partitioned(init, ("norm",)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -170,6 +183,10 @@ class Attention(nn.Module):
     q_BxTxHxD = proj("q", h, "heads", cfg.qkv_bias)
     k_BxTxKxD = proj("k", k, "kv_heads", cfg.qkv_bias)
     v_BxTxKxD = proj("v", k, "kv_heads", cfg.qkv_bias)
+    if cfg.qk_norm:  # per-head RMSNorm over head_dim, before RoPE (Qwen3)
+      head_norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
+      q_BxTxHxD = head_norm(name="q_norm")(q_BxTxHxD)
+      k_BxTxKxD = head_norm(name="k_norm")(k_BxTxKxD)
     q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, cfg.rope_theta), ("batch", "length", "heads", None), self.shard)
     k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, cfg.rope_theta), ("batch", "length", "kv_heads", None), self.shard)
     v_BxTxKxD = constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
@@ -209,7 +226,8 @@ class Mlp(nn.Module):
     up_bias = _partitioned(nn.initializers.zeros, ("mlp",))
     gate_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="gate")(x_BxTxD)
     up_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="up")(x_BxTxD)
-    hidden_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"), self.shard)
+    hidden_BxTxF = constrain(ACTIVATIONS[cfg.mlp_activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"),
+                             self.shard)
     return dense(cfg.hidden_size, kernel_init=_partitioned(init, ("mlp", "embed")),
                  bias_init=_partitioned(nn.initializers.zeros, ("norm",)), name="down")(hidden_BxTxF)
 
@@ -223,7 +241,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     cfg = self.cfg
-    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype)
+    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
     x_BxTxD = x_BxTxD + Attention(cfg, self.shard, self.decode, name="attn")(
         norm(name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
     x_BxTxD = x_BxTxD + Mlp(cfg, self.shard, name="mlp")(norm(name="mlp_norm")(x_BxTxD))
@@ -252,7 +270,7 @@ class Decoder(nn.Module):
       self.layers = scanned(cfg, self.shard, self.decode)
     else:
       self.layers = [block(cfg, self.shard, self.decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = self.param(
           "lm_head", _partitioned(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
@@ -264,6 +282,8 @@ class Decoder(nn.Module):
     # axis); the 'vocab' split stays, and the partitioner masks and sums the lookup over it.
     table_VxD = constrain(self.embed.embedding, ("vocab", None), self.shard)
     x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0).astype(self.cfg.compute_dtype)
+    if self.cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype first, as HF does
+      x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size ** 0.5, self.cfg.compute_dtype)
     x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard)
     if self.cfg.scan_layers:
       x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT)
