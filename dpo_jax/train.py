@@ -25,7 +25,7 @@ import numpy as np
 
 from dpo_jax import checkpoint, evaluate, logprobs as logprobs_lib, losses, metrics as metrics_lib
 from dpo_jax import model as model_lib, optim, sharding, step
-from dpo_jax.data import preference, synthetic
+from dpo_jax.data import preference, schemas, synthetic
 
 STAGES = ("pipeline", "sft", "dpo", "precompute")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -82,12 +82,13 @@ def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, 
   if config.data.train and not config.data.test and os.path.isfile(config.data.train):
     print(f"WARNING: config.data.test is not set, so held-out metrics are computed on the training file "
           f"{config.data.train}. Set --config.data.test=FILE for a real held-out estimate.")
-  train_rows = preference.load_rows(train_source, split=config.data.train_split)
-  test_rows = preference.load_rows(test_source, split=config.data.test_split)
+  # Any of the public schemas: explicit prompt, conversational messages (chat template), implicit (HH).
+  train_rows = schemas.load_any_rows(train_source, split=config.data.train_split)
+  test_rows = schemas.load_any_rows(test_source, split=config.data.test_split)
   kw = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
             reference_logps=config.data.reference_logps)
-  train, train_stats = preference.tokenize_pairs(train_rows, tokenizer, source=train_source, **kw)
-  test, test_stats = preference.tokenize_pairs(test_rows, tokenizer, source=test_source, **kw)
+  train, train_stats = schemas.tokenize_any(train_rows, tokenizer, source=train_source, **kw)
+  test, test_stats = schemas.tokenize_any(test_rows, tokenizer, source=test_source, **kw)
   return train, test, {"train": train_rows, "test": test_rows}, {"train": train_stats, "test": test_stats}
 
 
@@ -350,7 +351,7 @@ def write_reference_logps(rt: Runtime, reference: Any, tokenized: dict, rows: di
 
 # ---- sampling evaluation and the summary ----
 
-def sample_eval(rt: Runtime, policy: Any, reference: Any, test_rows: Any, tokenizer: Any, test_prompts: list,
+def sample_eval(rt: Runtime, policy: Any, reference: Any, tokenizer: Any, test_prompts: list,
                 seed_offset: int) -> dict:
   config = rt.config
   if not config.eval.num_prompts:
@@ -364,15 +365,14 @@ def sample_eval(rt: Runtime, policy: Any, reference: Any, test_rows: Any, tokeni
       batch_size=config.eval.batch_size, samples_per_prompt=config.eval.samples_per_prompt)
 
 
-def unique_prompts(test: preference.TokenizedPairs, test_rows: Any) -> list[tuple[str, np.ndarray]]:
-  """Distinct held-out prompts (text, token ids), in data order."""
+def unique_prompts(test: preference.TokenizedPairs, tokenizer: Any) -> list[tuple[str, np.ndarray]]:
+  """Distinct held-out prompts (decoded text, token ids), in data order; works for every data schema."""
   seen, out = set(), []
-  prompts = preference.column_strings(test_rows, "prompt")
-  for k, row in enumerate(test.row_ids):
-    text = prompts[int(row)]
-    if text not in seen:
-      seen.add(text)
-      out.append((text, test.prompt_ids[k]))
+  for ids in test.prompt_ids:
+    key = ids.tobytes()
+    if key not in seen:
+      seen.add(key)
+      out.append((tokenizer.decode(ids.tolist(), skip_special_tokens=True), ids))
   return out
 
 
@@ -396,7 +396,6 @@ def run(config: Any, workdir: str) -> dict:
   validate_config(config, jax.device_count())
   tokenizer = load_tokenizer(config.data.tokenizer)
   train, test, rows, stats = load_pairs(config, tokenizer)
-  test_rows = rows["test"]
   report_data(stats)
   os.makedirs(workdir, exist_ok=True)
   rt = build_runtime(config, workdir, len(tokenizer))
@@ -406,7 +405,7 @@ def run(config: Any, workdir: str) -> dict:
   init = model_lib.init_params(rt.model_cfg, jax.random.key(config.seed),
                                step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
   summary: dict = {"config": config.to_dict(), "data": stats}
-  prompts = unique_prompts(test, test_rows)
+  prompts = unique_prompts(test, tokenizer)
 
   if config.stage in ("pipeline", "sft"):
     summary["init"] = {"nll": sft_eval(rt, init, test)["loss"]}
@@ -433,10 +432,10 @@ def run(config: Any, workdir: str) -> dict:
     summary["pi_theta"] = {"accuracy": held_out["rewards/accuracies"], "margin": held_out["rewards/margins"],
                            "dpo_loss": held_out["loss"], "nll": sft_eval(rt, policy, test)["loss"]}
     summary["pi_ref"].update(dpo_loss=math.log(2.0))
-    summary["pi_ref"].update(sample_eval(rt, reference, reference, test_rows, tokenizer, prompts, 0))
-    summary["pi_theta"].update(sample_eval(rt, policy, reference, test_rows, tokenizer, prompts, 0))
+    summary["pi_ref"].update(sample_eval(rt, reference, reference, tokenizer, prompts, 0))
+    summary["pi_theta"].update(sample_eval(rt, policy, reference, tokenizer, prompts, 0))
   else:
-    summary["pi_ref"].update(sample_eval(rt, reference, reference, test_rows, tokenizer, prompts, 0))
+    summary["pi_ref"].update(sample_eval(rt, reference, reference, tokenizer, prompts, 0))
 
   rt.writer.close()
   table = format_summary(summary)
