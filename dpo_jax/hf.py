@@ -11,19 +11,29 @@ Supported families: llama, mistral, qwen2. They share one tensor naming (`model.
 No permutation is needed: `model.py` follows HF's rotate-half RoPE and its query-head -> kv-head grouping, so
 every tensor maps by transposes (torch `Linear.weight` is `[out, in]`, ours `[in, out]`) and head reshapes.
 
-This module imports neither torch nor transformers: HF configs are read by attribute, tensors through numpy.
+This module imports neither torch nor transformers at import time: HF configs are read by attribute, tensors
+through numpy. The checkpoint-folder functions import transformers and safetensors when called:
+
+    cfg, params = load_hf_checkpoint("ckpt_dir", mesh=mesh, rules=rules)   # sharded straight onto the mesh
+    save_hf_checkpoint(params, cfg, "out_dir", model_type="llama", tokenizer=tok)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import glob
+import json
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-from dpo_jax.model import ModelConfig
+from dpo_jax import sharding
+from dpo_jax.model import ModelConfig, param_logical_axes
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -101,15 +111,36 @@ def _qwen2_fields(hf_config: Any) -> dict[str, Any]:
   return dict(_common_fields(hf_config), qkv_bias=True, attn_out_bias=False)  # Qwen2: biased q, k, v only
 
 
+def _qwen3_fields(hf_config: Any) -> dict[str, Any]:
+  """Qwen3: Qwen2 without the q/k/v biases (attention_bias, usually False), plus per-head q/k RMSNorm."""
+  if getattr(hf_config, "use_sliding_window", False):
+    _warn_if_windowed(hf_config, getattr(hf_config, "sliding_window", None))
+  bias = bool(getattr(hf_config, "attention_bias", False))
+  return dict(_common_fields(hf_config), qkv_bias=bias, attn_out_bias=bias, qk_norm=True)
+
+
+def _gemma_fields(hf_config: Any) -> dict[str, Any]:
+  """Gemma (v1): GeGLU (tanh gelu), embeddings times sqrt(hidden), RMSNorm as x * (1 + w), tied head."""
+  act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
+  if act not in ("gelu_pytorch_tanh", "gelu"):  # HF maps Gemma's legacy 'gelu' to the tanh form too
+    raise NotImplementedError(f"hf config: gemma activation {act!r}; dpo_jax implements gelu_pytorch_tanh.")
+  plain = types.SimpleNamespace(**{**vars(hf_config), "hidden_act": "silu"})  # reuse the shared fields
+  bias = bool(getattr(hf_config, "attention_bias", False))
+  return dict(_common_fields(plain), qkv_bias=bias, attn_out_bias=bias, mlp_activation="gelu_tanh",
+              embed_scale=True, norm_offset=1.0)
+
+
 # model_type -> reader of the ModelConfig fields from that family's HF config.
 _CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "llama": _llama_fields,
     "mistral": _mistral_fields,
     "qwen2": _qwen2_fields,
+    "qwen3": _qwen3_fields,
+    "gemma": _gemma_fields,
 }
 
-# model_type -> name of its tensor layout in `_LAYOUTS`.
-_LAYOUT_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+# model_type -> name of its tensor layout in `_LAYOUTS` (all five share Llama's tensor names).
+_LAYOUT_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama"}
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_CONFIG_READERS))
 
@@ -189,6 +220,9 @@ def _llama_layer_rules(cfg: ModelConfig) -> list[_Rule]:
       rules.append(_heads_bias_rule(pre + f"self_attn.{name}_proj.bias", ("attn", name, "bias"), heads, dh))
   if cfg.attn_out_bias:
     rules.append(_identity_rule(pre + "self_attn.o_proj.bias", ("attn", "o", "bias"), (d,)))
+  if cfg.qk_norm:  # Qwen3
+    for name in ("q", "k"):
+      rules.append(_identity_rule(pre + f"self_attn.{name}_norm.weight", ("attn", f"{name}_norm", "scale"), (dh,)))
   for name, n_in, n_out in (("gate", d, f), ("up", d, f), ("down", f, d)):
     rules.append(_linear_rule(pre + f"mlp.{name}_proj.weight", ("mlp", name, "kernel"), n_in, n_out))
     if cfg.mlp_bias:
@@ -411,3 +445,273 @@ def hf_state_dict_from_params(params: Mapping[str, Any], cfg: ModelConfig, *,
     for rule in layout.layer_rules(cfg):
       put(rule, rule.hf_name.format(i=i), layer, root)
   return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint folders (`save_pretrained` layout): config.json + model.safetensors or a sharded index.
+
+_CONFIG_FILE = "config.json"
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def _weight_map(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file (absolute) of a checkpoint folder; raises FileNotFoundError."""
+  from safetensors import safe_open
+
+  index = os.path.join(path, _INDEX_FILE)
+  single = os.path.join(path, _SINGLE_FILE)
+  if os.path.isfile(index):  # transformers prefers the index too when both exist
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+    absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+    if absent:
+      raise FileNotFoundError(f"hf checkpoint {path}: {_INDEX_FILE} lists shards that do not exist: {absent}. "
+                              "Copy the whole checkpoint folder.")
+    return files
+  if os.path.isfile(single):
+    with safe_open(single, framework="numpy") as f:
+      return {name: single for name in f.keys()}
+  others = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack")))
+  hint = (f" It has {others}: re-save it with `save_pretrained(path, safe_serialization=True)`." if others else "")
+  raise FileNotFoundError(
+      f"hf checkpoint {path}: no weights; expected {_SINGLE_FILE} or {_INDEX_FILE} with its shards.{hint}")
+
+
+class _TensorReader:
+  """Reads one tensor at a time from safetensors files, keeping each file open once.
+
+  numpy has no bfloat16 in safetensors' numpy backend, so BF16 tensors are read through torch (exact: `_to_numpy`
+  upcasts to fp32 and the param dtype cast restores bf16 bit-for-bit). safetensors' flax backend would work too,
+  but it puts the whole tensor on the default device, the unsharded copy this loader exists to avoid.
+  """
+
+  def __init__(self, files: Mapping[str, str]):
+    self._files = dict(files)
+    self._handles: dict[tuple[str, str], Any] = {}
+
+  def _handle(self, file: str, framework: str) -> Any:
+    from safetensors import safe_open
+    key = (file, framework)
+    if key not in self._handles:
+      self._handles[key] = safe_open(file, framework=framework)
+    return self._handles[key]
+
+  def get(self, name: str) -> Any:
+    file = self._files[name]
+    handle = self._handle(file, "numpy")
+    if handle.get_slice(name).get_dtype() != "BF16":
+      return handle.get_tensor(name)
+    try:
+      import torch  # noqa: F401
+    except ImportError as e:
+      raise ImportError(f"hf checkpoint: {name} in {file} is bfloat16, which safetensors reads only through "
+                        "torch here; install torch (CPU is enough) or re-save the checkpoint in float32.") from e
+    return self._handle(file, "pt").get_tensor(name)
+
+
+def _place(x: np.ndarray, mesh: Any, rules: Any, logical_axes: tuple[Any, ...], what: str) -> Any:
+  """`x` as a jax array in its NamedSharding, each device getting only its shard (no unsharded device copy)."""
+  if mesh is None:
+    return x
+  target = sharding.named_sharding(mesh, rules, logical_axes, x.shape, what=what)
+  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def load_hf_checkpoint(path: str, *, mesh: Any = None, rules: Any = None,
+                       **config_overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
+  """`(ModelConfig, params)` from a local HF checkpoint folder, read tensor by tensor.
+
+  Args:
+    path: folder with `config.json` and `model.safetensors` or `model.safetensors.index.json` + shards, as
+      written by `save_pretrained` (or `save_hf_checkpoint`). Read offline; nothing is downloaded.
+    mesh, rules: when given (both), every param is placed straight into its NamedSharding from
+      `model.param_logical_axes(cfg)` and `rules` (e.g. `configs.default.SHARDING_RULES`); each device receives
+      only its own shard. Without them params are host numpy arrays.
+    config_overrides: ModelConfig fields (param_dtype, scan_layers, ...), as in `model_config_from_hf`.
+
+  Host memory peaks at one converted tensor, or with `scan_layers` at one stacked `[num_layers, ...]` leaf
+  (the L per-layer tensors are gathered into one host buffer before placing it).
+  Raises FileNotFoundError for a missing folder / config / weights, ValueError for tensors that do not match.
+  """
+  import transformers
+
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"hf checkpoint {path}: no such folder; expected a local folder with {_CONFIG_FILE} "
+                            f"and {_SINGLE_FILE} (or {_INDEX_FILE} + shards), as written by save_pretrained.")
+  if not os.path.isfile(os.path.join(path, _CONFIG_FILE)):
+    raise FileNotFoundError(f"hf checkpoint {path}: no {_CONFIG_FILE}; save the model with save_pretrained, "
+                            "which writes it next to the weights.")
+  if (mesh is None) != (rules is None):
+    raise ValueError("load_hf_checkpoint: pass both mesh and rules (e.g. config.sharding.rules), or neither.")
+  hf_config = transformers.AutoConfig.from_pretrained(path)
+  cfg = model_config_from_hf(hf_config, **config_overrides)
+  layout = _layout(hf_config.model_type)
+  files = _weight_map(path)
+  try:
+    _check_names(set(files), cfg, layout)
+  except ValueError as e:
+    raise ValueError(f"hf checkpoint {path}: {e}") from None
+  reader = _TensorReader(files)
+  dtype = np.dtype(cfg.param_dtype)
+  if cfg.tie_embeddings and layout.tied_head in files:
+    if not np.array_equal(_to_numpy(reader.get(layout.tied_head)), _to_numpy(reader.get(layout.embedding))):
+      raise ValueError(f"hf checkpoint {path}: {layout.tied_head} differs from {layout.embedding} but the config "
+                       "ties them; pass tie_embeddings=False.")
+  axes = _logical_axes(cfg, mesh)
+
+  params: dict[str, Any] = {}
+  for rule in layout.global_rules(cfg):
+    x = _convert_in(rule, rule.hf_name, reader.get(rule.hf_name), dtype)
+    _set(params, rule.path, _place(x, mesh, rules, _axes_at(axes, rule.path), "/".join(rule.path)))
+  for rule in layout.layer_rules(cfg):
+    names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      first = _convert_in(rule, names[0], reader.get(names[0]), dtype)
+      stacked = np.empty((cfg.num_layers,) + first.shape, dtype)  # the one host buffer of a scanned leaf
+      stacked[0] = first
+      for i, name in enumerate(names[1:], start=1):
+        stacked[i] = _convert_in(rule, name, reader.get(name), dtype)
+      leaf_path = ("layers",) + rule.path
+      _set(params, leaf_path, _place(stacked, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
+    else:
+      for i, name in enumerate(names):
+        leaf_path = (f"layers_{i}",) + rule.path
+        x = _convert_in(rule, name, reader.get(name), dtype)
+        _set(params, leaf_path, _place(x, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
+  return cfg, params
+
+
+def _logical_axes(cfg: ModelConfig, mesh: Any) -> Any:
+  """Logical axis names of every param; None for unsharded loads (saves tracing the model's init)."""
+  if mesh is None:
+    return None
+  return param_logical_axes(cfg)
+
+
+def _axes_at(axes: Any, path: tuple[str, ...]) -> Any:
+  return None if axes is None else _get(axes, path)
+
+
+# model_type -> (transformers config class name, *ForCausalLM architecture name).
+_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def _family_fields(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+  """The family-specific HF config fields; raises where the family cannot express `cfg`."""
+  unsupported = {f: getattr(cfg, f) for f, plain in
+                 (("qk_norm", False), ("mlp_activation", "silu"), ("embed_scale", False), ("norm_offset", 0.0))
+                 if getattr(cfg, f) != plain}
+  if unsupported:
+    raise ValueError(f"save_hf_checkpoint: {unsupported} cannot be expressed by model_type={model_type!r} "
+                     "(Llama-family SwiGLU models); pass hf_config for the matching family.")
+  biases = (cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias)
+  if model_type == "llama":
+    if cfg.qkv_bias != cfg.attn_out_bias:
+      raise ValueError(f"save_hf_checkpoint: llama has one attention_bias flag for q/k/v/o, but cfg has "
+                       f"qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}; use model_type='qwen2' for "
+                       "q/k/v-only biases.")
+    return dict(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  if model_type == "qwen2":
+    if biases != (True, False, False):
+      raise ValueError(f"save_hf_checkpoint: qwen2 has biases on q/k/v only; cfg has (qkv_bias, attn_out_bias, "
+                       f"mlp_bias)={biases}. Use model_type='llama'.")
+    return dict(use_sliding_window=False)
+  if any(biases):
+    raise ValueError(f"save_hf_checkpoint: mistral has no biases; cfg has (qkv_bias, attn_out_bias, mlp_bias)="
+                     f"{biases}. Use model_type='llama' or 'qwen2'.")
+  return dict(sliding_window=None)  # our attention is full-causal
+
+
+def hf_config_from_model_config(cfg: ModelConfig, model_type: str = "llama") -> Any:
+  """A transformers `PretrainedConfig` of `model_type` describing `cfg` (the inverse of `model_config_from_hf`)."""
+  import transformers
+
+  if model_type not in _HF_CLASSES:
+    raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
+                     f"{list(SUPPORTED_MODEL_TYPES)}.")
+  config_class, architecture = _HF_CLASSES[model_type]
+  hf_config = getattr(transformers, config_class)(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      hidden_act="silu", rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.initializer_range,
+      architectures=[architecture], dtype=cfg.param_dtype, **_family_fields(cfg, model_type))
+  # Set after construction: not every family's __init__ takes head_dim (Qwen2), but all read the attribute.
+  hf_config.head_dim = cfg.resolved_head_dim
+  return hf_config
+
+
+def _shards(state_dict: Mapping[str, np.ndarray], max_shard_bytes: int | None) -> list[dict[str, np.ndarray]]:
+  """Greedy split in name order into groups of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+  if max_shard_bytes is None:
+    return [dict(state_dict)]
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, x in state_dict.items():
+    if shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = x
+    size += x.nbytes
+  return shards
+
+
+def _check_hf_config_describes(hf_config: Any, cfg: ModelConfig) -> None:
+  """Raise if a given HF config disagrees with `cfg` (the saved folder would load as a different model)."""
+  described = model_config_from_hf(hf_config)
+  mismatched = {f.name: (getattr(described, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(ModelConfig)
+                if f.name in _CONFIG_READERS[hf_config.model_type](hf_config) and f.name != "head_dim"
+                and getattr(described, f.name) != getattr(cfg, f.name)}
+  if described.resolved_head_dim != cfg.resolved_head_dim:
+    mismatched["head_dim"] = (described.resolved_head_dim, cfg.resolved_head_dim)
+  if mismatched:
+    raise ValueError(f"save_hf_checkpoint: hf_config disagrees with cfg on {{field: (hf_config, cfg)}} = "
+                     f"{mismatched}; pass a matching hf_config or leave it None to build one from cfg.")
+
+
+def save_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, path: str, *, model_type: str = "llama",
+                       tokenizer: Any = None, hf_config: Any = None, max_shard_bytes: int | None = None) -> None:
+  """Write `params` as an HF checkpoint folder that `AutoModelForCausalLM.from_pretrained(path)` loads.
+
+  Writes `config.json` (`hf_config` if given, else `hf_config_from_model_config(cfg, model_type)`), the weights
+  from `hf_state_dict_from_params` in the params' dtype as `model.safetensors`, or, when they exceed
+  `max_shard_bytes`, as `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`; and
+  `tokenizer.save_pretrained(path)` when a tokenizer is given. Params may be sharded jax arrays (gathered to
+  host one tensor at a time by the export). Weight files of an earlier save in `path` are replaced.
+  """
+  from safetensors.numpy import save_file
+
+  if hf_config is None:
+    hf_config = hf_config_from_model_config(cfg, model_type)
+  else:
+    model_type = getattr(hf_config, "model_type", model_type)
+    _check_hf_config_describes(hf_config, cfg)
+  state_dict = hf_state_dict_from_params(params, cfg, model_type=model_type)
+  os.makedirs(path, exist_ok=True)
+  # A stale index or single file left from a save with other sharding would shadow or contradict this one.
+  for old in [os.path.join(path, _SINGLE_FILE), os.path.join(path, _INDEX_FILE),
+              *glob.glob(os.path.join(path, "model-*-of-*.safetensors"))]:
+    if os.path.isfile(old):
+      os.remove(old)
+  hf_config.save_pretrained(path)
+  metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+  shards = _shards(state_dict, max_shard_bytes)
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, _SINGLE_FILE), metadata=metadata)
+  else:
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+      file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(path, file), metadata=metadata)
+      weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(x.nbytes for x in state_dict.values())}, "weight_map": weight_map}
+    with open(os.path.join(path, _INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)

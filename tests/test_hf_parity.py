@@ -33,6 +33,8 @@ FAMILIES = {
     "mistral_head_dim32": (transformers.MistralConfig, dict(head_dim=32, sliding_window=None)),
     "qwen2": (transformers.Qwen2Config, {}),
     "qwen2_tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, rope_theta=1e6)),  # per-head q/k norms
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),  # GeGLU, sqrt(D) embeddings, (1 + w) norms
 }
 
 B, T, PAD = 2, 8, 3  # row 1 ends in PAD padding tokens
@@ -180,7 +182,7 @@ def test_sliding_window_warns():
 
 
 def test_unsupported_model_type_lists_supported():
-  with pytest.raises(ValueError, match=r"'gpt2'.*\['llama', 'mistral', 'qwen2'\]"):
+  with pytest.raises(ValueError, match=r"'gpt2'.*\['gemma', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
     hf.model_config_from_hf(transformers.GPT2Config())
 
 
