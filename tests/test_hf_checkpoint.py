@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch_models import random_hf_model  # noqa: E402
 
 from configs.default import SHARDING_RULES  # noqa: E402
 from dpo_jax import hf, sharding, step  # noqa: E402
@@ -37,18 +38,8 @@ B, T = 2, 8
 
 
 def _torch_model(family: str, seed: int = 0):
-  """Random fp32 HF model with random norms and biases (so a dropped or swapped one changes the logits)."""
   cls, extra = FAMILIES[family]
-  torch.manual_seed(seed)
-  config = cls(**TINY, **extra, attn_implementation="eager")
-  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-  return model
+  return random_hf_model(cls(**TINY, **extra, attn_implementation="eager"), seed)
 
 
 def _ids():

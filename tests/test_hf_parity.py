@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch_models import random_hf_model  # noqa: E402
 
 from dpo_jax import hf  # noqa: E402
 from dpo_jax.model import abstract_params, make_model  # noqa: E402
@@ -46,16 +47,7 @@ def _hf_config(family: str):
 
 
 def _torch_model(family: str, seed: int = 0, dtype=torch.float32):
-  """Random HF model; norms and biases are randomised too, so a swapped or dropped one changes the logits."""
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(_hf_config(family)).to(dtype).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-  return model
+  return random_hf_model(_hf_config(family), seed, dtype)
 
 
 def _batch():
