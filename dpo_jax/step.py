@@ -52,10 +52,15 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
-def _pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+def _unit_weights(batch: Mapping[str, jax.Array], num_units: int) -> jax.Array:
+  """`[num_units]` fp32 weights of the pairs (DPO) or rows (SFT): `pair_mask` (0 = padding), else ones."""
   if "pair_mask" in batch:
     return batch["pair_mask"].astype(jnp.float32)
-  return jnp.ones((batch["input_ids"].shape[0] // 2,), jnp.float32)
+  return jnp.ones((num_units,), jnp.float32)
+
+
+def _pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+  return _unit_weights(batch, batch["input_ids"].shape[0] // 2)
 
 
 def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array]):
@@ -168,7 +173,7 @@ def sft_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any, total_t
   SFT batches are `[B, T]` rows in the same format as DPO rows, with `pair_mask` `[B]` marking padding rows.
   """
   out = logprobs.sequence_logps(model, params, batch)
-  w = batch["pair_mask"].astype(jnp.float32) if "pair_mask" in batch else jnp.ones(out.logps.shape, jnp.float32)
+  w = _unit_weights(batch, batch["input_ids"].shape[0])
   sums = {
       "rows": jnp.sum(w),
       "nll": -jnp.sum(out.logps * w),
@@ -185,7 +190,7 @@ def finalize_sft_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _scored_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
-  w = batch["pair_mask"].astype(jnp.float32) if "pair_mask" in batch else 1.0
+  w = _unit_weights(batch, batch["input_ids"].shape[0])
   return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].sum(-1) * w), 1.0)
 
 
