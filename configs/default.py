@@ -24,16 +24,22 @@ SHARDING_RULES = (
 )
 
 
+def _option():
+  """A float option that is None (the loss variant's default) until set, e.g. --config.loss.options.rpo_alpha=0.5."""
+  return ml_collections.config_dict.placeholder(float)
+
+
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: param init, data order, sampling.
-  c.stage = "pipeline"  # 'pipeline' (SFT on chosen -> DPO -> evaluate), 'sft' alone, 'dpo' alone (its
-  #                       reference is the SFT result in the same workdir), or 'precompute' (write that
-  #                       reference's log-probs as columns into <workdir>/reference_logps/{train,test}.jsonl).
+  c.stage = "pipeline"  # 'pipeline' (SFT on chosen -> DPO -> evaluate), 'sft' alone, 'dpo' alone (it starts
+  #                       from this workdir's SFT result, else hf.model_path), or 'precompute' (write pi_ref's
+  #                       log-probs as columns into <workdir>/reference_logps/{train,test}.jsonl).
 
   c.data = ml_collections.ConfigDict(dict(
       train="",  # '' = the embedded synthetic task; else a local .json/.jsonl/.parquet file, a dataset folder
-      #            (save_to_disk or load_dataset layout), or a hub name when online. Columns: prompt, chosen, rejected.
+      #            (save_to_disk or load_dataset layout), or a hub name when online. Schemas: explicit prompt/chosen/
+      #            rejected, conversational message lists (chat template), or implicit-prompt HH transcripts.
       test="",  # held-out pairs, same forms; '' = the embedded test set, or data.test_split of data.train.
       train_split="train",  # split read from a dataset folder / hub dataset.
       test_split="test",  # split used for held-out pairs when data.test is empty and data.train is a dataset.
@@ -41,8 +47,8 @@ def get_config(arg=None):
       reference_logps=False,  # stage 'dpo' only: use the data's ref_chosen_logps / ref_rejected_logps columns
       #                         (from stage 'precompute') instead of a reference forward; no reference model is
       #                         held during training (it is reloaded afterwards for the KL evaluation).
-      reward="synthetic",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task)
-      #                      or 'none' (skip the reward column; KL is still reported).
+      reward="auto",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task), 'none'
+      #                 (skip the reward column; KL is still reported), or 'auto' (synthetic iff data.train='').
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -54,6 +60,12 @@ def get_config(arg=None):
       num_kv_heads=2,  # key/value heads K (grouped-query attention; H % K == 0).
       head_dim=None,  # None: hidden_size // num_heads.
       rope_theta=10000.0,  # RoPE base.
+      rope_scaling_type="none",  # RoPE frequency scaling: 'none', 'linear' (positions / factor) or 'llama3'
+      #                            (Llama 3.1/3.2: low frequencies / factor, high kept, smooth band between).
+      rope_scaling_factor=1.0,  # context extension factor of 'linear' and 'llama3'; must be 1.0 with 'none'.
+      rope_low_freq_factor=1.0,  # 'llama3': wavelengths above rope_original_max_positions / this are divided.
+      rope_high_freq_factor=4.0,  # 'llama3': wavelengths below rope_original_max_positions / this are kept.
+      rope_original_max_positions=8192,  # 'llama3': the pre-training context length the bands are relative to.
       rms_norm_eps=1e-6,  # RMSNorm epsilon.
       tie_embeddings=True,  # share the input embedding and the LM head.
       qkv_bias=False,  # biases on q/k/v projections (Qwen2).
@@ -67,6 +79,16 @@ def get_config(arg=None):
       scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
   ))
 
+  c.hf = ml_collections.ConfigDict(dict(
+      model_path="",  # '' = a random init of config.model; else a local HF checkpoint folder (safetensors) whose
+      #                 architecture and weights start the run; config.model then only sets param_dtype,
+      #                 compute_dtype, matmul_precision, remat and scan_layers. Also the tokenizer if data.tokenizer=''.
+      reference_path="",  # '' = pi_ref is where DPO starts (the SFT result, else hf.model_path); else a separate HF
+      #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
+      export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that
+      #                AutoModelForCausalLM.from_pretrained loads, to <workdir>/hf_export.
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # data-parallel replicas; -1 = all devices not used by the other axes.
       fsdp=1,  # params, grads and optimizer state sharded over this axis (ZeRO-3 style).
@@ -77,10 +99,20 @@ def get_config(arg=None):
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
-      type="sigmoid",  # dpo_jax.losses.LOSSES key; 'sigmoid' is the DPO loss (seed eq. 7).
+      type="sigmoid",  # dpo_jax.losses.LOSSES key (TRL's loss_type names); 'sigmoid' is DPO (seed eq. 7).
+      #                  'simpo', 'orpo' and 'sft' are reference-free: no pi_ref is held while training.
+      types=(),  # non-empty: a weighted sum of these LOSSES keys instead of loss.type, e.g. ('sigmoid', 'sft').
+      weights=(),  # one weight per loss.types entry; () = all 1.0.
       beta=0.1,  # strength of the KL constraint; the implicit reward is beta * log(pi / pi_ref).
-      label_smoothing=0.0,  # cDPO: assumed probability a label is flipped, in [0, 0.5).
-      options=ml_collections.ConfigDict(),  # extra keyword options of the chosen loss type.
+      label_smoothing=0.0,  # eps of the label-noise variants (sigmoid = cDPO, robust, exo_pair, aot, simpo),
+      #                       in [0, 0.5); an error for types that do not use it.
+      options=ml_collections.ConfigDict(dict(  # per-variant options (floats); None = the variant's default.
+          rpo_alpha=_option(),  # 'rpo': weight of the chosen-NLL term (default 1.0).
+          simpo_gamma=_option(),  # 'simpo': target reward margin gamma (default 0.5).
+          orpo_lambda=_option(),  # 'orpo': weight of the odds-ratio term (default: beta, as TRL's ORPOTrainer).
+          discopop_tau=_option(),  # 'discopop': temperature of the log-ratio modulation (default 0.05).
+          delta=_option(),  # 'bco_pair': reward shift (TRL keeps a running mean of rewards; here fixed, default 0).
+      )),
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

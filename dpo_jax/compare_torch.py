@@ -98,9 +98,23 @@ def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
   return max_abs, max_abs / max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
 
 
+def _embedding_name(torch_model: Any) -> str:
+  embedding = torch_model.get_input_embeddings()
+  return next(n for n, p in torch_model.named_parameters() if p is embedding.weight)
+
+
 def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndarray], *, beta: float = 0.1,
-            lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> dict[str, tuple[float, float]]:
-  """{quantity: (max abs diff, max relative diff)}; torch is the reference value. `torch_policy` is updated."""
+            lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+            grad_floor: float = 0.0) -> dict[str, tuple[float, float]]:
+  """{quantity: (max abs diff, max relative diff)}; torch is the reference value. `torch_policy` is updated.
+
+  `grad_floor > 0` compares updated params only where torch's |gradient| >= grad_floor: Adam's first step moves
+  an element by lr * g / (|g| + eps), which turns fp32 noise in a gradient near eps = 1e-8 into a visible
+  fraction of a step; above ~100 eps the update is insensitive to it.
+
+  The row of the embedding's `padding_idx` (if the HF model sets one) is excluded from grads and params: torch
+  drops its input-side gradient by construction (see below), so it differs whenever the pad token occurs.
+  """
   model_type = torch_policy.config.model_type
   cfg = hf.model_config_from_hf(torch_policy.config)
   policy = hf.params_from_hf_state_dict(torch_policy.state_dict(), cfg, model_type=model_type)
@@ -109,6 +123,16 @@ def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndar
                       max_grad_norm=max_grad_norm, model_type=model_type)
   theirs = torch_dpo_step(torch_policy, torch_reference, batch, beta=beta, lr=lr, weight_decay=weight_decay,
                           max_grad_norm=max_grad_norm)
+  # HF builds the input embedding as nn.Embedding(padding_idx=config.pad_token_id), which drops the lookup's
+  # gradient for that row. When the pad id is a real token (SmolLM2 pads with <|im_end|>), torch's gradient of
+  # that row misses every input occurrence; dpo_jax keeps it. That one row is left out of grads/params.
+  padding_idx = getattr(torch_policy.get_input_embeddings(), "padding_idx", None)
+  embed_name = _embedding_name(torch_policy)
+  if padding_idx is not None:
+    for kind in ("grads", "params"):
+      for side in (ours, theirs):
+        if embed_name in side[kind]:
+          side[kind][embed_name] = np.delete(side[kind][embed_name], padding_idx, axis=0)
   real = np.asarray(batch["attention_mask"]) > 0
   report = {"logits": _diff(ours["logits"][real], theirs["logits"][real]),
             "logps": _diff(ours["logps"], theirs["logps"]),
@@ -119,7 +143,11 @@ def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndar
       if name not in ours[kind]:
         continue  # a tied lm_head is the embedding
       group = f"{kind}/{param_group(name)}"
-      a, r = _diff(ours[kind][name], value)
+      mine = ours[kind][name]
+      if kind == "params" and grad_floor > 0:
+        keep = np.abs(theirs["grads"][name]) >= grad_floor
+        mine, value = mine[keep], value[keep]
+      a, r = _diff(mine, value)
       old = by_group.get(group, (0.0, 0.0))
       by_group[group] = (max(old[0], a), max(old[1], r))
     report.update(sorted(by_group.items()))
@@ -137,12 +165,12 @@ def main(argv=None) -> None:
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
-  from dpo_jax.data import preference
+  from dpo_jax.data import preference, schemas
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="HF checkpoint folder (the policy)")
   parser.add_argument("--reference", default=None, help="HF checkpoint folder for pi_ref (default: --model)")
-  parser.add_argument("--data", required=True, help="JSON/JSONL/Parquet with prompt/chosen/rejected")
+  parser.add_argument("--data", required=True, help="JSON/JSONL/Parquet preference rows (any supported schema)")
   parser.add_argument("--pairs", type=int, default=4)
   parser.add_argument("--max_length", type=int, default=128)
   parser.add_argument("--max_prompt_length", type=int, default=64)
@@ -153,12 +181,15 @@ def main(argv=None) -> None:
                                                            attn_implementation="eager")
   policy, reference = load(args.model), load(args.reference or args.model)
   tokenizer = AutoTokenizer.from_pretrained(args.model)
-  rows = preference.load_rows(args.data)
-  tokenized, _ = preference.tokenize_pairs(rows, tokenizer, max_length=args.max_length,
-                                           max_prompt_length=args.max_prompt_length, source=args.data)
+  tokenized, _ = schemas.tokenize_any(schemas.load_any_rows(args.data), tokenizer, source=args.data,
+                                      max_length=args.max_length, max_prompt_length=args.max_prompt_length)
   batch = preference.make_batch(tokenized, np.arange(min(args.pairs, tokenized.num_pairs)), kind="dpo")
   batch.pop("row_ids")
   print(format_report(compare(policy, reference, batch, beta=args.beta, lr=args.lr)))
+  padding_idx = policy.get_input_embeddings().padding_idx
+  if padding_idx is not None:
+    print(f"(embedding row {padding_idx}, torch's padding_idx, is left out of grads/params: torch gives it no "
+          f"gradient from input occurrences)")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
     params = params_from_hf_state_dict(hf_model.state_dict(), cfg)
     state_dict = hf_state_dict_from_params(params, cfg)     # the inverse, numpy arrays
 
-Supported families: llama, mistral, qwen2. They share one tensor naming (`model.layers.{i}.self_attn.q_proj`,
-...), so one layout table serves all three; a family with other names adds a config reader to
-`_CONFIG_READERS` and a layout to `_LAYOUTS`.
+Supported families, both ways: llama, mistral, qwen2, qwen3 (per-head q/k norms), gemma v1 (GeGLU, sqrt(D)
+embedding scale, (1 + w) norms). They share one tensor naming (`model.layers.{i}.self_attn.q_proj`, ...), so one
+layout table serves all five; a family with other names adds a config reader to `_CONFIG_READERS` and a layout to
+`_LAYOUTS`, and for export an entry in `_HF_CLASSES` and `_FAMILY_FIXED`. RoPE: unscaled, 'linear' and 'llama3'
+(Llama 3.1/3.2) scaling; other scalings raise NotImplementedError.
 
 No permutation is needed: `model.py` follows HF's rotate-half RoPE and its query-head -> kv-head grouping, so
 every tensor maps by transposes (torch `Linear.weight` is `[out, in]`, ours `[in, out]`) and head reshapes.
@@ -46,22 +48,52 @@ def _rope_dicts(hf_config: Any) -> list[Mapping[str, Any]]:
 
 
 def _rope_theta(hf_config: Any) -> float:
-  """RoPE base; raises NotImplementedError for any scaled / partial RoPE, which `model.rope` does not do."""
-  for d in _rope_dicts(hf_config):
-    rope_type = d.get("rope_type", d.get("type"))  # 'type' is the pre-4.45 spelling
-    if rope_type not in (None, "default"):
-      raise NotImplementedError(
-          f"hf config: rope type {rope_type!r} is not supported (only unscaled 'default' RoPE); "
-          "convert a checkpoint without RoPE scaling.")
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-      raise NotImplementedError(
-          f"hf config: partial_rotary_factor={d['partial_rotary_factor']} is not supported (RoPE on all dims).")
-  theta = getattr(hf_config, "rope_theta", None)
+  theta = getattr(hf_config, "rope_theta", None)  # transformers 4.x; in 5.x inside rope_parameters
   for d in _rope_dicts(hf_config):
     theta = d.get("rope_theta", theta) if theta is None else theta
   if theta is None:
     raise ValueError("hf config: no rope_theta (neither `rope_theta` nor `rope_parameters['rope_theta']`).")
   return float(theta)
+
+
+def _rope_fields(hf_config: Any) -> dict[str, Any]:
+  """ModelConfig RoPE fields; raises NotImplementedError for scalings / partial RoPE that `model.py` lacks.
+
+  'default', 'linear' and 'llama3' map to `rope_scaling_type` 'none', 'linear' and 'llama3' (see
+  `model.rope_inv_freq`); the scaling keys are read from `rope_parameters` (transformers 5) or `rope_scaling`.
+  """
+  fields: dict[str, Any] = dict(rope_theta=_rope_theta(hf_config))
+  for d in _rope_dicts(hf_config):
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+      raise NotImplementedError(
+          f"hf config: partial_rotary_factor={d['partial_rotary_factor']} is not supported (RoPE on all dims).")
+    rope_type = d.get("rope_type", d.get("type"))  # 'type' is the pre-4.45 spelling
+    if rope_type in (None, "default"):
+      continue
+    if rope_type not in ("linear", "llama3"):
+      raise NotImplementedError(
+          f"hf config: rope type {rope_type!r} is not supported (only 'default', 'linear' and 'llama3'); "
+          "convert a checkpoint without that RoPE scaling.")
+    fields.update(rope_scaling_type=rope_type, rope_scaling_factor=float(d["factor"]))
+    if rope_type == "llama3":
+      context = d.get("original_max_position_embeddings") or getattr(hf_config, "max_position_embeddings", None)
+      if context is None:
+        raise ValueError("hf config: llama3 RoPE without original_max_position_embeddings (nor "
+                         "max_position_embeddings); add it to the config's rope_parameters.")
+      fields.update(rope_low_freq_factor=float(d["low_freq_factor"]),
+                    rope_high_freq_factor=float(d["high_freq_factor"]), rope_original_max_positions=int(context))
+  return fields
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+  """HF `rope_parameters` describing cfg's RoPE (the inverse of `_rope_fields`)."""
+  if cfg.rope_scaling_type == "none":
+    return dict(rope_type="default", rope_theta=cfg.rope_theta)
+  out = dict(rope_type=cfg.rope_scaling_type, rope_theta=cfg.rope_theta, factor=cfg.rope_scaling_factor)
+  if cfg.rope_scaling_type == "llama3":
+    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_positions)
+  return out
 
 
 def _warn_if_windowed(hf_config: Any, window: int | None) -> None:
@@ -88,7 +120,7 @@ def _common_fields(hf_config: Any) -> dict[str, Any]:
       num_heads=num_heads,
       num_kv_heads=kv_heads,
       head_dim=getattr(hf_config, "head_dim", None),  # explicit only; None -> hidden // heads
-      rope_theta=_rope_theta(hf_config),
+      **_rope_fields(hf_config),
       rms_norm_eps=float(hf_config.rms_norm_eps),
       tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
   )
@@ -474,7 +506,9 @@ def _weight_map(path: str) -> dict[str, str]:
     with safe_open(single, framework="numpy") as f:
       return {name: single for name in f.keys()}
   others = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack")))
-  hint = (f" It has {others}: re-save it with `save_pretrained(path, safe_serialization=True)`." if others else "")
+  hint = (f" It has {others}, which this loader does not read: load it with transformers "
+          "(AutoModelForCausalLM.from_pretrained) and re-save it with `save_pretrained(new_path)`, which writes "
+          "safetensors (always in transformers 5; pass safe_serialization=True in 4.x)." if others else "")
   raise FileNotFoundError(
       f"hf checkpoint {path}: no weights; expected {_SINGLE_FILE} or {_INDEX_FILE} with its shards.{hint}")
 
@@ -599,37 +633,67 @@ _HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
 }
+
+_SWIGLU = dict(qk_norm=False, mlp_activation="silu", embed_scale=False, norm_offset=0.0)
+# model_type -> the ModelConfig fields whose value that family's architecture fixes.
+_FAMILY_FIXED = {
+    "llama": _SWIGLU,
+    "mistral": dict(_SWIGLU, qkv_bias=False, attn_out_bias=False, mlp_bias=False),
+    "qwen2": dict(_SWIGLU, qkv_bias=True, attn_out_bias=False, mlp_bias=False),
+    "qwen3": dict(_SWIGLU, qk_norm=True, mlp_bias=False),
+    "gemma": dict(qk_norm=False, mlp_activation="gelu_tanh", embed_scale=True, norm_offset=1.0, mlp_bias=False),
+}
+# Families whose single `attention_bias` flag covers q, k, v and o alike.
+_ONE_ATTENTION_BIAS = ("llama", "qwen3", "gemma")
+
+
+def _family_mismatch(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+  """{field: cfg's value} for every field `model_type` cannot express (empty when it can express cfg)."""
+  bad = {f: getattr(cfg, f) for f, v in _FAMILY_FIXED[model_type].items() if getattr(cfg, f) != v}
+  if model_type in _ONE_ATTENTION_BIAS and cfg.qkv_bias != cfg.attn_out_bias:
+    bad.update(qkv_bias=cfg.qkv_bias, attn_out_bias=cfg.attn_out_bias)
+  return bad
 
 
 def _family_fields(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
-  """The family-specific HF config fields; raises where the family cannot express `cfg`."""
-  unsupported = {f: getattr(cfg, f) for f, plain in
-                 (("qk_norm", False), ("mlp_activation", "silu"), ("embed_scale", False), ("norm_offset", 0.0))
-                 if getattr(cfg, f) != plain}
-  if unsupported:
-    raise ValueError(f"save_hf_checkpoint: {unsupported} cannot be expressed by model_type={model_type!r} "
-                     "(Llama-family SwiGLU models); pass hf_config for the matching family.")
-  biases = (cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias)
+  """The family-specific HF config kwargs; raises naming the fields the family cannot express, and the families
+  that can."""
+  bad = _family_mismatch(cfg, model_type)
+  if bad:
+    fits = [t for t in _FAMILY_FIXED if not _family_mismatch(cfg, t)]
+    one_flag = " and qkv_bias == attn_out_bias (one attention_bias flag)" if model_type in _ONE_ATTENTION_BIAS else ""
+    fix = f"Use model_type={fits[0]!r}." if fits else "No supported family expresses this cfg; change those fields."
+    raise ValueError(f"hf export: model_type={model_type!r} cannot express cfg's {bad}; that family needs "
+                     f"{_FAMILY_FIXED[model_type]}{one_flag}. {fix}")
+  act = "gelu_pytorch_tanh" if cfg.mlp_activation == "gelu_tanh" else "silu"
+  fields: dict[str, Any] = dict(hidden_act=act)
+  if model_type in _ONE_ATTENTION_BIAS:
+    fields["attention_bias"] = cfg.qkv_bias
   if model_type == "llama":
-    if cfg.qkv_bias != cfg.attn_out_bias:
-      raise ValueError(f"save_hf_checkpoint: llama has one attention_bias flag for q/k/v/o, but cfg has "
-                       f"qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}; use model_type='qwen2' for "
-                       "q/k/v-only biases.")
-    return dict(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-  if model_type == "qwen2":
-    if biases != (True, False, False):
-      raise ValueError(f"save_hf_checkpoint: qwen2 has biases on q/k/v only; cfg has (qkv_bias, attn_out_bias, "
-                       f"mlp_bias)={biases}. Use model_type='llama'.")
-    return dict(use_sliding_window=False)
-  if any(biases):
-    raise ValueError(f"save_hf_checkpoint: mistral has no biases; cfg has (qkv_bias, attn_out_bias, mlp_bias)="
-                     f"{biases}. Use model_type='llama' or 'qwen2'.")
-  return dict(sliding_window=None)  # our attention is full-causal
+    fields["mlp_bias"] = cfg.mlp_bias
+  if model_type == "mistral":
+    fields["sliding_window"] = None  # our attention is full-causal
+  if model_type in ("qwen2", "qwen3"):
+    fields["use_sliding_window"] = False
+  return fields
+
+
+def _context(cfg: ModelConfig) -> dict[str, Any]:
+  """`max_position_embeddings` for llama3 RoPE: factor x original context (cfg has no context length, and the
+  class default, 2048 for Llama, is below the original one; servers read this field as the usable context)."""
+  if cfg.rope_scaling_type != "llama3":
+    return {}
+  return dict(max_position_embeddings=int(cfg.rope_scaling_factor * cfg.rope_original_max_positions))
 
 
 def hf_config_from_model_config(cfg: ModelConfig, model_type: str = "llama") -> Any:
-  """A transformers `PretrainedConfig` of `model_type` describing `cfg` (the inverse of `model_config_from_hf`)."""
+  """A transformers `PretrainedConfig` of `model_type` describing `cfg` (the inverse of `model_config_from_hf`).
+
+  Raises ValueError when the family cannot express cfg (e.g. Gemma's GeGLU as 'llama', q/k norms as 'qwen2').
+  """
   import transformers
 
   if model_type not in _HF_CLASSES:
@@ -639,9 +703,9 @@ def hf_config_from_model_config(cfg: ModelConfig, model_type: str = "llama") -> 
   hf_config = getattr(transformers, config_class)(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      hidden_act="silu", rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+      rope_parameters=_rope_parameters(cfg), rms_norm_eps=cfg.rms_norm_eps,
       tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.initializer_range,
-      architectures=[architecture], dtype=cfg.param_dtype, **_family_fields(cfg, model_type))
+      architectures=[architecture], dtype=cfg.param_dtype, **_family_fields(cfg, model_type), **_context(cfg))
   # Set after construction: not every family's __init__ takes head_dim (Qwen2), but all read the attribute.
   hf_config.head_dim = cfg.resolved_head_dim
   return hf_config

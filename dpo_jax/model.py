@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -33,6 +34,9 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
+
+# RoPE frequency scalings (HF `rope_parameters['rope_type']`); 'none' is HF's 'default'. See `rope_inv_freq`.
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 
 REMAT_POLICIES = {
     "none": None,
@@ -52,6 +56,11 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int | None = None  # None: hidden_size // num_heads
   rope_theta: float = 10000.0
+  rope_scaling_type: str = "none"  # one of ROPE_SCALING_TYPES
+  rope_scaling_factor: float = 1.0  # 'linear' and 'llama3': context extension factor
+  rope_low_freq_factor: float = 1.0  # 'llama3' only
+  rope_high_freq_factor: float = 4.0  # 'llama3' only
+  rope_original_max_positions: int = 8192  # 'llama3' only: pre-training context length
   rms_norm_eps: float = 1e-6
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2-style biases on q, k, v
@@ -77,6 +86,7 @@ class ModelConfig:
       raise ValueError(f"model: head_dim={self.resolved_head_dim} must be even for RoPE.")
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(f"model: mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+    _check_rope_scaling(self)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -95,11 +105,57 @@ def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, rotate-half convention, angles in fp32."""
-  head_dim = x_BxTxNxH.shape[-1]
-  half = head_dim // 2
-  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))
+def _check_rope_scaling(cfg: ModelConfig) -> None:
+  """Raise naming the RoPE scaling field that is invalid (called from `ModelConfig.__post_init__`)."""
+  kind = cfg.rope_scaling_type
+  if kind not in ROPE_SCALING_TYPES:
+    raise ValueError(f"model: rope_scaling_type={kind!r}; choose one of {list(ROPE_SCALING_TYPES)} (HF's yarn, "
+                     "dynamic and longrope scalings are not implemented).")
+  if kind == "none" and cfg.rope_scaling_factor != 1.0:
+    raise ValueError(f"model: rope_scaling_factor={cfg.rope_scaling_factor} has no effect with "
+                     "rope_scaling_type='none'; set rope_scaling_type='linear' or 'llama3', or the factor to 1.0.")
+  if cfg.rope_scaling_factor <= 0:
+    raise ValueError(f"model: rope_scaling_factor={cfg.rope_scaling_factor} must be > 0 (1.0 = no scaling).")
+  if kind == "llama3":
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    if not 0 < low < high:
+      raise ValueError(f"model: rope_low_freq_factor={low}, rope_high_freq_factor={high}; 'llama3' RoPE needs "
+                       "0 < low < high (Llama 3.1 uses 1.0 and 4.0).")
+    if cfg.rope_original_max_positions <= 0:
+      raise ValueError(f"model: rope_original_max_positions={cfg.rope_original_max_positions} must be > 0 "
+                       "(the pre-training context length, 8192 for Llama 3.1).")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """RoPE inverse frequencies `[head_dim / 2]` in fp32, scaled per `cfg.rope_scaling_type`.
+
+  'none': theta^(-2i / head_dim). 'linear': those divided by rope_scaling_factor (the same as dividing the
+  positions). 'llama3' (Llama 3.1 / 3.2): with L = rope_original_max_positions, s = rope_scaling_factor and
+  wavelength w = 2 pi / f, frequencies with w < L / high_freq_factor are kept, those with w > L / low_freq_factor
+  are divided by s, and the band between interpolates, f * ((1 - a) / s + a) with
+  a = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor).
+  Formulas as in transformers' `modeling_rope_utils` (`_compute_default_rope_parameters`,
+  `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), evaluated in fp32 in the same order.
+  """
+  head_dim = cfg.resolved_head_dim
+  inv_freq_H2 = 1.0 / (cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling_type == "linear":
+    return inv_freq_H2 / factor
+  if cfg.rope_scaling_type != "llama3":
+    return inv_freq_H2
+  low, high, context = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_positions
+  wavelen_H2 = 2 * math.pi / inv_freq_H2
+  long_H2 = jnp.where(wavelen_H2 > context / low, inv_freq_H2 / factor, inv_freq_H2)
+  smooth_H2 = (context / wavelen_H2 - low) / (high - low)
+  smoothed_H2 = (1 - smooth_H2) * long_H2 / factor + smooth_H2 * long_H2
+  medium_H2 = (wavelen_H2 >= context / high) & (wavelen_H2 <= context / low)
+  return jnp.where(medium_H2, smoothed_H2, long_H2)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_H2: jax.Array) -> jax.Array:
+  """Rotary position embedding, rotate-half convention, angles in fp32; `inv_freq_H2` from `rope_inv_freq`."""
+  half = x_BxTxNxH.shape[-1] // 2
   angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_H2
   sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
   cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
@@ -187,8 +243,10 @@ class Attention(nn.Module):
       head_norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
       q_BxTxHxD = head_norm(name="q_norm")(q_BxTxHxD)
       k_BxTxKxD = head_norm(name="k_norm")(k_BxTxKxD)
-    q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, cfg.rope_theta), ("batch", "length", "heads", None), self.shard)
-    k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, cfg.rope_theta), ("batch", "length", "kv_heads", None), self.shard)
+    inv_freq_H2 = rope_inv_freq(cfg)
+    q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, inv_freq_H2), ("batch", "length", "heads", None), self.shard)
+    k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, inv_freq_H2), ("batch", "length", "kv_heads", None),
+                          self.shard)
     v_BxTxKxD = constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
 
     if self.decode:

@@ -63,8 +63,14 @@ def _pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
   return _unit_weights(batch, batch["input_ids"].shape[0] // 2)
 
 
-def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array]):
-  """Reference (chosen `[B]`, rejected `[B]`) log-probs: precomputed in the batch, or one frozen forward."""
+def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *,
+                    needed: bool = True):
+  """Reference (chosen `[B]`, rejected `[B]`) log-probs: precomputed in the batch, or one frozen forward.
+
+  `needed=False` (a reference-free loss): (None, None), and no reference forward is traced at all.
+  """
+  if not needed:
+    return None, None
   if reference_params is None:
     if "ref_chosen_logps" not in batch:
       raise ValueError("reference_params is None but the batch has no ref_chosen_logps/ref_rejected_logps.")
@@ -78,12 +84,14 @@ def dpo_loss(params: Any, ref_chosen_B: jax.Array, ref_rejected_B: jax.Array, ba
   """(sum of weighted pair losses / total_weight, metric sums) for the policy `params` (argument 0)."""
   policy = logprobs.sequence_logps(model, params, batch)
   pc, pr = logprobs.split_pairs(policy.logps)
+  tokens_c, tokens_r = logprobs.split_pairs(policy.num_tokens)
+  loss_type, options = losses.from_config(loss_cfg)
   pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
-      loss_cfg["type"], pc, pr, ref_chosen_B, ref_rejected_B, beta=loss_cfg["beta"],
-      label_smoothing=loss_cfg["label_smoothing"], **dict(loss_cfg.get("options", {})))
+      loss_type, pc, pr, ref_chosen_B, ref_rejected_B, beta=loss_cfg["beta"],
+      label_smoothing=loss_cfg["label_smoothing"], chosen_num_tokens=tokens_c, rejected_num_tokens=tokens_r,
+      **options)
   w = _pair_weights(batch)
   logits_c, logits_r = logprobs.split_pairs(policy.logits_sum)
-  tokens_c, tokens_r = logprobs.split_pairs(policy.num_tokens)
   seq_len_c, seq_len_r = logprobs.split_pairs((batch["attention_mask"] > 0).sum(-1).astype(jnp.float32))
   wsum = lambda x: jnp.sum(x * w)
   sums = {
@@ -148,8 +156,10 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
   loss_and_grad = jax.value_and_grad(
       functools.partial(dpo_loss, model=model, loss_cfg=loss_cfg, total_weight=total_weight), has_aux=True)
 
+  needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
+
   def grads_and_sums(mb):
-    ref_c, ref_r = reference_logps(model, reference_params, mb)
+    ref_c, ref_r = reference_logps(model, reference_params, mb, needed=needed)
     (_, sums), grads = loss_and_grad(state.params, ref_c, ref_r, mb)
     return grads, sums
 
@@ -221,7 +231,8 @@ def sft_eval_sums(params: Any, batch: Mapping[str, jax.Array], *, model: Any) ->
 def eval_sums(params: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
               loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Metric sums for one batch (sum them over batches, then `finalize_metrics`)."""
-  ref_c, ref_r = reference_logps(model, reference_params, batch)
+  needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
+  ref_c, ref_r = reference_logps(model, reference_params, batch, needed=needed)
   _, sums = dpo_loss(params, ref_c, ref_r, batch, model=model, loss_cfg=loss_cfg, total_weight=jnp.float32(1.0))
   return sums
 
@@ -252,13 +263,17 @@ def state_shardings(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientT
   return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def create_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState, *,
+                       donate: bool = False) -> TrainState:
   """A fresh state whose params are a COPY of `params` (the reference keeps its own buffers: the train
-  step donates the state, and must never free the reference)."""
+  step donates the state, and must never free the reference). `donate=True` hands `params` over instead (no
+  copy; the caller's arrays are deleted): for runs that keep no reference (reference-free losses)."""
   def init(p):
-    p = jax.tree.map(lambda x: jnp.array(x, copy=True), p)
+    if not donate:
+      p = jax.tree.map(lambda x: jnp.array(x, copy=True), p)
     return TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
-  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings,
+                 donate_argnums=(0,) if donate else ())(params)
 
 
 def jit_train_step(step_fn, *, state_shardings: TrainState, reference_shardings: Any, batch_shardings: Any,

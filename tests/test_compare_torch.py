@@ -19,8 +19,12 @@ def tiny_model(kind, seed):
                 num_key_value_heads=2, rms_norm_eps=1e-6, attn_implementation="eager")
   if kind == "llama":
     config = transformers.LlamaConfig(rope_theta=10000.0, **common)
-  else:
+  elif kind == "qwen2":
     config = transformers.Qwen2Config(rope_theta=1e6, tie_word_embeddings=True, **common)
+  elif kind == "qwen3":  # q/k RMSNorm over head_dim, explicit head_dim != hidden / heads
+    config = transformers.Qwen3Config(rope_theta=1e6, head_dim=32, tie_word_embeddings=True, **common)
+  else:  # gemma: GeGLU, sqrt(hidden) embedding scale, (1 + w) norms, tied head
+    config = transformers.GemmaConfig(head_dim=16, hidden_activation="gelu_pytorch_tanh", **common)
   model = transformers.AutoModelForCausalLM.from_config(config).float()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -29,7 +33,7 @@ def tiny_model(kind, seed):
   return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
 def test_dpo_step_matches_pytorch(kind):
   policy, reference = tiny_model(kind, 0), tiny_model(kind, 1)  # pi != pi_ref: a non-trivial loss
   batch = random_dpo_batch(3, 4, 24, 96)
@@ -44,11 +48,12 @@ def test_dpo_step_matches_pytorch(kind):
   assert set(grads) >= {"grads/embed", "grads/attention", "grads/mlp", "grads/norms"}
   for name, (_, rel) in grads.items():
     assert rel <= 1e-4, (name, rel)
-  # After one AdamW step each element moves by ~lr * g / (|g| + eps); elements whose gradient is at the fp32
-  # noise floor can move differently, so params are compared to 1% of one step.
+  # After one AdamW step each element moves by lr * g / (|g| + eps): for |g| near eps = 1e-8 the step amplifies
+  # fp32 summation noise in g (~1e-10 absolute) by up to 1 / (4 eps). Params are therefore compared to 5% of
+  # one step (observed: <= 1.4% for Gemma, whose sqrt(hidden) embedding scale yields many tiny gradients).
   for name, (max_abs, _) in report.items():
     if name.startswith("params/"):
-      assert max_abs <= 0.01 * LR, (name, max_abs)
+      assert max_abs <= 0.05 * LR, (name, max_abs)
 
 
 def test_the_command_line_tool(tmp_path, capsys):

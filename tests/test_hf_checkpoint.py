@@ -226,3 +226,81 @@ def test_save_with_given_hf_config(saved, tmp_path):
     assert torch.equal(theirs.state_dict()[k], v), k
   with pytest.raises(ValueError, match=r"hf_config disagrees with cfg.*'rms_norm_eps'"):
     hf.save_hf_checkpoint(params, dataclasses.replace(cfg, rms_norm_eps=0.5), str(tmp_path), hf_config=model.config)
+
+
+# name -> (HF config class, extra kwargs) for the folder round trip; together every family and RoPE scaling.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+ROUND_TRIPS = {
+    "llama": (transformers.LlamaConfig, dict(rope_theta=500000.0, attention_bias=True, mlp_bias=True)),
+    "llama_rope_llama3": (transformers.LlamaConfig, dict(rope_parameters=LLAMA3_ROPE)),
+    "llama_rope_linear": (transformers.LlamaConfig,
+                          dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "mistral": (transformers.MistralConfig, dict(head_dim=32, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, attention_bias=True)),  # q/k norms, biases on q/k/v/o
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),  # GeGLU, sqrt(D) embeddings, (1 + w) norms, tied
+}
+ROUND_TRIP_T = 40  # past the 32-token original context of LLAMA3_ROPE, so the scaled frequencies matter
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_folder_round_trip_reproduces_the_torch_model(tmp_path, name):
+  """torch model -> save_pretrained -> load_hf_checkpoint -> save_hf_checkpoint -> from_pretrained: the same
+  tensors bit for bit, the same config, the same logits."""
+  cls, extra = ROUND_TRIPS[name]
+  model = random_hf_model(cls(**TINY, **extra, attn_implementation="eager"), seed=1)
+  model.save_pretrained(tmp_path / "in")
+  cfg, params = hf.load_hf_checkpoint(str(tmp_path / "in"))
+  hf.save_hf_checkpoint(params, cfg, str(tmp_path / "out"), model_type=model.config.model_type)
+
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+  assert type(theirs) is type(model)
+  cfg_back = hf.load_hf_checkpoint(str(tmp_path / "out"))[0]  # head_dim: always explicit in exported configs
+  assert cfg_back.resolved_head_dim == cfg.resolved_head_dim
+  assert dataclasses.replace(cfg_back, head_dim=None) == dataclasses.replace(cfg, head_dim=None)
+  got, want = theirs.state_dict(), model.state_dict()  # tied heads appear under both names in both
+  assert sorted(got) == sorted(want)
+  for k, w in want.items():
+    assert got[k].dtype == w.dtype and got[k].numpy().tobytes() == w.numpy().tobytes(), k
+  ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(B, ROUND_TRIP_T))
+  ours, ref = _torch_logits(theirs.eval(), ids), _torch_logits(model, ids)
+  max_abs = float(np.max(np.abs(ours - ref)))
+  print(f"\nround trip {name}: max|diff|={max_abs:.3e}  max|logit|={float(np.max(np.abs(ref))):.3e}")
+  assert max_abs <= 1e-6 * float(np.max(np.abs(ref))), name
+
+
+def _cfg(**fields) -> ModelConfig:
+  return ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, **fields)
+
+
+GEMMA_LIKE = dict(mlp_activation="gelu_tanh", embed_scale=True, norm_offset=1.0)
+INEXPRESSIBLE = [
+    # (cfg fields, model_type, error pattern: the offending fields and the fix)
+    (GEMMA_LIKE, "llama", r"'llama' cannot express cfg's \{'mlp_activation': 'gelu_tanh', 'embed_scale': True, "
+                          r"'norm_offset': 1\.0\}.*Use model_type='gemma'"),
+    (dict(qk_norm=True), "qwen2", r"'qwen2' cannot express cfg's \{'qk_norm': True, 'qkv_bias': False\}.*"
+                                  r"Use model_type='qwen3'"),
+    (dict(), "qwen3", r"'qwen3' cannot express cfg's \{'qk_norm': False\}.*Use model_type='llama'"),
+    (dict(GEMMA_LIKE, mlp_bias=True), "gemma", r"\{'mlp_bias': True\}.*No supported family expresses this cfg"),
+    (dict(qk_norm=True, qkv_bias=True), "qwen3",
+     r"\{'qkv_bias': True, 'attn_out_bias': False\}.*qkv_bias == attn_out_bias .*No supported family expresses"),
+    (dict(mlp_bias=True), "mistral", r"'mistral' cannot express cfg's \{'mlp_bias': True\}.*Use model_type='llama'"),
+]
+
+
+@pytest.mark.parametrize("fields, model_type, pattern", INEXPRESSIBLE)
+def test_export_refuses_what_the_family_cannot_express(tmp_path, fields, model_type, pattern):
+  cfg = _cfg(**fields)
+  with pytest.raises(ValueError, match=pattern):
+    hf.save_hf_checkpoint(_random_params(cfg), cfg, str(tmp_path), model_type=model_type)
+  assert not os.listdir(tmp_path)  # refused before writing anything
+
+
+def test_bin_only_folder_says_how_to_convert(tmp_path):
+  FAMILIES["llama"][0](**TINY).save_pretrained(tmp_path)  # config.json only
+  torch.save({}, tmp_path / "pytorch_model.bin")
+  with pytest.raises(FileNotFoundError, match=r"no weights.*\['pytorch_model\.bin'\], which this loader does not "
+                                              r"read.*save_pretrained\(new_path\).*safetensors"):
+    hf.load_hf_checkpoint(str(tmp_path))

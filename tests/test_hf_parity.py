@@ -20,7 +20,7 @@ import transformers  # noqa: E402
 from torch_models import random_hf_model  # noqa: E402
 
 from dpo_jax import hf  # noqa: E402
-from dpo_jax.model import abstract_params, make_model  # noqa: E402
+from dpo_jax.model import ModelConfig, abstract_params, make_model, rope_inv_freq  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -161,11 +161,98 @@ def test_rope_theta_from_older_attribute_style():
   assert (cfg.rope_theta, cfg.num_kv_heads, cfg.head_dim) == (123.0, 4, None)
 
 
-def test_scaled_rope_is_rejected_by_name():
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+def test_unsupported_rope_scaling_is_rejected_by_name(rope_type):
   hf_cfg = _hf_config("llama")
-  hf_cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-  with pytest.raises(NotImplementedError, match="'linear'"):
+  hf_cfg.rope_parameters = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+  with pytest.raises(NotImplementedError, match=f"'{rope_type}' is not supported .*'linear' and 'llama3'"):
     hf.model_config_from_hf(hf_cfg)
+
+
+# Llama 3.1's scaling with a 32-token original context. head_dim 16 and theta 1e4 put one frequency in each band:
+# wavelength 2 pi < 32 / high_freq_factor (kept), 19.9 between 32 / 4 and 32 / 1 (smoothed), 62.8 and up (divided).
+ROPE_SCALINGS = {
+    "llama3": dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32),
+    "linear": dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+}
+ROPE_T = 64  # positions up to twice the original context: every band's angles differ from unscaled RoPE
+
+
+def _scaled_llama(kind: str):
+  # initializer_range 0.1 (not 0.02): attention scores large enough that positions move the logits.
+  config = transformers.LlamaConfig(**TINY, rope_parameters=dict(ROPE_SCALINGS[kind]), initializer_range=0.1,
+                                    attn_implementation="eager")
+  return random_hf_model(config)
+
+
+def _long_batch():
+  ids = np.random.default_rng(1).integers(0, TINY["vocab_size"], size=(B, ROPE_T)).astype(np.int32)
+  mask = np.ones((B, ROPE_T), np.int32)
+  mask[1, ROPE_T - PAD:] = 0
+  return ids, np.broadcast_to(np.arange(ROPE_T, dtype=np.int32), (B, ROPE_T)), mask
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALINGS))
+def test_scaled_rope_matches_torch(kind):
+  model = _scaled_llama(kind)
+  cfg = hf.model_config_from_hf(model.config)
+  assert (cfg.rope_scaling_type, cfg.rope_scaling_factor) == (kind, ROPE_SCALINGS[kind]["factor"])
+  # The frequencies themselves: HF's rotary buffer against ours, to fp32 rounding.
+  ours_H2 = np.asarray(rope_inv_freq(cfg))
+  np.testing.assert_allclose(ours_H2, model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6, atol=0)
+  params = hf.params_from_hf_state_dict(model.state_dict(), cfg)
+  batch = _long_batch()
+  ours = _jax_logits(params, cfg, *batch)
+  theirs = _torch_logits(model, *batch)
+  real = batch[2].astype(bool)
+  max_rel = float(np.max(np.abs(ours - theirs)[real])) / float(np.max(np.abs(theirs[real])))
+  print(f"\nrope {kind}: max|diff|={np.max(np.abs(ours - theirs)[real]):.3e}  max|diff|/max|torch|={max_rel:.3e}")
+  assert max_rel <= 1e-5, f"rope {kind}: relative logit error {max_rel:.3e}"
+  # The test has teeth: the same weights with unscaled RoPE give clearly different logits.
+  plain = dataclasses.replace(cfg, rope_scaling_type="none", rope_scaling_factor=1.0)
+  plain_rel = float(np.max(np.abs(_jax_logits(params, plain, *batch) - theirs)[real])) / float(np.max(np.abs(theirs)))
+  print(f"rope {kind}: unscaled RoPE is off by max|diff|/max|torch|={plain_rel:.3e}")
+  assert plain_rel > 0.05
+
+
+def test_llama3_rope_bands():
+  """Each band of llama3 scaling does what it says (frequencies per `ROPE_SCALINGS['llama3']`)."""
+  model = _scaled_llama("llama3")
+  cfg = hf.model_config_from_hf(model.config)
+  base_H2 = np.asarray(rope_inv_freq(dataclasses.replace(cfg, rope_scaling_type="none", rope_scaling_factor=1.0)))
+  scaled_H2 = np.asarray(rope_inv_freq(cfg))
+  assert scaled_H2[0] == base_H2[0]  # wavelength 2 pi: high frequency, kept
+  assert base_H2[1] / 8 < scaled_H2[1] < base_H2[1]  # smoothed band
+  np.testing.assert_allclose(scaled_H2[2:], base_H2[2:] / 8, rtol=1e-6)  # low frequencies: divided by the factor
+
+
+def test_rope_scaling_from_older_rope_scaling_attribute():
+  # transformers 4.x: `rope_scaling` with the pre-4.45 'type' key, theta as its own attribute.
+  old = types.SimpleNamespace(
+      model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=5e5, max_position_embeddings=64,
+      rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32})
+  cfg = hf.model_config_from_hf(old)
+  assert (cfg.rope_theta, cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+          cfg.rope_high_freq_factor, cfg.rope_original_max_positions) == (5e5, "llama3", 8.0, 1.0, 4.0, 32)
+  old.rope_scaling = {"type": "linear", "factor": 2.0}
+  cfg = hf.model_config_from_hf(old)
+  assert (cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_original_max_positions) == ("linear", 2.0, 8192)
+
+
+@pytest.mark.parametrize("fields, pattern", [
+    (dict(rope_scaling_type="yarn"), r"rope_scaling_type='yarn'; choose one of \['none', 'linear', 'llama3'\]"),
+    (dict(rope_scaling_factor=8.0), r"rope_scaling_factor=8\.0 has no effect with rope_scaling_type='none'"),
+    (dict(rope_scaling_type="linear", rope_scaling_factor=0.0), r"rope_scaling_factor=0\.0 must be > 0"),
+    (dict(rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=4.0),
+     r"rope_low_freq_factor=4\.0, rope_high_freq_factor=4\.0; 'llama3' RoPE needs 0 < low < high"),
+])
+def test_invalid_rope_scaling_is_named(fields, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                **fields)
 
 
 def test_sliding_window_warns():

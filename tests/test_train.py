@@ -108,7 +108,7 @@ def test_stage_sft_alone_then_dpo_alone(tmp_path):
   assert "pi_theta" not in sft and sft["pi_ref"]["nll"] < sft["init"]["nll"]
   dpo = train.run(tiny(stage="dpo", **{"sft.steps": 10, "optim.total_steps": 5}), workdir)
   assert dpo["pi_ref"]["nll"] == pytest.approx(sft["pi_ref"]["nll"], rel=1e-6)  # the same reference, reloaded
-  with pytest.raises(FileNotFoundError, match="needs the SFT result"):
+  with pytest.raises(FileNotFoundError, match="needs a starting point: the SFT result"):
     train.run(tiny(stage="dpo"), str(tmp_path / "empty"))
 
 
@@ -125,7 +125,7 @@ def write_jsonl(path, rows):
     ({"max_prompt_length": 32}, ValueError, r"max_prompt_length"),
     ({"stage": "rl"}, ValueError, r"config.stage='rl'"),
     ({"data.train": "/nonexistent/pairs.jsonl"}, FileNotFoundError, r"/nonexistent/pairs.jsonl"),
-    ({"model.vocab_size": 100}, ValueError, r"vocab_size=100 is smaller than the tokenizer's 201"),
+    ({"model.vocab_size": 100}, ValueError, r"fewer than the tokenizer's 201 tokens \(config.model.vocab_size=100; set --config.model.vocab_size=201"),
 ])
 def test_config_errors_name_the_field_before_compiling(tmp_path, monkeypatch, overrides, error, match):
   compiled = []
@@ -258,3 +258,25 @@ def test_precomputed_reference_logps_must_be_finite(tmp_path):
               str(tmp_path / "wd"))
   with pytest.raises(ValueError, match="reference_logps=True needs config.stage='dpo'"):
     train.run(tiny(**{"data.reference_logps": True}), str(tmp_path / "wd2"))
+
+
+def test_a_reference_free_loss_trains_with_no_reference_held(tmp_path, monkeypatch):
+  seen, real_jit = [], step.jit_train_step
+
+  def recording(*args, **kwargs):
+    assert kwargs["reference_shardings"] is None  # the step is compiled without a reference argument
+    jitted = real_jit(*args, **kwargs)
+
+    def call(state, reference, batch):
+      seen.append(reference)
+      return jitted(state, reference, batch)
+    return call
+
+  monkeypatch.setattr(step, "jit_train_step", recording)
+  config = tiny(**{"sft.steps": 10, "optim.total_steps": 10, "loss.type": "simpo", "eval.every_steps": 0})
+  summary = train.run(config, str(tmp_path))
+  assert len(seen) == 10 and all(r is None for r in seen)
+  logged = read_metrics(str(tmp_path), "dpo")
+  assert logged[-1]["loss"] < logged[0]["loss"]
+  # pi_ref (the SFT result) is reloaded after training for the evaluation only
+  assert np.isfinite(summary["pi_ref"]["nll"]) and "dpo_loss" not in summary["pi_ref"]
