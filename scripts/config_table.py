@@ -11,14 +11,20 @@ SOURCE = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
 def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
   body = source.split("def get_config")[1].split('if arg == "tiny"')[0]
-  out, section = [], ""
+  out, section, nested = [], "", ""
   for line in body.splitlines():
     if m := re.match(r"\s*c\.(\w+) = ml_collections\.ConfigDict", line):
-      section = m.group(1) + "."
+      section, nested = m.group(1) + ".", ""
+    elif m := re.match(r"\s+(\w+)=ml_collections\.ConfigDict\(dict\(\s+# (.*)", line):  # a block inside a block
+      out.append((section + m.group(1), "{...}", m.group(2)))
+      nested = m.group(1) + "."
+    elif nested and re.match(r"\s+\)\),\s*$", line):
+      nested = ""
     elif m := re.match(r"\s*c\.(\w+) = (.+?)\s+# (.*)", line):
       out.append((m.group(1), m.group(2), m.group(3)))
     elif m := re.match(r"\s+(\w+)=(.+?),\s+# (.*)", line):
-      out.append((section + m.group(1), m.group(2), m.group(3)))
+      default = "None" if m.group(2) == "_option()" else m.group(2)  # a float placeholder, unset
+      out.append((section + nested + m.group(1), default, m.group(3)))
     elif (m := re.match(r"\s+#\s+(.*)", line)) and out:  # a comment continued on the next line
       out[-1] = (out[-1][0], out[-1][1], out[-1][2] + " " + m.group(1))
   return out

@@ -201,7 +201,7 @@ def test_every_config_field_is_documented_in_the_readme():
 
   def fields(d, prefix=""):
     for k, v in d.items():
-      if hasattr(v, "items") and k != "options":
+      if hasattr(v, "items"):
         yield from fields(v, prefix + k + ".")
       else:
         yield prefix + k
