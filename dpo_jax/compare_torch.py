@@ -79,10 +79,10 @@ def jax_dpo_step(cfg: model_lib.ModelConfig, policy: Any, reference: Any, batch:
   loss_cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.0}
   logits = model.apply({"params": policy}, batch["input_ids"], batch["positions"], batch["attention_mask"])
   logps = logprobs.logps_from_logits(logits, batch["input_ids"], batch["loss_mask"]).logps
-  ref_c, ref_r = step.reference_logps(model, reference, batch)
   total = jnp.float32(batch["input_ids"].shape[0] // 2)
   (loss, _), grads = jax.value_and_grad(step.dpo_loss, has_aux=True)(
-      policy, ref_c, ref_r, batch, model=model, loss_cfg=loss_cfg, total_weight=total)
+      policy, step.reference_logps(model, reference, batch), batch, model=model, loss_cfg=loss_cfg,
+      total_weight=total)
   optimizer, schedule = optim.make_optimizer(optimizer_config(lr, weight_decay, max_grad_norm))
   state = step.TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy))
   new_state, _ = step.train_step(state, reference, batch, model=model, optimizer=optimizer, schedule=schedule,

@@ -47,6 +47,11 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> S
   return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"])
 
 
+def split_units(x_N: jax.Array, k: int) -> jax.Array:
+  """Rows grouped K per unit (a pair is K = 2; a ranked set keeps its K responses best first) -> `[N / K, K, ...]`."""
+  return x_N.reshape((x_N.shape[0] // k, k) + x_N.shape[1:])
+
+
 def split_pairs(x_2B: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Interleaved `[2B, ...]` (chosen, rejected, chosen, ...) -> chosen `[B, ...]`, rejected `[B, ...]`."""
   pairs = x_2B.reshape((x_2B.shape[0] // 2, 2) + x_2B.shape[1:])

@@ -461,6 +461,8 @@ def from_config(loss_cfg: Mapping[str, Any]) -> tuple[str | tuple[str, ...], dic
 
 def needs_reference(loss_type_or_types: str | Sequence[str]) -> bool:
   """Whether any of the loss types reads reference log-probs (False: the trainer need not load pi_ref)."""
+  if loss_type_or_types == RANKING_LOSS:
+    return True
   return any(LOSSES[t].uses_reference for t in _as_types(loss_type_or_types))
 
 
@@ -473,6 +475,11 @@ def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_s
     a name no type uses is an error, as is a nonzero label_smoothing when no type uses it.
   Returns {option: value} with every used option's default filled in.
   """
+  if loss_type == RANKING_LOSS:  # ranked data: plackett_luce_loss, which has beta alone
+    _need(_is_number(beta) and beta > 0, "beta", beta, "must be a finite number > 0.")
+    _need(label_smoothing == 0 and weights is None and not options, "label_smoothing/options",
+          (label_smoothing, weights, options), f"are not used by {RANKING_LOSS!r}; leave them unset.")
+    return {}
   types = _as_types(loss_type)
   label = loss_type if isinstance(loss_type, str) else types
   _need(_is_number(beta) and beta > 0, "beta", beta,
@@ -594,6 +601,7 @@ def preference_loss(loss_type: str | Sequence[str], policy_chosen_logps: jax.Arr
   return (_call(loss_type, p, beta, label_smoothing, resolved), *_rewards(loss_type, p, beta))
 
 
+RANKING_LOSS = "plackett_luce"  # config.loss.type for ranked data (K responses per prompt); not a pair loss
 PL_MASKED = -1e30  # stands in for -inf at padded responses: finite, so logsumexp and its gradient never see inf - inf
 
 

@@ -59,40 +59,77 @@ def _unit_weights(batch: Mapping[str, jax.Array], num_units: int) -> jax.Array:
   return jnp.ones((num_units,), jnp.float32)
 
 
+def responses_per_unit(batch: Mapping[str, jax.Array]) -> int:
+  """K: rows per preference unit. 2 for pairs (chosen, rejected); ranked batches carry `response_mask` `[B, K]`."""
+  return batch["response_mask"].shape[1] if "response_mask" in batch else 2
+
+
 def _pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
-  return _unit_weights(batch, batch["input_ids"].shape[0] // 2)
+  return _unit_weights(batch, batch["input_ids"].shape[0] // responses_per_unit(batch))
 
 
 def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *,
-                    needed: bool = True):
-  """Reference (chosen `[B]`, rejected `[B]`) log-probs: precomputed in the batch, or one frozen forward.
+                    needed: bool = True) -> jax.Array | None:
+  """Reference log-probs `[B, K]` (K = 2: chosen, rejected): precomputed in the batch, or one frozen forward.
 
-  `needed=False` (a reference-free loss): (None, None), and no reference forward is traced at all.
+  `needed=False` (a reference-free loss): None, and no reference forward is traced at all.
   """
   if not needed:
-    return None, None
+    return None
   if reference_params is None:
     if "ref_chosen_logps" not in batch:
       raise ValueError("reference_params is None but the batch has no ref_chosen_logps/ref_rejected_logps.")
-    return batch["ref_chosen_logps"].astype(jnp.float32), batch["ref_rejected_logps"].astype(jnp.float32)
+    return jnp.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], axis=1).astype(jnp.float32)
   ref = logprobs.sequence_logps(model, jax.lax.stop_gradient(reference_params), batch)
-  return logprobs.split_pairs(ref.logps)
+  return logprobs.split_units(ref.logps, responses_per_unit(batch))
 
 
-def dpo_loss(params: Any, ref_chosen_B: jax.Array, ref_rejected_B: jax.Array, batch: Mapping[str, jax.Array], *,
+def _unit_losses(policy: logprobs.SequenceLogps, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Array],
+                 loss_cfg: Mapping[str, Any]):
+  """(losses `[B]`, rewards of the first / last response `[B]`, index of the last valid response `[B]`).
+
+  Pairs: `losses.preference_loss` of the configured type. Ranked batches (`response_mask` `[B, K]`, best first):
+  the seed's Plackett-Luce loss; the first and last valid responses then play chosen and rejected in the
+  metrics, so K = 2 gives exactly the pair metrics.
+  """
+  k = responses_per_unit(batch)
+  logps = logprobs.split_units(policy.logps, k)
+  if "response_mask" not in batch:
+    loss_type, options = losses.from_config(loss_cfg)
+    tokens = logprobs.split_units(policy.num_tokens, k)
+    ref_c, ref_r = (None, None) if ref_BxK is None else (ref_BxK[:, 0], ref_BxK[:, 1])
+    unit_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
+        loss_type, logps[:, 0], logps[:, 1], ref_c, ref_r, beta=loss_cfg["beta"],
+        label_smoothing=loss_cfg["label_smoothing"], chosen_num_tokens=tokens[:, 0], rejected_num_tokens=tokens[:, 1],
+        **options)
+    return unit_losses, chosen_rewards, rejected_rewards, jnp.ones(logps.shape[:1], jnp.int32)
+  if loss_cfg["type"] != losses.RANKING_LOSS or loss_cfg.get("types"):
+    raise ValueError(f"ranked data (responses + ranking) trains with config.loss.type={losses.RANKING_LOSS!r}; got "
+                     f"{loss_cfg['type']!r}. Set --config.loss.type={losses.RANKING_LOSS}.")
+  valid = batch["response_mask"] > 0
+  unit_losses = losses.plackett_luce_loss(logps, ref_BxK, beta=loss_cfg["beta"], valid_BxK=valid)
+  rewards = jax.lax.stop_gradient(loss_cfg["beta"] * (logps - ref_BxK))
+  last = jnp.maximum(valid.sum(-1) - 1, 1)
+  worst = jnp.take_along_axis(rewards, last[:, None], axis=1)[:, 0]
+  return unit_losses, rewards[:, 0], worst, last
+
+
+def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Array], *,
              model: Any, loss_cfg: Mapping[str, Any], total_weight: jax.Array):
-  """(sum of weighted pair losses / total_weight, metric sums) for the policy `params` (argument 0)."""
+  """(sum of weighted unit losses / total_weight, metric sums) for the policy `params` (argument 0).
+
+  `ref_BxK`: `reference_logps(...)` (None for reference-free types). A unit is a pair, or a ranked set of K.
+  """
   policy = logprobs.sequence_logps(model, params, batch)
-  pc, pr = logprobs.split_pairs(policy.logps)
-  tokens_c, tokens_r = logprobs.split_pairs(policy.num_tokens)
-  loss_type, options = losses.from_config(loss_cfg)
-  pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
-      loss_type, pc, pr, ref_chosen_B, ref_rejected_B, beta=loss_cfg["beta"],
-      label_smoothing=loss_cfg["label_smoothing"], chosen_num_tokens=tokens_c, rejected_num_tokens=tokens_r,
-      **options)
+  k = responses_per_unit(batch)
+  pair_losses, chosen_rewards, rejected_rewards, last = _unit_losses(policy, ref_BxK, batch, loss_cfg)
+  first_and_last = lambda x_N: (logprobs.split_units(x_N, k)[:, 0],
+                                jnp.take_along_axis(logprobs.split_units(x_N, k), last[:, None], axis=1)[:, 0])
+  pc, pr = first_and_last(policy.logps)
+  tokens_c, tokens_r = first_and_last(policy.num_tokens)
   w = _pair_weights(batch)
-  logits_c, logits_r = logprobs.split_pairs(policy.logits_sum)
-  seq_len_c, seq_len_r = logprobs.split_pairs((batch["attention_mask"] > 0).sum(-1).astype(jnp.float32))
+  logits_c, logits_r = first_and_last(policy.logits_sum)
+  seq_len = logprobs.split_units((batch["attention_mask"] > 0).sum(-1).astype(jnp.float32), k).sum(-1)
   wsum = lambda x: jnp.sum(x * w)
   sums = {
       "pairs": jnp.sum(w),
@@ -107,7 +144,7 @@ def dpo_loss(params: Any, ref_chosen_B: jax.Array, ref_rejected_B: jax.Array, ba
       "logits/rejected": wsum(jax.lax.stop_gradient(logits_r)),
       "tokens/chosen": wsum(tokens_c),
       "tokens/rejected": wsum(tokens_r),
-      "num_tokens": wsum(seq_len_c + seq_len_r),  # prompt + response tokens processed, for throughput
+      "num_tokens": wsum(seq_len),  # prompt + response tokens processed, for throughput
   }
   return sums["loss"] / total_weight, sums
 
@@ -159,12 +196,12 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
   needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
 
   def grads_and_sums(mb):
-    ref_c, ref_r = reference_logps(model, reference_params, mb, needed=needed)
-    (_, sums), grads = loss_and_grad(state.params, ref_c, ref_r, mb)
+    (_, sums), grads = loss_and_grad(state.params, reference_logps(model, reference_params, mb, needed=needed), mb)
     return grads, sums
 
   new_state, sums, grad_norm = _accumulate_and_update(
-      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0] // 2, sum_keys=SUM_KEYS,
+      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0] // responses_per_unit(batch),
+      sum_keys=SUM_KEYS,
       optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
   metrics = finalize_metrics(sums)
   metrics["grad_norm"] = grad_norm
@@ -232,8 +269,8 @@ def eval_sums(params: Any, reference_params: Any | None, batch: Mapping[str, jax
               loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Metric sums for one batch (sum them over batches, then `finalize_metrics`)."""
   needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
-  ref_c, ref_r = reference_logps(model, reference_params, batch, needed=needed)
-  _, sums = dpo_loss(params, ref_c, ref_r, batch, model=model, loss_cfg=loss_cfg, total_weight=jnp.float32(1.0))
+  ref = reference_logps(model, reference_params, batch, needed=needed)
+  _, sums = dpo_loss(params, ref, batch, model=model, loss_cfg=loss_cfg, total_weight=jnp.float32(1.0))
   return sums
 
 

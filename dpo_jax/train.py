@@ -110,6 +110,23 @@ def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, 
   return train, test, {"train": train_rows, "test": test_rows}, {"train": train_stats, "test": test_stats}
 
 
+def check_data_fits_loss(config: Any, stats: dict) -> None:
+  """Ranked data (K responses per prompt) trains with Plackett-Luce, and Plackett-Luce needs ranked data."""
+  ranked = {split: s["schema"] == "ranked" for split, s in stats.items()}
+  plackett_luce = config.loss.type == losses.RANKING_LOSS and not config.loss.types
+  if len(set(ranked.values())) > 1:
+    raise ValueError(f"config.data: train and test must both be ranked or both pairs; got ranked={ranked}.")
+  if ranked["train"] and not plackett_luce:
+    raise ValueError(f"config.data.train is ranked data (responses + ranking/scores): set "
+                     f"--config.loss.type={losses.RANKING_LOSS} (the seed's K-response generalisation of DPO).")
+  if plackett_luce and not ranked["train"]:
+    raise ValueError(f"config.loss.type={losses.RANKING_LOSS!r} needs ranked data (rows with 'responses' and "
+                     f"'ranking' or 'scores'); for pairs use 'sigmoid', its K = 2 case.")
+  if ranked["train"] and config.stage == "precompute":
+    raise ValueError("config.stage='precompute' writes pair columns (ref_chosen_logps, ref_rejected_logps); ranked "
+                     "data always runs pi_ref in the step.")
+
+
 def report_data(stats: dict) -> None:
   for split, s in stats.items():
     note = f" ({s['num_dropped_empty_response']} dropped: empty response)" if s["num_dropped_empty_response"] else ""
@@ -489,6 +506,7 @@ def run(config: Any, workdir: str) -> dict:
   tokenizer = load_tokenizer(config.data.tokenizer, config.hf.model_path)
   train, test, rows, stats = load_pairs(config, tokenizer)
   report_data(stats)
+  check_data_fits_loss(config, stats)
   os.makedirs(workdir, exist_ok=True)
   rt = build_runtime(config, workdir, len(tokenizer))
   print(f"mesh {dict(rt.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); model "

@@ -93,8 +93,8 @@ def test_no_gradient_reaches_the_reference(single):
   policy = jax.device_get(single["final"].params)
 
   def loss_wrt_reference(reference):
-    ref_c, ref_r = step.reference_logps(model, reference, batch)
-    return step.dpo_loss(policy, ref_c, ref_r, batch, model=model, loss_cfg=CONFIG.loss, total_weight=1.0)[0]
+    return step.dpo_loss(policy, step.reference_logps(model, reference, batch), batch, model=model,
+                         loss_cfg=CONFIG.loss, total_weight=1.0)[0]
 
   grads = jax.grad(loss_wrt_reference)(jax.device_get(setup["reference"]))
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))

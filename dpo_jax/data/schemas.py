@@ -5,6 +5,7 @@
                   with messages {"role": "system" | "user" | "assistant", "content": str}  (trl's format)
   implicit        {"chosen": str, "rejected": str}, full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
                   sharing the prompt as a prefix                                         (Anthropic HH style)
+  ranked          {"prompt": str, "responses": [str, ...], "ranking" | "scores": [...]}  (K responses; see rankings)
 
 Pipeline:  load_any_rows(source) -> tokenize_any(rows, tokenizer, ...) -> (preference.TokenizedPairs, stats)
            (tokenize_any calls detect_schema; to_explicit_rows gives text rows instead of ids)
@@ -25,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax.data import preference
+from dpo_jax.data import preference, rankings
 
-SCHEMAS = ("explicit", "conversational", "implicit")
+SCHEMAS = ("explicit", "conversational", "implicit", "ranked")
 ROLES = ("system", "user", "assistant")
 ASSISTANT_TAG = "\n\nAssistant:"  # Anthropic HH's turn marker; the prompt ends with the last shared one
 PATH_IDS, PATH_TEXT = "ids", "text"  # how a conversational response was cut from its prompt (render_response)
@@ -68,6 +69,8 @@ def row_schema(row: Any, i: int = 0, source: str = "rows") -> str:
   if not isinstance(row, dict):
     raise ValueError(f"{source}: row {i} is a {type(row).__name__}, not an object with 'chosen' and 'rejected' "
                      "fields; write one JSON object per record.")
+  if "responses" in row:
+    return "ranked"
   missing = [f for f in ("chosen", "rejected") if f not in row or row[f] is None]
   if missing:
     raise ValueError(f"{source}: row {i} has no {missing} (it has {sorted(row)}). Every schema needs 'chosen' and "
@@ -353,7 +356,12 @@ def tokenize_any(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_lengt
   conversational: tokenize_conversational (chat template, exact ids). reference_logps as in tokenize_pairs.
   """
   schema = detect_schema(rows, source)
-  if schema == "conversational":
+  if schema == "ranked":
+    if reference_logps:
+      raise ValueError(f"{source}: precomputed reference log-probs are for pair data; ranked data runs pi_ref.")
+    tokenized, stats = rankings.tokenize_rankings(records(rows), tokenizer, max_length=max_length,
+                                                  max_prompt_length=max_prompt_length, source=source)
+  elif schema == "conversational":
     tokenized, stats = tokenize_conversational(rows, tokenizer, max_length=max_length,
                                                max_prompt_length=max_prompt_length, source=source,
                                                reference_logps=reference_logps)
