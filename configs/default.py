@@ -77,12 +77,15 @@ def get_config(arg=None):
       matmul_precision="default",  # 'highest' for full-fp32 matmuls on TPU (default there is bf16 passes).
       remat="none",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable'.
       scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
+      logits_chunk_size=0,  # > 0: log-probs computed this many positions at a time, never holding [2B, T, vocab]
+      #                       logits (same numbers; memory grows with the chunk, not T). 0 = all at once.
   ))
 
   c.hf = ml_collections.ConfigDict(dict(
       model_path="",  # '' = a random init of config.model; else a local HF checkpoint folder (safetensors) whose
       #                 architecture and weights start the run; config.model then only sets param_dtype,
-      #                 compute_dtype, matmul_precision, remat and scan_layers. Also the tokenizer if data.tokenizer=''.
+      #                 compute_dtype, matmul_precision, remat, scan_layers and logits_chunk_size. Also the
+      #                 tokenizer if data.tokenizer=''.
       reference_path="",  # '' = pi_ref is where DPO starts (the SFT result, else hf.model_path); else a separate HF
       #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
       export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that

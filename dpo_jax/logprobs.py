@@ -42,9 +42,52 @@ def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT
 
 
 def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> SequenceLogps:
-  """One forward pass of `model` with `params` over `batch` (`[N, T]` arrays) -> per-row `[N]` results."""
+  """One forward pass of `model` with `params` over `batch` (`[N, T]` arrays) -> per-row `[N]` results.
+
+  With `model.cfg.logits_chunk_size = C > 0` the `[N, T, V]` logits are never materialised (`chunked_logps`).
+  """
+  chunk = getattr(getattr(model, "cfg", None), "logits_chunk_size", 0)
+  if chunk:
+    hidden_NxTxD = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
+                               method="hidden")
+    return chunked_logps(lambda h: model.apply({"params": params}, h, method="logits"), hidden_NxTxD,
+                         batch["input_ids"], batch["loss_mask"], chunk)
   logits_NxTxV = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"])
   return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"])
+
+
+def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
+                  chunk: int) -> SequenceLogps:
+  """`logps_from_logits(head(hidden), ...)` computed C positions at a time.
+
+  `head` maps hidden `[N, C, D]` to fp32 logits `[N, C, V]`. A `lax.scan` over sequence chunks applies it and
+  reduces each chunk to per-row sums at once, under `jax.checkpoint`, so the backward pass recomputes a chunk's
+  logits instead of storing them: peak memory holds one `[N, C, V]` block, not `[N, T, V]` (MaxText and
+  Liger-Kernel compute their fused / chunked cross-entropy the same way).
+  """
+  n, t, d = hidden_NxTxD.shape
+  s = t - 1  # position t scores token t + 1
+  num_chunks = -(-s // chunk)
+  pad = num_chunks * chunk - s
+  h = jnp.pad(hidden_NxTxD[:, :-1], ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(ids_NxT[:, 1:], ((0, 0), (0, pad)))
+  mask = jnp.pad(loss_mask_NxT[:, 1:].astype(jnp.float32), ((0, 0), (0, pad)))  # padding positions score 0
+  to_chunks = lambda x: jnp.moveaxis(x.reshape((n, num_chunks, chunk) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one_chunk(h_NxCxD, targets_NxC, mask_NxC):
+    logits_NxCxV = head(h_NxCxD).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits_NxCxV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
+    return ((target_logit - log_z) * mask_NxC).sum(-1), (logits_NxCxV.mean(-1) * mask_NxC).sum(-1)
+
+  def body(carry, xs):
+    logps, logits_sum = one_chunk(*xs)
+    return (carry[0] + logps, carry[1] + logits_sum), None
+
+  zeros = jnp.zeros((n,), jnp.float32)
+  (logps, logits_sum), _ = jax.lax.scan(body, (zeros, zeros), (to_chunks(h), to_chunks(targets), to_chunks(mask)))
+  return SequenceLogps(logps=logps, num_tokens=mask.sum(-1), logits_sum=logits_sum)
 
 
 def split_units(x_N: jax.Array, k: int) -> jax.Array:

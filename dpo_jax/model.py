@@ -75,11 +75,14 @@ class ModelConfig:
   compute_dtype: str = "float32"
   matmul_precision: str = "default"  # 'highest' for true fp32 matmuls on TPU
   remat: str = "none"  # one of REMAT_POLICIES
+  logits_chunk_size: int = 0  # > 0: log-probs from the LM head in sequence chunks (logprobs.py); 0: all at once
   scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+    if self.logits_chunk_size < 0:
+      raise ValueError(f"model: logits_chunk_size={self.logits_chunk_size} must be >= 0 (0 = no chunking).")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     if self.resolved_head_dim % 2:

@@ -178,7 +178,7 @@ def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
 # ---- models: a random init of config.model, or HF checkpoints ----
 
 # What config.model still decides when the architecture comes from an HF checkpoint.
-NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers")
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size")
 
 
 def model_config(config: Any) -> model_lib.ModelConfig:

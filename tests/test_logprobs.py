@@ -105,3 +105,42 @@ def test_split_pairs_reads_interleaved_rows():
   chosen, rejected = logprobs.split_pairs(x)
   np.testing.assert_array_equal(chosen, [0, 2, 4, 6])
   np.testing.assert_array_equal(rejected, [1, 3, 5, 7])
+
+
+@pytest.mark.parametrize("tie,chunk,dtype", [(True, 5, "float32"), (False, 4, "float32"), (True, 64, "float32"),
+                                             (False, 3, "bfloat16")])
+def test_chunked_log_probs_equal_the_full_logits_path(tie, chunk, dtype):
+  """Chunking over the sequence (C not dividing T - 1, C > T) gives the same values and gradients."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, tie_embeddings=tie, compute_dtype=dtype)
+  chunked_cfg = dataclasses.replace(cfg, logits_chunk_size=chunk)
+  p = model_lib.init_params(cfg, jax.random.key(1))
+  b = random_sequences(np.random.default_rng(1), 6, 16, cfg.vocab_size)
+  full = lambda params: logprobs.sequence_logps(model_lib.make_model(cfg), params, b)
+  chunked = lambda params: logprobs.sequence_logps(model_lib.make_model(chunked_cfg), params, b)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+  for field in ("logps", "num_tokens", "logits_sum"):
+    np.testing.assert_allclose(getattr(chunked(p), field), getattr(full(p), field), **tol, err_msg=field)
+  g_full = jax.grad(lambda q: full(q).logps.sum())(p)
+  g_chunked = jax.grad(lambda q: chunked(q).logps.sum())(p)
+  for a, b_ in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(a, b_, **tol)
+
+
+def test_chunked_log_probs_do_not_hold_the_full_logits():
+  """Compiled memory of value-and-grad: doubling V adds several [N, T, V] arrays of temporaries to the full
+  path, and only [N, C, V]-sized blocks to the chunked one."""
+  import dataclasses
+  b = random_sequences(np.random.default_rng(2), 8, 256, 64)
+
+  def temp_bytes(vocab, chunk):
+    cfg = dataclasses.replace(CFG, vocab_size=vocab, tie_embeddings=False, logits_chunk_size=chunk)
+    model = model_lib.make_model(cfg)
+    fn = jax.jit(jax.value_and_grad(lambda q: logprobs.sequence_logps(model, q, b).logps.sum()))
+    return fn.lower(model_lib.abstract_params(cfg)).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = 8 * 255 * 4096 * 4  # what one more fp32 [N, T - 1, V] array costs when V grows by 4096
+  full_growth = temp_bytes(8192, 0) - temp_bytes(4096, 0)
+  chunked_growth = temp_bytes(8192, 16) - temp_bytes(4096, 16)
+  assert full_growth >= 2 * logits_bytes, full_growth
+  assert chunked_growth <= logits_bytes / 4, chunked_growth

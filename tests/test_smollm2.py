@@ -112,9 +112,9 @@ def test_the_trainer_runs_dpo_on_smollm2(smollm2, tmp_path):
     test_file.write_text("".join(next(f) for _ in range(8)))
   # FSDP over the 8 emulated devices: the real checkpoint is read straight into sharded params.
   config = hf_config(smollm2, str(test_file), **{
-      "optim.total_steps": 2, "optim.warmup_steps": 0, "optim.learning_rate": 1e-5, "batch_size": 8,
-      "mesh.data": 1, "mesh.fsdp": 8, "max_length": 48, "max_prompt_length": 16, "model.scan_layers": True,
-      "hf.export": True, "eval.num_prompts": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8})
+      "optim.total_steps": 1, "optim.warmup_steps": 0, "optim.learning_rate": 1e-5, "batch_size": 8,
+      "mesh.data": 1, "mesh.fsdp": 8, "max_length": 32, "max_prompt_length": 12, "model.scan_layers": True,
+      "hf.export": True, "eval.num_prompts": 8, "eval.max_new_tokens": 4, "eval.batch_size": 8})
   summary = train.run(config, str(tmp_path / "run"))
   assert summary["pi_ref"]["dpo_loss"] == pytest.approx(math.log(2.0))
   assert math.isfinite(summary["pi_theta"]["dpo_loss"]) and math.isfinite(summary["pi_theta"]["kl"])
