@@ -49,11 +49,11 @@ def test_dpo_step_matches_pytorch(kind):
   for name, (_, rel) in grads.items():
     assert rel <= 1e-4, (name, rel)
   # After one AdamW step each element moves by lr * g / (|g| + eps): for |g| near eps = 1e-8 the step amplifies
-  # fp32 summation noise in g (~1e-10 absolute) by up to 1 / (4 eps). Params are therefore compared to 5% of
-  # one step (observed: <= 1.4% for Gemma, whose sqrt(hidden) embedding scale yields many tiny gradients).
+  # fp32 summation noise in g (~1e-10 absolute) by up to 1 / (4 eps), so params are compared to 1% of one step;
+  # Gemma, whose sqrt(hidden) embedding scale yields many tiny gradients, to 2% (observed 1.3%).
   for name, (max_abs, _) in report.items():
     if name.startswith("params/"):
-      assert max_abs <= 0.05 * LR, (name, max_abs)
+      assert max_abs <= (0.02 if kind == "gemma" else 0.01) * LR, (name, max_abs)
 
 
 def test_the_command_line_tool(tmp_path, capsys):
