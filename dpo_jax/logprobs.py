@@ -8,6 +8,12 @@ never contribute, whatever their ids. Log-softmax is taken in fp32 whatever the 
 
 DPO batches interleave pairs: row 2i is pair i's chosen sequence, row 2i + 1 its rejected one, so one
 forward pass over `[2B, T]` serves both and a pair never straddles two devices when the batch is sharded.
+
+Packed batches (dpo_jax/data/packing.py: `[R, L]` rows of up to P pairs, `attention_mask` = segment id,
+`pack_slots` `[R, P]`) are reduced per segment instead of per row: results are `[R * 2P]` in the unpacked
+order (segment s of row r at r * 2P + s - 1), so everything downstream is unchanged. A token's segment is
+that of the token it scores; a segment never starts with a scored token (its prompt is non-empty), so the
+logits that score it come from its own segment.
 """
 
 from __future__ import annotations
@@ -25,19 +31,51 @@ class SequenceLogps(NamedTuple):
   logits_sum: jax.Array  # sum over response tokens of the vocab-mean logit (for TRL's `logits/*` metrics)
 
 
-def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array) -> SequenceLogps:
-  """Score `ids[:, 1:]` under `logits[:, :-1]` where `loss_mask[:, 1:]` is set."""
+def num_segments(batch: Mapping[str, jax.Array]) -> int:
+  """Sequences per row, static: 2P for a packed batch (`pack_slots` `[R, P]`), 0 for one sequence per row."""
+  return 2 * batch["pack_slots"].shape[1] if "pack_slots" in batch else 0
+
+
+def segment_onehot(segments_NxS: jax.Array, num_segments: int) -> jax.Array:
+  """`[N, S, G]` fp32: 1 where position s belongs to segment g + 1 (segment 0, padding, belongs to none)."""
+  return (segments_NxS[..., None] == jnp.arange(1, num_segments + 1, dtype=segments_NxS.dtype)).astype(jnp.float32)
+
+
+def _per_sequence(x_NxS: jax.Array, onehot_NxSxG: jax.Array | None) -> jax.Array:
+  """Sum over positions per row `[N]`, or per segment `[N * G]` (row-major: the unpacked sequence order).
+
+  Multiply-and-sum rather than an einsum: exact fp32 on every backend (a TPU einsum defaults to bf16 passes).
+  """
+  if onehot_NxSxG is None:
+    return x_NxS.sum(-1)
+  return (x_NxS[..., None] * onehot_NxSxG).sum(1).reshape(-1)
+
+
+def sequence_lengths(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Real (prompt + response) tokens per sequence, fp32: `[N]` per row, or `[R * 2P]` per segment if packed."""
+  g = num_segments(batch)
+  real_NxT = (batch["attention_mask"] > 0).astype(jnp.float32)
+  return _per_sequence(real_NxT, segment_onehot(batch["attention_mask"], g) if g else None)
+
+
+def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
+                      segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
+  """Score `ids[:, 1:]` under `logits[:, :-1]` where `loss_mask[:, 1:]` is set.
+
+  Results are per row `[N]`, or with `num_segments = G > 0` per segment of `segments_NxT` `[N * G]`.
+  """
   logits_NxSxV = logits_NxTxV[:, :-1].astype(jnp.float32)
   targets_NxS = ids_NxT[:, 1:]
   mask_NxS = loss_mask_NxT[:, 1:].astype(jnp.float32)
+  onehot = segment_onehot(segments_NxT[:, 1:], num_segments) if num_segments else None
   # logsumexp + gather rather than log_softmax: no second [N, T, V] array is needed.
   log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
   target_logit_NxS = jnp.take_along_axis(logits_NxSxV, targets_NxS[..., None], axis=-1)[..., 0]
   token_logps_NxS = (target_logit_NxS - log_z_NxS) * mask_NxS
   return SequenceLogps(
-      logps=token_logps_NxS.sum(-1),
-      num_tokens=mask_NxS.sum(-1),
-      logits_sum=(logits_NxSxV.mean(-1) * mask_NxS).sum(-1),
+      logps=_per_sequence(token_logps_NxS, onehot),
+      num_tokens=_per_sequence(mask_NxS, onehot),
+      logits_sum=_per_sequence(logits_NxSxV.mean(-1) * mask_NxS, onehot),
   )
 
 
@@ -45,20 +83,23 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> S
   """One forward pass of `model` with `params` over `batch` (`[N, T]` arrays) -> per-row `[N]` results.
 
   With `model.cfg.logits_chunk_size = C > 0` the `[N, T, V]` logits are never materialised (`chunked_logps`).
+  A packed batch (`pack_slots` `[R, P]`) gives per-segment results `[R * 2P]` in the unpacked order.
   """
   chunk = getattr(getattr(model, "cfg", None), "logits_chunk_size", 0)
+  g = num_segments(batch)
+  segments = batch["attention_mask"] if g else None
   if chunk:
     hidden_NxTxD = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
                                method="hidden")
     return chunked_logps(lambda h: model.apply({"params": params}, h, method="logits"), hidden_NxTxD,
-                         batch["input_ids"], batch["loss_mask"], chunk)
+                         batch["input_ids"], batch["loss_mask"], chunk, segments, g)
   logits_NxTxV = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"])
-  return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"])
+  return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"], segments, g)
 
 
 def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
-                  chunk: int) -> SequenceLogps:
-  """`logps_from_logits(head(hidden), ...)` computed C positions at a time.
+                  chunk: int, segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
+  """`logps_from_logits(head(hidden), ..., segments_NxT, num_segments)` computed C positions at a time.
 
   `head` maps hidden `[N, C, D]` to fp32 logits `[N, C, V]`. A `lax.scan` over sequence chunks applies it and
   reduces each chunk to per-row sums at once, under `jax.checkpoint`, so the backward pass recomputes a chunk's
@@ -72,22 +113,28 @@ def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_m
   h = jnp.pad(hidden_NxTxD[:, :-1], ((0, 0), (0, pad), (0, 0)))
   targets = jnp.pad(ids_NxT[:, 1:], ((0, 0), (0, pad)))
   mask = jnp.pad(loss_mask_NxT[:, 1:].astype(jnp.float32), ((0, 0), (0, pad)))  # padding positions score 0
+  # Packed: each position's segment id (0 on the chunk padding); a plain batch passes none and sums per row.
+  segments = (jnp.pad(segments_NxT[:, 1:], ((0, 0), (0, pad))),) if num_segments else ()
   to_chunks = lambda x: jnp.moveaxis(x.reshape((n, num_chunks, chunk) + x.shape[2:]), 1, 0)
+  per_sequence = lambda x_NxC, *seg_NxC: _per_sequence(
+      x_NxC, segment_onehot(seg_NxC[0], num_segments) if num_segments else None)
 
   @jax.checkpoint
-  def one_chunk(h_NxCxD, targets_NxC, mask_NxC):
+  def one_chunk(h_NxCxD, targets_NxC, mask_NxC, *seg_NxC):
     logits_NxCxV = head(h_NxCxD).astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits_NxCxV, axis=-1)
     target_logit = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
-    return ((target_logit - log_z) * mask_NxC).sum(-1), (logits_NxCxV.mean(-1) * mask_NxC).sum(-1)
+    return (per_sequence((target_logit - log_z) * mask_NxC, *seg_NxC),
+            per_sequence(logits_NxCxV.mean(-1) * mask_NxC, *seg_NxC))
 
   def body(carry, xs):
     logps, logits_sum = one_chunk(*xs)
     return (carry[0] + logps, carry[1] + logits_sum), None
 
-  zeros = jnp.zeros((n,), jnp.float32)
-  (logps, logits_sum), _ = jax.lax.scan(body, (zeros, zeros), (to_chunks(h), to_chunks(targets), to_chunks(mask)))
-  return SequenceLogps(logps=logps, num_tokens=mask.sum(-1), logits_sum=logits_sum)
+  zeros = jnp.zeros((n * max(num_segments, 1),), jnp.float32)
+  (logps, logits_sum), _ = jax.lax.scan(
+      body, (zeros, zeros), tuple(to_chunks(x) for x in (h, targets, mask) + segments))
+  return SequenceLogps(logps=logps, num_tokens=per_sequence(mask, *segments), logits_sum=logits_sum)
 
 
 def split_units(x_N: jax.Array, k: int) -> jax.Array:

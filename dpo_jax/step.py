@@ -9,7 +9,9 @@ state and never differentiated: the reference forward runs outside `jax.value_an
 
 Batches (see `logprobs`): `input_ids`, `attention_mask`, `positions`, `loss_mask` `[2B, T]` with pairs
 interleaved, optional `pair_mask` `[B]` (0 = padding pair, ignored in loss and metrics). Metric names follow
-TRL's DPOTrainer so dashboards compare directly.
+TRL's DPOTrainer so dashboards compare directly. Packed batches (dpo_jax/data/packing.py: `[R, L]` rows of up
+to P pairs, `pack_slots` `[R, P]`, per-pair fields `[R * P]`) go through the same functions: log-probs come
+back per pair in the unpacked order, and a packed row is the unit micro-batches and shards are cut in.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ def responses_per_unit(batch: Mapping[str, jax.Array]) -> int:
 
 def _pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
   return _unit_weights(batch, batch["input_ids"].shape[0] // responses_per_unit(batch))
+
+
+def step_units(batch: Mapping[str, jax.Array]) -> int:
+  """Units `microbatches` cuts a DPO batch into, whole: packed rows R (each with its P pairs), else pairs (or
+  ranked sets) `[rows / K]`."""
+  if "pack_slots" in batch:
+    if "response_mask" in batch:
+      raise ValueError("packed batches hold pairs; ranked data (response_mask) is not packed. Set "
+                       "--config.data.packing=False.")
+    return batch["input_ids"].shape[0]
+  return batch["input_ids"].shape[0] // responses_per_unit(batch)
 
 
 def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *,
@@ -129,7 +142,7 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
   tokens_c, tokens_r = first_and_last(policy.num_tokens)
   w = _pair_weights(batch)
   logits_c, logits_r = first_and_last(policy.logits_sum)
-  seq_len = logprobs.split_units((batch["attention_mask"] > 0).sum(-1).astype(jnp.float32), k).sum(-1)
+  seq_len = logprobs.split_units(logprobs.sequence_lengths(batch), k).sum(-1)
   wsum = lambda x: jnp.sum(x * w)
   sums = {
       "pairs": jnp.sum(w),
@@ -151,14 +164,15 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
 
 def microbatches(batch: Mapping[str, jax.Array], num_micro: int, num_units: int,
                  shard: sharding_lib.ShardingContext | None) -> dict[str, jax.Array]:
-  """Split a batch of `num_units` pairs (DPO) or rows (SFT) into `[num_micro, num_units / num_micro, ...]`;
-  micro-batch m holds units m, m + A, m + 2A, ...
+  """Split a batch of `num_units` pairs (DPO), packed rows (packed DPO) or rows (SFT) into
+  `[num_micro, num_units / num_micro, ...]`; micro-batch m holds units m, m + A, m + 2A, ...
 
   Strided units keep every device's share of each micro-batch equal when the unit axis is sharded, and
-  never split a (chosen, rejected) pair.
+  never split a (chosen, rejected) pair, nor a packed row from its P pair slots.
   """
   if num_units % num_micro:
-    raise ValueError(f"config.optim.grad_accum_steps={num_micro} must divide the batch of {num_units}.")
+    raise ValueError(f"config.optim.grad_accum_steps={num_micro} must divide the batch of {num_units} units (pairs, "
+                     f"or packed rows = config.batch_size / config.data.pairs_per_row).")
   out = {}
   for k, x in batch.items():
     rows_per_unit = x.shape[0] // num_units  # 2 for DPO sequence rows, 1 for per-pair fields and SFT rows
@@ -200,8 +214,7 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
     return grads, sums
 
   new_state, sums, grad_norm = _accumulate_and_update(
-      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0] // responses_per_unit(batch),
-      sum_keys=SUM_KEYS,
+      state, batch, grads_and_sums, num_units=step_units(batch), sum_keys=SUM_KEYS,
       optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
   metrics = finalize_metrics(sums)
   metrics["grad_norm"] = grad_norm
