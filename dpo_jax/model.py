@@ -176,6 +176,50 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (causal_TxS[None] & same_BxTxS)[:, None, None]
 
 
+# Query positions per block of `causal_attention`. Measured on a 2-core CPU (benchmarks/dpo_step.py, attention
+# fwd+bwd of the tiny / small configs, T = 256 / 512): 1.6x / 2.9x faster than one [T, T] block.
+ATTENTION_QUERY_BLOCK = 128
+
+
+def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xTxS: jax.Array,
+           cfg: "ModelConfig") -> jax.Array:
+  """Grouped-query softmax attention of T queries over S keys where `mask` is set; scores in fp32.
+
+  Query head h reads key/value head h // G (G = heads / kv heads). Every query row must see at least one key
+  (the diagonal, in this model), so no softmax row is empty. Returns `[B, T, H, D]` in the compute dtype.
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  k = k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)  # query head h uses kv head h // G
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, precision=cfg.matmul_precision,
+                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, precision=cfg.matmul_precision)
+  return out_BxTxKxGxD.reshape(b, t, h, d)
+
+
+def causal_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array,
+                     cfg: "ModelConfig", block: int | None = None) -> jax.Array:
+  """`attend` with the causal, same-segment mask of `attention_mask`, computed `block` query positions at a time.
+
+  Queries [i, e) can only see keys [0, e) (causality), so each block scores against that prefix alone: the key
+  blocks above the diagonal, all masked, are never computed (for T = 4 blocks, 10 of 16 score tiles), and each
+  block's [.., C, e] scores stay small enough for the CPU caches, where one [T, T] array per head did not
+  (XLA CPU ran the full-square version at a few GFLOP/s). The skipped scores would have been exp(min - max) = 0
+  exactly, so the result equals the full-square softmax up to fp32 summation order.
+  """
+  block = block or ATTENTION_QUERY_BLOCK
+  t = q_BxTxHxD.shape[1]
+  mask_Bx1x1xTxS = attention_mask(segment_ids_BxT)
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    outs.append(attend(q_BxTxHxD[:, start:end], k_BxTxKxD[:, :end], v_BxTxKxD[:, :end],
+                       mask_Bx1x1xTxS[..., start:end, :end], cfg))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any
@@ -256,16 +300,11 @@ class Attention(nn.Module):
       k_BxSxKxD, v_BxSxKxD, mask = self._cached_kv_and_mask(k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
     else:
       k_BxSxKxD, v_BxSxKxD, mask = k_BxTxKxD, v_BxTxKxD, None
-    b, t = x_BxTxD.shape[:2]
-    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)  # query head h uses kv head h // G
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, precision=cfg.matmul_precision,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    # Without a cache the mask is built here, where it always was: the training program is op-for-op unchanged.
-    mask = attention_mask(segment_ids_BxT) if mask is None else mask
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, precision=cfg.matmul_precision)
-    out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(b, t, h, d), ("batch", "length", "heads", None), self.shard)
+    if mask is None:  # training / scoring: whole sequences, causal, in query blocks
+      out_BxTxHxD = causal_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, cfg)
+    else:
+      out_BxTxHxD = attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, cfg)
+    out_BxTxHxD = constrain(out_BxTxHxD, ("batch", "length", "heads", None), self.shard)
     return dense(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attn_out_bias, name="o",
         kernel_init=_partitioned(init, ("heads", "head_dim", "embed")),

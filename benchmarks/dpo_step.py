@@ -1,0 +1,522 @@
+"""One DPO train step, dpo_jax vs PyTorch, timed in one run on the same weights and the same token batches.
+
+    PYTHONPATH=. python benchmarks/dpo_step.py [--configs tiny,small] [--repeats 5] [--dtype fp32|bf16]
+        [--remat none|full|dots_saveable] [--full_attention] [--skip torch,trl] [--breakdown] [--config 1b]
+
+Implementations (each timed after warm-up; the repeats interleave them so a noisy, shared machine slows all alike):
+  jax          `step.train_step` jitted by `step.jit_train_step` on a 1-device mesh, as `train.run_dpo` runs it:
+               policy forward + backward, frozen reference forward, sigmoid DPO loss (beta 0.1), clip + AdamW.
+  jax-preref   the same step with `reference_params=None` and precomputed `ref_chosen_logps` /
+               `ref_rejected_logps` in the batch (no reference forward): the saving of `stage=precompute`.
+  torch        a plain PyTorch DPO step: HF `LlamaForCausalLM` with the same weights, one concatenated forward
+               over chosen and rejected, the reference under `torch.no_grad`, log_softmax + gather, sigmoid loss,
+               `clip_grad_norm_` + `torch.optim.AdamW`.
+  trl          TRL's `DPOTrainer.training_step` (its `_compute_loss`: policy forward with TRL's fused LM-head
+               log-probs, reference forward under no_grad, sigmoid loss, backward) followed by the trainer's
+               own optimizer step (clip + AdamW) and `zero_grad`; only when `trl` is importable.
+
+Columns: median step time (s) and the spread of the repeats; tokens/s = 2B * T tokens of the batch per step;
+`x torch` / `x trl` = baseline time / this time (> 1: this is faster); MFU = counted FLOPs / median step time / peak,
+where peak is the best matmul FLOP/s measured in this run (a 4096^3 fp32 or bf16 matmul in JAX and in torch, before
+every config and at the end, the max of all taken: a measurement in a busy moment would understate it); peak memory:
+JAX = the compiled step's arguments + temporaries + non-aliased outputs (`compiled.memory_analysis()`); torch = bytes
+of the policy and reference params + the peak rise of the process RSS during the first (warm-up) step, sampled every
+millisecond after `malloc_trim`, which holds AdamW's new moments, the gradients and the activations.
+
+`--full_attention` adds `jax-fullattn`: the jax step with attention as one [T, T] block per head (the program
+before `model.causal_attention` split queries into blocks). `--breakdown` times pieces of the jax step instead.
+
+FLOPs counted per step (same for every implementation): policy forward + backward = 3 forwards, plus 1 reference
+forward (0 for jax-preref, whose MFU counts only the work it does). One forward over N rows of T tokens is
+2 * (matmul params) * N * T + 4 * layers * N * T^2 * (heads * head_dim) (QK^T and PV over the full causal
+square, as the baselines compute it; dpo_jax's query-blocked attention skips the key blocks above the diagonal,
+so it does fewer: see the XLA cost-analysis line); embedding lookups, norms, softmax and the optimizer are not
+counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax import hf, model as model_lib, optim, sharding, step
+
+CONFIGS = {
+    # name: (model fields, pairs per batch, tokens per sequence)
+    "tiny": (dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
+                  num_kv_heads=2), 8, 256),
+    "small": (dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
+                   num_kv_heads=4), 4, 512),
+    # ~1.1B params (TinyLlama-1.1B's shape), meant for a GPU.
+    "1b": (dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                num_kv_heads=4), 8, 2048),
+}
+BETA = 0.1
+OPTIM = dict(learning_rate=1e-6, schedule="constant", warmup_steps=0, total_steps=1000, end_lr_ratio=1.0, b1=0.9,
+             b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
+
+
+def _default_config() -> Any:
+  spec = importlib.util.spec_from_file_location(
+      "dpo_default_config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def model_config(name: str, dtype: str, remat: str) -> model_lib.ModelConfig:
+  fields, _, _ = CONFIGS[name]
+  compute = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+  return model_lib.ModelConfig(**fields, compute_dtype=compute, param_dtype="float32", remat=remat)
+
+
+def make_batch(cfg: model_lib.ModelConfig, pairs: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random tokens `[2B, T]`, pairs interleaved (row 2i chosen, 2i + 1 rejected), every position real; the
+  first quarter of each row is a shared prompt, the rest the scored response (`loss_mask`)."""
+  rng = np.random.default_rng(seed)
+  ids_NxT = rng.integers(1, cfg.vocab_size, size=(2 * pairs, length), dtype=np.int32)
+  prompt = length // 4
+  ids_NxT[1::2, :prompt] = ids_NxT[0::2, :prompt]
+  loss_mask_NxT = np.zeros_like(ids_NxT)
+  loss_mask_NxT[:, prompt:] = 1
+  return dict(input_ids=ids_NxT, attention_mask=np.ones_like(ids_NxT),
+              positions=np.broadcast_to(np.arange(length, dtype=np.int32), ids_NxT.shape).copy(),
+              loss_mask=loss_mask_NxT)
+
+
+def matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """Parameters that enter a matmul per token (attention projections, MLP, LM head; not the embedding)."""
+  d, hd = cfg.hidden_size, cfg.resolved_head_dim
+  attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = 3 * d * cfg.intermediate_size
+  return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def forward_flops(cfg: model_lib.ModelConfig, rows: int, length: int) -> float:
+  dense = 2.0 * matmul_params(cfg) * rows * length
+  attention = 4.0 * cfg.num_layers * rows * length ** 2 * cfg.num_heads * cfg.resolved_head_dim
+  return dense + attention
+
+
+def time_once(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+# ---- peak matmul throughput ----
+
+def measure_peak(dtype: str, repeats: int = 5) -> dict[str, float]:
+  """Best FLOP/s of an n^3 matmul in JAX and in torch (2 n^3 FLOPs each), fp32 or bf16 inputs.
+
+  n = 4096, except bf16 on a CPU (n = 1024): without bf16 units (AVX2 here) XLA emulates bf16 dots, and a 4096^3
+  one ran for more than 10 minutes.
+  """
+  import torch
+  n = 1024 if dtype == "bf16" and jax.default_backend() == "cpu" else 4096
+  jdt = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
+  tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+  a = jax.random.normal(jax.random.key(0), (n, n), jdt)
+  mm = jax.jit(lambda x, y: x @ y)
+  mm(a, a).block_until_ready()
+  jax_t = min(time_once(lambda: mm(a, a).block_until_ready()) for _ in range(repeats))
+  ta = torch.randn(n, n, dtype=tdt)
+  ta @ ta
+  torch_t = min(time_once(lambda: ta @ ta) for _ in range(repeats))
+  flops = 2.0 * n ** 3
+  return {"jax": flops / jax_t, "torch": flops / torch_t}
+
+
+# ---- dpo_jax ----
+
+class JaxStep:
+  """The dpo_jax train step as `train.run_dpo` builds it, on a 1-device mesh."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarray], *,
+               precomputed_reference: bool):
+    defaults = _default_config()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    rules = defaults.SHARDING_RULES
+    shard = sharding.ShardingContext(mesh, rules)
+    model = model_lib.make_model(cfg, shard)
+    optimizer, schedule = optim.make_optimizer(OPTIM)
+    loss_cfg = defaults.get_config().loss.to_dict()
+    loss_cfg["beta"] = BETA
+    shardings = step.state_shardings(cfg, optimizer, mesh, rules)
+    batch = dict(batch)
+    reference = None if precomputed_reference else jax.device_put(params, shardings.params)
+    if precomputed_reference:
+      from dpo_jax import logprobs
+      ref_logps = jax.jit(lambda p, b: logprobs.sequence_logps(model, p, b).logps)(params, batch)
+      batch["ref_chosen_logps"] = np.asarray(ref_logps[0::2])
+      batch["ref_rejected_logps"] = np.asarray(ref_logps[1::2])
+    self.batch = sharding.global_batch(mesh, rules, batch)
+    self.fn = step.jit_train_step(
+        functools.partial(step.train_step, model=model, optimizer=optimizer, schedule=schedule, loss_cfg=loss_cfg,
+                          shard=shard),
+        state_shardings=shardings, reference_shardings=None if reference is None else shardings.params,
+        batch_shardings=sharding.batch_shardings(mesh, rules, batch), mesh=mesh)
+    self.reference = reference
+    self.state = step.create_train_state(params, optimizer, shardings)
+    self.compiled = self.fn.lower(self.state, reference, self.batch).compile()
+
+  def __call__(self) -> float:
+    self.state, metrics = self.compiled(self.state, self.reference, self.batch)
+    return float(metrics["loss"])  # blocks until the step is done
+
+  def peak_bytes(self) -> int:
+    m = self.compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+  def cost_flops(self) -> float:
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+# ---- PyTorch ----
+
+def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str):
+  """(policy, reference) HF LlamaForCausalLM with `params`' weights (fp32 params; bf16 runs under autocast)."""
+  import torch
+  import transformers
+  hf_config = hf.hf_config_from_model_config(cfg)
+  hf_config.dtype = "float32"
+  hf_config._attn_implementation = "sdpa"
+  state = {k: torch.from_numpy(np.array(v)) for k, v in hf.hf_state_dict_from_params(
+      jax.device_get(params), cfg).items()}
+  models = []
+  for _ in range(2):
+    m = transformers.LlamaForCausalLM(hf_config).to(torch.float32)
+    missing, unexpected = m.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+      raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+    models.append(m)
+  policy, reference = models
+  policy.train()
+  reference.eval().requires_grad_(False)
+  return policy, reference
+
+
+def _autocast(dtype: str):
+  import contextlib
+  import torch
+  return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+class TorchStep:
+  """Plain PyTorch DPO step (the formula of `dpo_jax.compare_torch.torch_dpo_step`, tensors prepared once)."""
+
+  def __init__(self, cfg, params, batch, dtype: str):
+    import torch
+    self.policy, self.reference = torch_models(cfg, params, dtype)
+    self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+    self.attention = torch.as_tensor(batch["attention_mask"], dtype=torch.long)
+    self.mask = torch.as_tensor(batch["loss_mask"][:, 1:], dtype=torch.float32)
+    decay = [p for p in self.policy.parameters() if p.ndim >= 2]
+    no_decay = [p for p in self.policy.parameters() if p.ndim < 2]
+    self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM["learning_rate"],
+                                 betas=(OPTIM["b1"], OPTIM["b2"]), eps=OPTIM["eps"])
+    self.dtype = dtype
+
+  def _logps(self, logits):
+    import torch
+    token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, self.ids[:, 1:, None])[..., 0]
+    return (token * self.mask).sum(-1)
+
+  def __call__(self) -> float:
+    import torch
+    import torch.nn.functional as F
+    with _autocast(self.dtype):
+      logps = self._logps(self.policy(input_ids=self.ids, attention_mask=self.attention, use_cache=False).logits)
+      with torch.no_grad():
+        ref = self._logps(self.reference(input_ids=self.ids, attention_mask=self.attention, use_cache=False).logits)
+    margin = (logps[0::2] - ref[0::2]) - (logps[1::2] - ref[1::2])
+    loss = -F.logsigmoid(BETA * margin).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), OPTIM["max_grad_norm"])
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  def persistent_bytes(self) -> int:
+    """Policy + reference params (fp32), resident before the step; AdamW's moments are created during the
+    first (warm-up) step, so the RSS rise sampled over it already holds them, with gradients and activations."""
+    return 2 * 4 * sum(p.numel() for p in self.policy.parameters())
+
+
+class TrlStep:
+  """TRL's DPOTrainer: `training_step` (forward, loss, backward) + the trainer's optimizer step."""
+
+  def __init__(self, cfg, params, batch, dtype: str, workdir: str):
+    import datasets
+    import tokenizers
+    import torch
+    import transformers
+    import trl
+    self.policy, self.reference = torch_models(cfg, params, dtype)
+    # DPOTrainer tokenizes its dataset at construction: a word-level tokenizer over digits keeps it offline.
+    vocab = {str(i): i for i in range(cfg.vocab_size)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", eos_token="1",
+                                                     unk_token="0")
+    dataset = datasets.Dataset.from_dict({"prompt": ["2 3"], "chosen": [" 4 5"], "rejected": [" 6 7"]})
+    args = trl.DPOConfig(
+        output_dir=workdir, per_device_train_batch_size=batch["input_ids"].shape[0] // 2, beta=BETA,
+        loss_type=["sigmoid"], learning_rate=OPTIM["learning_rate"], adam_beta1=OPTIM["b1"], adam_beta2=OPTIM["b2"],
+        adam_epsilon=OPTIM["eps"], weight_decay=OPTIM["weight_decay"], max_grad_norm=OPTIM["max_grad_norm"],
+        lr_scheduler_type="constant", bf16=dtype == "bf16", use_cpu=True, report_to=[], logging_steps=10 ** 9,
+        max_length=None, dataloader_num_workers=0, save_strategy="no")
+    self.trainer = trl.DPOTrainer(model=self.policy, ref_model=self.reference, args=args, train_dataset=dataset,
+                                  processing_class=tokenizer)
+    self.trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    # TRL's batch layout: all chosen rows, then all rejected rows; `completion_mask` marks scored tokens.
+    order = np.concatenate([np.arange(0, batch["input_ids"].shape[0], 2), np.arange(1, batch["input_ids"].shape[0], 2)])
+    self.inputs = {
+        "input_ids": torch.as_tensor(batch["input_ids"][order], dtype=torch.long),
+        "attention_mask": torch.as_tensor(batch["attention_mask"][order], dtype=torch.long),
+        "completion_mask": torch.as_tensor(batch["loss_mask"][order], dtype=torch.long),
+    }
+    self.trainer.model.train()
+    self.trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`'s loop, which we bypass
+
+  def __call__(self) -> float:
+    import torch
+    trainer = self.trainer
+    loss = trainer.training_step(trainer.model, dict(self.inputs))
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), OPTIM["max_grad_norm"])
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  def persistent_bytes(self) -> int:
+    return 2 * 4 * sum(p.numel() for p in self.policy.parameters())  # as TorchStep.persistent_bytes
+
+
+class RssPeak:
+  """Peak rise of this process's RSS while the `with` block runs (sampled every millisecond)."""
+
+  def __enter__(self):
+    import ctypes
+    import psutil
+    # Hand the heap's freed pages back to the OS first (glibc), else torch reuses pages that JAX steps freed and
+    # the RSS does not rise at all.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    self.proc = psutil.Process()
+    self.base = self.peak = self.proc.memory_info().rss
+    self.done = False
+    self.thread = threading.Thread(target=self._sample, daemon=True)
+    self.thread.start()
+    return self
+
+  def _sample(self):
+    while not self.done:
+      self.peak = max(self.peak, self.proc.memory_info().rss)
+      time.sleep(0.001)
+
+  def __exit__(self, *exc):
+    self.done = True
+    self.thread.join()
+    self.rise = self.peak - self.base
+
+
+# ---- where the dpo_jax step's time goes ----
+
+def breakdown(cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarray], repeats: int) -> None:
+  """Time jitted pieces of the step (unsharded, same shapes) and print each as ms and as a share of the step."""
+  from dpo_jax import logprobs
+  model = model_lib.make_model(cfg)
+  optimizer, _ = optim.make_optimizer(OPTIM)
+  opt_state = optimizer.init(params)
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  n, t = b["input_ids"].shape
+  logits = jax.jit(lambda p: model.apply({"params": p}, b["input_ids"], b["positions"], b["attention_mask"]))(params)
+  hidden = jax.jit(lambda p: model.apply({"params": p}, b["input_ids"], b["positions"], b["attention_mask"],
+                                         method="hidden"))(params)
+  x_NxTxD = jax.random.normal(jax.random.key(1), (n, t, cfg.hidden_size), cfg.compute_dtype)
+  block = model_lib.Block(cfg, None)
+  block_params = block.init(jax.random.key(2), x_NxTxD, b["positions"], b["attention_mask"])
+  attn = model_lib.Attention(cfg, None)
+  attn_params = attn.init(jax.random.key(2), x_NxTxD, b["positions"], b["attention_mask"])
+  mlp = model_lib.Mlp(cfg, None)
+  mlp_params = mlp.init(jax.random.key(2), x_NxTxD)
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def fwd_bwd(f):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a))))
+
+  pieces = {
+      "policy forward (logits)": (jax.jit(lambda p: model.apply(
+          {"params": p}, b["input_ids"], b["positions"], b["attention_mask"])), (params,)),
+      "policy forward (logps)": (jax.jit(lambda p: logprobs.sequence_logps(model, p, b).logps), (params,)),
+      "policy fwd+bwd (logps)": (fwd_bwd(lambda p: logprobs.sequence_logps(model, p, b).logps), (params,)),
+      "hidden fwd (no LM head)": (jax.jit(lambda p: model.apply(
+          {"params": p}, b["input_ids"], b["positions"], b["attention_mask"], method="hidden")), (params,)),
+      "LM head + logps fwd": (jax.jit(lambda p, h: logprobs.logps_from_logits(
+          model.apply({"params": p}, h, method="logits"), b["input_ids"], b["loss_mask"]).logps), (params, hidden)),
+      "LM head + logps fwd+bwd": (fwd_bwd(lambda p, h: logprobs.logps_from_logits(
+          model.apply({"params": p}, h, method="logits"), b["input_ids"], b["loss_mask"]).logps), (params, hidden)),
+      "logps from logits fwd": (jax.jit(lambda l: logprobs.logps_from_logits(
+          l, b["input_ids"], b["loss_mask"]).logps), (logits,)),
+      "logps from logits fwd+bwd": (fwd_bwd(lambda l: logprobs.logps_from_logits(
+          l, b["input_ids"], b["loss_mask"]).logps), (logits,)),
+      "1 block fwd": (jax.jit(lambda p, x: block.apply(p, x, b["positions"], b["attention_mask"])[0]),
+                      (block_params, x_NxTxD)),
+      "1 block fwd+bwd": (fwd_bwd(lambda p, x: block.apply(p, x, b["positions"], b["attention_mask"])[0]),
+                          (block_params, x_NxTxD)),
+      "1 attention fwd": (jax.jit(lambda p, x: attn.apply(p, x, b["positions"], b["attention_mask"])),
+                          (attn_params, x_NxTxD)),
+      "1 attention fwd+bwd": (fwd_bwd(lambda p, x: attn.apply(p, x, b["positions"], b["attention_mask"])),
+                              (attn_params, x_NxTxD)),
+      "1 MLP fwd": (jax.jit(lambda p, x: mlp.apply(p, x)), (mlp_params, x_NxTxD)),
+      "1 MLP fwd+bwd": (fwd_bwd(lambda p, x: mlp.apply(p, x)), (mlp_params, x_NxTxD)),
+      "optimizer update": (jax.jit(lambda g, s, p: optimizer.update(g, s, p)), (grads, opt_state, params)),
+  }
+  for f, a in pieces.values():  # compile + warm
+    jax.block_until_ready(f(*a))
+  times = {k: [] for k in pieces}
+  for _ in range(repeats):
+    for k, (f, a) in pieces.items():
+      times[k].append(time_once(lambda: jax.block_until_ready(f(*a))))
+  full = statistics.median(times["policy fwd+bwd (logps)"])
+  print(f"  breakdown (median of {repeats}, ms; % of the policy fwd+bwd):")
+  for k, v in times.items():
+    m = statistics.median(v)
+    print(f"    {k:<28} {1e3 * m:9.1f} ms  {100 * m / full:6.1f}%")
+
+
+# ---- the run ----
+
+def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[dict]:
+  cfg = model_config(name, args.dtype, args.remat)
+  _, pairs, length = CONFIGS[name]
+  batch = make_batch(cfg, pairs, length)
+  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0)))
+  rows, tokens = 2 * pairs, 2 * pairs * length
+  fwd = forward_flops(cfg, rows, length)
+  print(f"\n{name}: {model_lib.count_params(params) / 1e6:.1f}M params, {pairs} pairs x {length} tokens, "
+        f"{args.dtype}, remat={args.remat}; forward {fwd / 1e9:.1f} GFLOP", flush=True)
+
+  if args.breakdown:
+    breakdown(cfg, params, batch, args.repeats)
+    return []
+  impls: dict[str, Any] = {}
+  flops: dict[str, float] = {}
+  impls["jax"] = JaxStep(cfg, params, batch, precomputed_reference=False)
+  flops["jax"] = 4 * fwd
+  impls["jax-preref"] = JaxStep(cfg, params, batch, precomputed_reference=True)
+  flops["jax-preref"] = 3 * fwd
+  if args.full_attention:  # the step as it was before query-blocked attention: one [T, T] score block
+    block, model_lib.ATTENTION_QUERY_BLOCK = model_lib.ATTENTION_QUERY_BLOCK, length
+    impls["jax-fullattn"] = JaxStep(cfg, params, batch, precomputed_reference=False)
+    flops["jax-fullattn"] = 4 * fwd
+    model_lib.ATTENTION_QUERY_BLOCK = block
+  print(f"  XLA cost_analysis of the jax step: {impls['jax'].cost_flops() / 1e9:.1f} GFLOP "
+        f"(counted: {4 * fwd / 1e9:.1f})", flush=True)
+  if "torch" not in args.skip:
+    impls["torch"] = TorchStep(cfg, params, batch, args.dtype)
+    flops["torch"] = 4 * fwd
+  if "trl" not in args.skip:
+    try:
+      importlib.import_module("trl")
+    except ImportError:
+      print("  trl is not installed: skipping the TRL baseline (pip install -e .[bench])")
+    else:
+      impls["trl"] = TrlStep(cfg, params, batch, args.dtype, os.path.join(args.workdir, name))
+      flops["trl"] = 4 * fwd
+
+  memory: dict[str, str] = {}
+  for key, impl in impls.items():  # one untimed warm-up step each; torch's RSS is sampled during it
+    if isinstance(impl, JaxStep):
+      impl()
+      memory[key] = f"{impl.peak_bytes() / 2 ** 20:.0f} MiB (compiled)"
+    else:
+      with RssPeak() as rss:
+        impl()
+      memory[key] = f"{(impl.persistent_bytes() + rss.rise) / 2 ** 20:.0f} MiB (params+RSS)"
+    print(f"  warm-up: {key} done", flush=True)
+
+  times = {k: [] for k in impls}
+  for i in range(args.repeats):  # interleaved: a slow phase of the shared machine hits every implementation
+    for key, impl in impls.items():
+      times[key].append(time_once(impl))
+    print(f"  repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+  med = {k: statistics.median(v) for k, v in times.items()}
+
+  rows_out = []
+  for key in impls:
+    rows_out.append(dict(config=name, impl=key, time=med[key], spread=(min(times[key]), max(times[key])),
+                         tokens_per_s=tokens / med[key],
+                         vs_torch=med["torch"] / med[key] if "torch" in med else float("nan"),
+                         vs_trl=med["trl"] / med[key] if "trl" in med else float("nan"),
+                         flops=flops[key], mfu=flops[key] / med[key] / peak_flops, memory=memory[key]))
+  return rows_out
+
+
+def print_table(rows: list[dict]) -> None:
+  header = (f"{'config':<7} {'impl':<11} {'step s':>8} {'min-max s':>13} {'tokens/s':>9} {'x torch':>8} "
+            f"{'x trl':>7} {'MFU':>6}  peak memory")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    print(f"{r['config']:<7} {r['impl']:<11} {r['time']:>8.3f} {r['spread'][0]:>6.3f}-{r['spread'][1]:<6.3f} "
+          f"{r['tokens_per_s']:>9.0f} {r['vs_torch']:>8.2f} {r['vs_trl']:>7.2f} {100 * r['mfu']:>5.1f}%  "
+          f"{r['memory']}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--configs", default="tiny,small", help=f"comma-separated, from {sorted(CONFIGS)}")
+  parser.add_argument("--config", default=None, help="one config (overrides --configs), e.g. 1b on a GPU")
+  parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (median reported)")
+  parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                      help="compute dtype; params and optimizer state stay fp32 (torch: autocast)")
+  parser.add_argument("--remat", default="none", choices=sorted(model_lib.REMAT_POLICIES))
+  parser.add_argument("--skip", default="", help="comma-separated baselines to skip: torch,trl")
+  parser.add_argument("--full_attention", action="store_true",
+                      help="also time the jax step with attention in one [T, T] block (model.ATTENTION_QUERY_BLOCK)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="instead of the comparison: time pieces of the dpo_jax step (forward, logps, one block, ...)")
+  parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")
+  args = parser.parse_args(argv)
+  args.skip = set(filter(None, args.skip.split(",")))
+  names = [args.config] if args.config else args.configs.split(",")
+
+  import torch
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+  rows, best_peak = [], 0.0
+  for name in names:
+    # The peak is re-measured before each config (the best of all measurements is kept): on a shared machine a
+    # single measurement taken in a busy moment would understate it and inflate MFU.
+    peak = measure_peak(args.dtype)
+    best_peak = max(best_peak, *peak.values())
+    print(f"matmul peak ({args.dtype}): jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch "
+          f"{peak['torch'] / 1e9:.1f} GFLOP/s")
+    rows += run_config(name, args, best_peak)
+  if not rows:  # --breakdown
+    return
+  peak = measure_peak(args.dtype)
+  final_peak = max(best_peak, *peak.values())
+  print(f"matmul peak ({args.dtype}): jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch "
+        f"{peak['torch'] / 1e9:.1f} GFLOP/s; best of all: {final_peak / 1e9:.1f} GFLOP/s (MFU is against this)")
+  for r in rows:
+    r["mfu"] = r["flops"] / r["time"] / final_peak
+  print()
+  print_table(rows)
+
+if __name__ == "__main__":
+  sys.exit(main())
