@@ -53,7 +53,7 @@ def test_data_package_imports_neither_jax_nor_model_code():
 def test_ids_are_prompt_then_response_then_eos(tok):
   tp, stats = preference.tokenize_pairs(ROWS, tok, max_length=32, max_prompt_length=12)
   assert stats == dict(num_rows=5, num_pairs=5, num_dropped_empty_response=0, num_truncated=0,
-                       num_prompt_truncated=0, num_response_truncated=0)
+                       num_prompt_truncated=0, num_response_truncated=0, skipped={})
   batch = preference.make_batch(tp, np.arange(5))
   for i, row in enumerate(ROWS):
     for r, field in ((2 * i, "chosen"), (2 * i + 1, "rejected")):
@@ -138,7 +138,7 @@ def write_jsonl(path, rows):
 
 
 def as_triples(rows):
-  return [tuple(preference.column_strings(rows, f)) for f in preference.REQUIRED_FIELDS]
+  return list(zip(*[preference.pair_texts(r, i) for i, r in enumerate(preference._records(rows))]))
 
 
 def test_every_source_kind_loads_the_same_rows(tmp_path, monkeypatch):

@@ -194,7 +194,7 @@ def test_conversational_ids_are_the_chat_template_rendering(rows, tok):
   conv = rows["conversational"]
   tp, stats = schemas.tokenize_any(conv, tok, max_length=256, max_prompt_length=128, source="conv.jsonl")
   assert stats == dict(num_rows=5, num_pairs=5, num_dropped_empty_response=0, num_truncated=0,
-                       num_prompt_truncated=0, num_response_truncated=0, num_text_split=0,
+                       num_prompt_truncated=0, num_response_truncated=0, num_text_split=0, skipped={},
                        schema="conversational")
   end = tok.convert_tokens_to_ids("<|end|>")
   assert end == tok.eos_token_id
@@ -301,7 +301,7 @@ def test_conversational_truncation_and_drops_follow_tokenize_pairs(tok):
   max_length, max_prompt_length = 24, 10
   tp, stats = schemas.tokenize_any(conv, tok, max_length=max_length, max_prompt_length=max_prompt_length)
   assert stats == dict(num_rows=4, num_pairs=3, num_dropped_empty_response=1, num_truncated=2,
-                       num_prompt_truncated=1, num_response_truncated=2, num_text_split=0,
+                       num_prompt_truncated=1, num_response_truncated=2, num_text_split=0, skipped={},
                        schema="conversational")
   assert tp.row_ids.tolist() == [0, 2, 3]
   for k, i in enumerate(tp.row_ids):

@@ -19,6 +19,11 @@ rows, `row_ids` and `pair_mask` `[B]`.
 Token t is scored by the logits at t - 1, so a prompt must be non-empty (the first response token needs a
 context): an empty prompt is an error, never silently dropped, and loss_mask[:, 0] is always 0.
 
+Bad rows (a null or non-string field, chosen == rejected, an empty prompt, a malformed JSON line, ...) are a
+ValueError naming the source, row, JSON line and field, or with on_bad_row='skip' dropped and counted by reason
+in the tokenizers' stats["skipped"] (BadRow, BadRows). Whole-file problems (invalid UTF-8, a missing column)
+are always errors.
+
 Data position = global step. Epoch e's order is a permutation seeded by (seed, e); global batch s of an
 epoch is the contiguous block s of that order, and each host materialises only its contiguous slice of
 it. So `iterate_batches(start_step=k)` replays exactly what an uninterrupted run yields from step k, and a
@@ -27,21 +32,91 @@ checkpoint only needs the step.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 FILE_TYPES = (".json", ".jsonl", ".parquet")
 KINDS = ("dpo", "sft")
+ON_BAD_ROW = ("error", "skip")  # config.data.on_bad_row: what a row that cannot be trained on does
+
+
+# ------------------------------------------------------------------------------------------------ bad rows
+
+class BadRow(ValueError):
+  """One row that cannot be trained on (wrong type, null, bad role, empty prompt, chosen == rejected, ...).
+
+  The message names the source, row and field and says the fix; `reason` is the short key the row is counted
+  under in stats["skipped"] when config.data.on_bad_row='skip'. Errors about a whole file or column (a missing
+  column, an unreadable file, a bad config) stay plain ValueErrors: skipping every row would hide them.
+  """
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+class Rows(list):
+  """Records read from a JSON-lines file: a list of dicts that also knows where each came from.
+
+  lines[i] is the 1-based line of row i (blank lines make them differ from i + 1); skipped counts malformed
+  lines dropped by on_bad_row='skip', by reason.
+  """
+  lines: tuple[int, ...] = ()
+  skipped: dict[str, int] = {}
+
+
+class BadRows:
+  """What to do with each BadRow: raise it (on_bad_row='error') or count it by reason and go on ('skip').
+
+  Raised errors get the row's line number appended when the rows came from a JSON-lines file, so the user can
+  open the file at the right place.
+  """
+
+  def __init__(self, on_bad_row: str, rows: Any = ()):
+    check_on_bad_row(on_bad_row)
+    self.skip = on_bad_row == "skip"
+    self.lines = getattr(rows, "lines", ())
+    self.counts: collections.Counter = collections.Counter(getattr(rows, "skipped", {}))
+
+  def locate(self, error: BadRow, i: int) -> BadRow:
+    """`error` with "(row i is line n of the file)" appended when the line is known."""
+    if i >= len(self.lines):
+      return error
+    return BadRow(f"{error} (row {i} is line {self.lines[i]} of the file)", error.reason)
+
+  def handle(self, error: BadRow, i: int) -> None:
+    """Count row i as skipped for error.reason, or raise `error` (located) when not skipping."""
+    if not self.skip:
+      raise self.locate(error, i) from None
+    self.counts[error.reason] += 1
+
+  def stats(self) -> dict[str, int]:
+    return dict(sorted(self.counts.items()))
+
+
+def check_on_bad_row(on_bad_row: str) -> None:
+  if on_bad_row not in ON_BAD_ROW:
+    raise ValueError(f"config.data.on_bad_row={on_bad_row!r}; choose 'error' (stop at the first bad row, naming it) "
+                     "or 'skip' (drop bad rows, counted per reason in the data report).")
+
+
+def misspelling(field: str, present: Any) -> str:
+  """" 'choosen' looks like a misspelling of 'chosen': rename it." when a present field is close to the
+  missing `field`, else ''."""
+  match = difflib.get_close_matches(field, [str(n) for n in present if n not in REQUIRED_FIELDS], n=1, cutoff=0.6)
+  return f" '{match[0]}' looks like a misspelling of '{field}': rename it." if match else ""
 
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def load_rows(source: str, split: str = "train") -> Any:
+def load_rows(source: str, split: str = "train", on_bad_row: str = "error") -> Any:
   """Rows with `prompt`, `chosen`, `rejected` string fields, validated -> list[dict] or datasets.Dataset.
 
   `source` is chosen by what it names:
@@ -50,11 +125,12 @@ def load_rows(source: str, split: str = "train") -> Any:
     anything else that is not a path   `datasets.load_dataset(source, split=split)` (a hub name; needs network)
   A .json file may hold a list of records, {split: [records]}, a mapping of column lists, or JSON lines.
   Raises FileNotFoundError for a missing path and ValueError naming the source, row and field for a
-  missing column or a non-string value.
+  missing column or a non-string value. on_bad_row='skip' drops malformed JSON lines (counted in
+  rows.skipped) and leaves bad rows for tokenize_pairs to skip.
   """
   path = Path(source).expanduser()
   if path.is_file():
-    rows = _read_file(path, split)
+    rows = _read_file(path, split, on_bad_row)
   elif path.is_dir():
     rows = _read_folder(path, split)
   elif _looks_like_path(source):
@@ -63,73 +139,93 @@ def load_rows(source: str, split: str = "train") -> Any:
         f"datasets' save_to_disk or readable by load_dataset, or a hub dataset name like 'owner/name'.")
   else:
     rows = _read_hub(source, split)
-  check_rows(rows, source)
+  check_rows(rows, source, on_bad_row)
   return rows
 
 
-def check_rows(rows: Any, source: str = "rows") -> None:
-  """ValueError naming the source (and row, field) unless every row has string prompt/chosen/rejected."""
+def check_rows(rows: Any, source: str = "rows", on_bad_row: str = "error") -> None:
+  """ValueError naming the source (and row, field) unless every row has string prompt/chosen/rejected.
+
+  With on_bad_row='skip' rows are not checked here: tokenize_pairs skips the bad ones, counting them (row 0
+  may be one of them, so its fields are not taken as the columns either).
+  """
   if len(rows) == 0:
     raise ValueError(f"{source}: no rows; check the file or the split name.")
+  if on_bad_row == "skip":
+    return
   try:
     found = _column_names(rows)
   except ValueError as e:
     raise ValueError(f"{source}: {e}") from None
   missing = [f for f in REQUIRED_FIELDS if f not in found]
   if missing:
+    hints = "".join(misspelling(f, found) for f in missing)
     raise ValueError(
-        f"{source}: missing column(s) {missing}; found {sorted(found)}. Each row needs string fields "
+        f"{source}: missing column(s) {missing}; found {sorted(found)}.{hints} Each row needs string fields "
         f"{list(REQUIRED_FIELDS)}: rename your columns (e.g. dataset.rename_column('response_a', 'chosen')) or "
         f"write rows as {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}.")
+  bad = BadRows(on_bad_row, rows)
+  for i, row in enumerate(_records(rows)):
+    try:
+      pair_texts(row, i, source)
+    except BadRow as e:
+      bad.handle(e, i)
+
+
+def _records(rows: Any) -> list:
+  """rows (a list of dicts or a datasets.Dataset) as a list; a Dataset is read with_format(None) so a numpy /
+  torch format cannot turn strings into arrays."""
+  return rows if isinstance(rows, (list, tuple)) else list(rows.with_format(None))
+
+
+def pair_texts(row: Any, i: int, source: str = "rows") -> tuple[str, str, str]:
+  """(prompt, chosen, rejected) of an explicit row; BadRow naming the source, row and field when a field is
+  missing, null or not a string, or when chosen == rejected (the pair then has no preference to learn)."""
+  if not isinstance(row, dict):
+    raise BadRow(f"{source}: row {i} is a {type(row).__name__}, not an object with fields "
+                 f"{list(REQUIRED_FIELDS)}; fix that record.", "not_an_object")
+  texts = []
   for field in REQUIRED_FIELDS:
-    column_strings(rows, field, source)
-
-
-def column_strings(rows: Any, field: str, source: str = "rows") -> list[str]:
-  """`field` of every row as a list of str; ValueError naming the source, row index and field otherwise."""
-  if isinstance(rows, (list, tuple)):
-    values = []
-    for i, row in enumerate(rows):
-      if not isinstance(row, dict):
-        raise ValueError(f"{source}: row {i} is a {type(row).__name__}, not an object with fields "
-                         f"{list(REQUIRED_FIELDS)}; fix that record.")
-      if field not in row:
-        raise ValueError(f"{source}: row {i} has no field '{field}' (it has {sorted(row)}); add it or drop the row.")
-      values.append(row[field])
-  else:  # a datasets.Dataset; with_format(None) so a numpy/torch format cannot turn strings into arrays
-    values = list(rows.with_format(None)[field])
-  for i, value in enumerate(values):
+    if field not in row:
+      raise BadRow(f"{source}: row {i} has no field '{field}' (it has {sorted(row)}).{misspelling(field, row)} Add it "
+                   "or drop the row.", "missing_field")
+    value = row[field]
     if not isinstance(value, str):
-      raise ValueError(f"{source}: row {i}, field '{field}': expected a string, got {_describe(value)}. "
-                       f"{_fix_for(value)}")
-  return values
+      raise BadRow(f"{source}: row {i}, field '{field}': expected a string, got {_describe(value)}. "
+                   f"{_fix_for(value)}", "null_value" if value is None else "not_a_string")
+    texts.append(value)
+  check_distinct(texts[1], texts[2], i, source)
+  return texts[0], texts[1], texts[2]
+
+
+def check_distinct(chosen: Any, rejected: Any, i: int, source: str = "rows") -> None:
+  """BadRow when a pair's chosen and rejected responses are identical: its DPO margin is 0 whatever the params,
+  so it adds no gradient and counts as a wrong answer in the accuracy (a tie or a dataset bug)."""
+  if chosen == rejected:
+    raise BadRow(f"{source}: row {i}, fields 'chosen' and 'rejected' are identical ({str(chosen)[:60]!r}); the pair "
+                 "has no preference to learn. Drop the row, or set --config.data.on_bad_row=skip to skip such rows "
+                 "(counted).", "chosen_equals_rejected")
 
 
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def column_floats(rows: Any, field: str, source: str = "rows") -> np.ndarray:
-  """`field` of every row as float64 `[N]`; ValueError naming the row and field for a missing, non-numeric or
-  non-finite value (precomputed reference log-probs must be finite nats)."""
-  if isinstance(rows, (list, tuple)):
-    values = []
-    for i, row in enumerate(rows):
-      if field not in row:
-        raise ValueError(f"{source}: row {i} has no field '{field}'. Write it with "
-                         f"`python -m dpo_jax.train --config.stage=precompute`, or set config.data.reference_logps=False.")
-      values.append(row[field])
-  else:
-    if field not in rows.column_names:
-      raise ValueError(f"{source}: no column '{field}'. Write it with `python -m dpo_jax.train "
-                       f"--config.stage=precompute`, or set config.data.reference_logps=False.")
-    values = list(rows.with_format(None)[field])
-  out = np.empty(len(values), np.float64)
-  for i, value in enumerate(values):
+def reference_pair(row: Any, i: int, source: str = "rows") -> tuple[float, float]:
+  """(ref_chosen_logps, ref_rejected_logps) of a row; BadRow naming the row and field for a missing,
+  non-numeric, NaN or infinite value (precomputed reference log-probs must be finite nats)."""
+  values = []
+  for field in REFERENCE_FIELDS:
+    if field not in row:
+      raise BadRow(f"{source}: row {i} has no field '{field}'. Write it with "
+                   "`python -m dpo_jax.train --config.stage=precompute`, or set config.data.reference_logps=False.",
+                   "missing_reference_logps")
+    value = row[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-      raise ValueError(f"{source}: row {i}, field '{field}': expected a finite number (log-prob in nats), got "
-                       f"{_describe(value)}. Recompute the reference log-probs for that row or drop it.")
-    out[i] = value
-  return out
+      raise BadRow(f"{source}: row {i}, field '{field}': expected a finite number (log-prob in nats), got "
+                   f"{_describe(value)}. Recompute the reference log-probs for that row or drop it.",
+                   "bad_reference_logps")
+    values.append(float(value))
+  return values[0], values[1]
 
 
 def _describe(value: Any) -> str:
@@ -161,12 +257,12 @@ def _looks_like_path(source: str) -> bool:
           or Path(source).suffix.lower() in FILE_TYPES + (".csv", ".arrow", ".txt"))
 
 
-def _read_file(path: Path, split: str) -> list[dict]:
+def _read_file(path: Path, split: str, on_bad_row: str = "error") -> list[dict]:
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
-    return _read_jsonl(path)
+    return _read_jsonl(path, on_bad_row=on_bad_row)
   if suffix == ".json":
-    return _read_json(path, split)
+    return _read_json(path, split, on_bad_row)
   if suffix == ".parquet":
     import pyarrow.parquet as pq  # installed with datasets; read directly to avoid a cache copy
 
@@ -180,31 +276,45 @@ def _read_file(path: Path, split: str) -> list[dict]:
 
 
 def _read_text(path: Path) -> str:
+  """The file as text; ValueError naming the line and byte of the first invalid UTF-8 sequence. Not skippable:
+  a wrong encoding (latin-1, UTF-16) usually garbles far more than the one line where decoding first fails."""
+  data = path.read_bytes()
   try:
-    return path.read_text(encoding="utf-8")
+    return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8.") from None
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+                     "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8.") from None
 
 
-def _read_jsonl(path: Path, text: str | None = None) -> list[dict]:
-  rows = []
+def _read_jsonl(path: Path, text: str | None = None, on_bad_row: str = "error") -> Rows:
+  """One record per non-blank line, as Rows (with each row's line number); a malformed line is a ValueError
+  naming it, or skipped and counted under 'malformed_json' with on_bad_row='skip'."""
+  check_on_bad_row(on_bad_row)
+  rows, lines, skipped = Rows(), [], 0
   for line_no, line in enumerate((_read_text(path) if text is None else text).splitlines(), 1):
     if not line.strip():
       continue
     try:
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
+      if on_bad_row == "skip":
+        skipped += 1
+        continue
       raise ValueError(f"{path}: line {line_no} (row {len(rows)}) is not valid JSON ({e.msg} at column "
-                       f"{e.colno}); fix or remove that line.") from None
+                       f"{e.colno}); fix or remove that line, or set --config.data.on_bad_row=skip.") from None
+    lines.append(line_no)
+  rows.lines = tuple(lines)
+  rows.skipped = {"malformed_json": skipped} if skipped else {}
   return rows
 
 
-def _read_json(path: Path, split: str) -> list[dict]:
+def _read_json(path: Path, split: str, on_bad_row: str = "error") -> list[dict]:
   text = _read_text(path)
   try:
     data = json.loads(text)
   except json.JSONDecodeError:
-    return _read_jsonl(path, text)  # datasets' Dataset.to_json writes JSON lines under a .json name
+    return _read_jsonl(path, text, on_bad_row)  # datasets' Dataset.to_json writes JSON lines under a .json name
   if isinstance(data, list):
     return data
   if isinstance(data, dict) and isinstance(data.get(split), list):
@@ -276,8 +386,21 @@ class TokenizedPairs:
     return int(self.row_ids.shape[0])
 
 
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+  """(pad_id, eos_id): EOS is required (it ends every response); without a pad token the EOS id pads (padding
+  positions are masked out, so any id works; train.load_tokenizer reports the fallback)."""
+  eos_id = tokenizer.eos_token_id
+  if eos_id is None:
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; every response "
+                     "ends with EOS. Set one, e.g. tokenizer.eos_token = '</s>' (a token in its vocabulary), and "
+                     "save_pretrained the tokenizer folder.")
+  return (eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id), eos_id
+
+
 def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int,
-                   source: str = "rows", reference_logps: bool = False) -> tuple[TokenizedPairs, dict]:
+                   source: str = "rows", reference_logps: bool = False, on_bad_row: str = "error",
+                   texts_of: Callable[[Any, int, str], tuple[str, str, str]] = pair_texts
+                   ) -> tuple[TokenizedPairs, dict]:
   """Tokenize prompt, chosen and rejected SEPARATELY and concatenate ids -> (TokenizedPairs, stats).
 
   Each text is tokenized with `add_special_tokens=False` and never re-tokenized joined, so the prompt's
@@ -286,33 +409,46 @@ def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_len
   EOS (tokenizer.eos_token_id, required) ends each response; padding uses tokenizer.pad_token_id, or the
   EOS id when the tokenizer has no pad token (padding positions are masked out either way).
   Truncation: the prompt keeps its last `max_prompt_length` tokens; each response + EOS then keeps its
-  first `max_length - prompt_len` tokens.
-  Pairs whose chosen or rejected response has no tokens are dropped (counted in stats); an empty prompt is
-  a ValueError naming the row. `source` names the data in error messages.
+  first `max_length - prompt_len` >= 1 tokens, so a non-empty response is never emptied by truncation.
+  Pairs whose chosen or rejected response has no tokens are dropped (counted in stats). Bad rows (BadRow:
+  a missing, null or non-string field, chosen == rejected, an empty prompt, bad reference log-probs) are a
+  ValueError naming the row, or, with on_bad_row='skip', dropped and counted by reason in stats["skipped"].
+  `source` names the data in error messages; `texts_of(row, i, source)` gives a row's (prompt, chosen,
+  rejected) strings (pair_texts; schemas passes its HH transcript splitter).
 
   stats: num_rows, num_pairs (kept), num_dropped_empty_response, num_truncated (pairs with any truncation),
-  num_prompt_truncated, num_response_truncated.
+  num_prompt_truncated, num_response_truncated, skipped ({reason: rows}).
   With `reference_logps=True` the rows' `ref_chosen_logps` / `ref_rejected_logps` columns are kept for each
   pair (checked finite), and DPO batches carry them.
   """
   check_lengths(max_length, max_prompt_length)
-  eos_id = tokenizer.eos_token_id
-  if eos_id is None:
-    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; every response "
-                     "ends with EOS. Set one, e.g. tokenizer.eos_token = '</s>' (a token in its vocabulary).")
-  pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-  if len(rows) == 0:
+  pad_id, eos_id = special_ids(tokenizer)
+  bad = BadRows(on_bad_row, rows)
+  recs = _records(rows)
+  if not recs:
     raise ValueError(f"{source}: no rows to tokenize.")
-  texts = {f: column_strings(rows, f, source) for f in REQUIRED_FIELDS}
-  ids = {f: tokenizer(texts[f], add_special_tokens=False)["input_ids"] for f in REQUIRED_FIELDS}
+  good, texts, refs = [], [], []
+  for i, row in enumerate(recs):
+    try:
+      text = texts_of(row, i, source)
+      ref = reference_pair(row, i, source) if reference_logps else None
+    except BadRow as e:
+      bad.handle(e, i)
+      continue
+    good.append(i)
+    texts.append(text)
+    refs.append(ref)
+  ids = [tokenizer([t[k] for t in texts], add_special_tokens=False)["input_ids"] if texts else [] for k in range(3)]
 
-  prompts, chosens, rejecteds, row_ids = [], [], [], []
+  prompts, chosens, rejecteds, row_ids, kept_refs = [], [], [], [], []
   dropped = prompt_cut = response_cut = any_cut = 0
-  for i in range(len(texts["prompt"])):
-    prompt, chosen, rejected = ids["prompt"][i], ids["chosen"][i], ids["rejected"][i]
+  for k, i in enumerate(good):
+    prompt, chosen, rejected = ids[0][k], ids[1][k], ids[2][k]
     if not prompt:
-      raise ValueError(f"{source}: row {i}, field 'prompt' is empty (0 tokens); the first response token needs "
-                       "a context to be scored. Give the row a prompt (even a fixed one like 'Answer:') or drop it.")
+      bad.handle(BadRow(f"{source}: row {i}, field 'prompt' is empty (0 tokens); the first response token needs a "
+                        "context to be scored. Give the row a prompt (even a fixed one like 'Answer:') or drop it.",
+                        "empty_prompt"), i)
+      continue
     if not chosen or not rejected:
       dropped += 1
       continue
@@ -325,16 +461,15 @@ def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_len
     chosens.append(np.asarray((chosen + [eos_id])[:budget], np.int32))
     rejecteds.append(np.asarray((rejected + [eos_id])[:budget], np.int32))
     row_ids.append(i)
+    kept_refs.append(refs[k])
 
-  reference = None
-  if reference_logps:
-    columns = np.stack([column_floats(rows, f, source) for f in REFERENCE_FIELDS], axis=1)
-    reference = columns[np.asarray(row_ids, np.int64)]
+  reference = np.asarray(kept_refs, np.float64).reshape(-1, 2) if reference_logps else None
   tokenized = TokenizedPairs(tuple(prompts), tuple(chosens), tuple(rejecteds), np.asarray(row_ids, np.int32),
                              max_length=int(max_length), pad_id=int(pad_id), eos_id=int(eos_id),
                              reference_logps=reference)
-  stats = dict(num_rows=len(texts["prompt"]), num_pairs=len(row_ids), num_dropped_empty_response=dropped,
-               num_truncated=any_cut, num_prompt_truncated=prompt_cut, num_response_truncated=response_cut)
+  stats = dict(num_rows=len(recs), num_pairs=len(row_ids), num_dropped_empty_response=dropped,
+               num_truncated=any_cut, num_prompt_truncated=prompt_cut, num_response_truncated=response_cut,
+               skipped=bad.stats())
   return tokenized, stats
 
 

@@ -47,45 +47,51 @@ class TokenizedRankings:
     return tuple(r[0] for r in self.response_ids)
 
 
+def _numbers(values: Any, kind: type) -> list | None:
+  """values as a list of `kind` (int or float), or None when it is not a list of numbers."""
+  if not isinstance(values, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                  for v in values):
+    return None
+  return [kind(v) for v in values]
+
+
 def ranking_of(row: dict, i: int, source: str) -> list[int]:
   """Response indices best first, from `ranking` or `scores`; ValueError naming the row and the fix."""
   k = len(row["responses"])
   if "ranking" in row and row["ranking"] is not None:
-    ranking = [int(j) for j in row["ranking"]]
-    if sorted(ranking) != list(range(k)):
-      raise ValueError(f"{source}: row {i}, field 'ranking'={row['ranking']!r} must list each of the {k} response "
-                       f"indices 0..{k - 1} once, best first.")
+    ranking = _numbers(row["ranking"], int)
+    if ranking is None or sorted(ranking) != list(range(k)):
+      raise preference.BadRow(f"{source}: row {i}, field 'ranking'={row['ranking']!r} must list each of the {k} "
+                              f"response indices 0..{k - 1} once, best first.", "bad_ranking")
     return ranking
   if "scores" in row and row["scores"] is not None:
-    scores = [float(x) for x in row["scores"]]
-    if len(scores) != k or not all(np.isfinite(scores)):
-      raise ValueError(f"{source}: row {i}, field 'scores' must hold {k} finite numbers (one per response), got "
-                       f"{row['scores']!r}.")
+    scores = _numbers(row["scores"], float)
+    if scores is None or len(scores) != k or not all(np.isfinite(scores)):
+      raise preference.BadRow(f"{source}: row {i}, field 'scores' must hold {k} finite numbers (one per response), "
+                              f"got {row['scores']!r}.", "bad_ranking")
     return sorted(range(k), key=lambda j: -scores[j])  # stable: equal scores keep list order
-  raise ValueError(f"{source}: row {i} has 'responses' but neither 'ranking' (indices, best first) nor 'scores'.")
+  raise preference.BadRow(f"{source}: row {i} has 'responses' but neither 'ranking' (indices, best first) nor "
+                          "'scores'.", "bad_ranking")
 
 
 def tokenize_rankings(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int,
-                      source: str = "rows") -> tuple[TokenizedRankings, dict]:
+                      source: str = "rows", on_bad_row: str = "error") -> tuple[TokenizedRankings, dict]:
   """Ranked rows -> (TokenizedRankings, stats), tokenized as `preference.tokenize_pairs` tokenizes pairs.
 
   Empty responses are dropped from their set; a set left with fewer than 2 responses is dropped (counted).
+  Bad rows (preference.BadRow) raise or, with on_bad_row='skip', are counted in stats["skipped"].
   """
   preference.check_lengths(max_length, max_prompt_length)
-  eos_id = tokenizer.eos_token_id
-  if eos_id is None:
-    raise ValueError("the tokenizer has no eos_token; every response ends with EOS.")
-  pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+  pad_id, eos_id = preference.special_ids(tokenizer)
+  bad = preference.BadRows(on_bad_row, rows)
   prompts, sets, row_ids = [], [], []
   dropped = truncated = 0
-  for i, row in enumerate(rows):
-    if not isinstance(row.get("prompt"), str) or not isinstance(row.get("responses"), (list, tuple)):
-      raise ValueError(f"{source}: row {i}: ranked rows need 'prompt' (a string) and 'responses' (a list of "
-                       f"strings); it has {sorted(row)}.")
-    order = ranking_of(row, i, source)
-    prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    if not prompt:
-      raise ValueError(f"{source}: row {i}, field 'prompt' is empty; give every row a prompt.")
+  for i, row in enumerate(preference._records(rows)):
+    try:
+      order, prompt = _checked_ranking(row, i, source, tokenizer)
+    except preference.BadRow as e:
+      bad.handle(e, i)
+      continue
     kept_prompt = prompt[-max_prompt_length:]
     budget = max_length - len(kept_prompt)
     responses = tokenizer([str(row["responses"][j]) for j in order], add_special_tokens=False)["input_ids"]
@@ -102,8 +108,22 @@ def tokenize_rankings(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_
   tokenized = TokenizedRankings(tuple(prompts), tuple(sets), np.asarray(row_ids, np.int32), max_length=int(max_length),
                                 pad_id=int(pad_id), eos_id=int(eos_id), num_responses=max(len(s) for s in sets))
   stats = dict(num_rows=len(rows), num_pairs=len(sets), num_dropped_empty_response=dropped, num_truncated=truncated,
-               num_responses=tokenized.num_responses)
+               num_responses=tokenized.num_responses, skipped=bad.stats())
   return tokenized, stats
+
+
+def _checked_ranking(row: Any, i: int, source: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+  """(ranking best first, prompt ids) of a ranked row; BadRow naming the row and field when it is malformed."""
+  if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("responses"),
+                                                                                           (list, tuple)):
+    raise preference.BadRow(f"{source}: row {i}: ranked rows need 'prompt' (a string) and 'responses' (a list of "
+                            f"strings); it has {sorted(row) if isinstance(row, dict) else type(row).__name__}.",
+                            "bad_ranked_row")
+  order = ranking_of(row, i, source)
+  prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+  if not prompt:
+    raise preference.BadRow(f"{source}: row {i}, field 'prompt' is empty; give every row a prompt.", "empty_prompt")
+  return order, prompt
 
 
 def make_ranking_batch(tokenized: TokenizedRankings, indices: np.ndarray, *, kind: str = "dpo") -> dict:

@@ -36,13 +36,14 @@ PATH_IDS, PATH_TEXT = "ids", "text"  # how a conversational response was cut fro
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_any_rows(source: str, split: str = "train") -> Any:
+def load_any_rows(source: str, split: str = "train", on_bad_row: str = "error") -> Any:
   """Rows of any schema from a file, folder or hub name (read as preference.load_rows reads them), checked by
   detect_schema instead of requiring string prompt/chosen/rejected. Explicit rows are checked as load_rows
-  checks them."""
+  checks them. With on_bad_row='skip' malformed JSON lines are dropped (counted) and bad rows are left for
+  tokenize_any to skip and count."""
   path = Path(source).expanduser()
   if path.is_file():
-    rows = preference._read_file(path, split)
+    rows = preference._read_file(path, split, on_bad_row)
   elif path.is_dir():
     rows = preference._read_folder(path, split)
   elif preference._looks_like_path(source):
@@ -50,8 +51,8 @@ def load_any_rows(source: str, split: str = "train") -> Any:
                             "datasets folder, or a hub dataset name like 'owner/name'.")
   else:
     rows = preference._read_hub(source, split)
-  if detect_schema(rows, source) == "explicit":
-    preference.check_rows(rows, source)
+  if detect_schema(rows, source, on_bad_row) == "explicit":
+    preference.check_rows(rows, source, on_bad_row)
   return rows
 
 
@@ -67,41 +68,65 @@ def records(rows: Any) -> list[dict]:
 def row_schema(row: Any, i: int = 0, source: str = "rows") -> str:
   """The schema of one row; ValueError naming the row and its fields when it fits none."""
   if not isinstance(row, dict):
-    raise ValueError(f"{source}: row {i} is a {type(row).__name__}, not an object with 'chosen' and 'rejected' "
-                     "fields; write one JSON object per record.")
+    raise preference.BadRow(f"{source}: row {i} is a {type(row).__name__}, not an object with 'chosen' and "
+                            "'rejected' fields; write one JSON object per record.", "not_an_object")
   if "responses" in row:
     return "ranked"
-  missing = [f for f in ("chosen", "rejected") if f not in row or row[f] is None]
+  for field in ("chosen", "rejected"):
+    if field in row and row[field] is None:
+      raise preference.BadRow(f"{source}: row {i}, field '{field}': expected a string or a list of messages, got "
+                              "null (a missing value). Fill in or drop that row.", "null_value")
+  missing = [f for f in ("chosen", "rejected") if f not in row]
   if missing:
-    raise ValueError(f"{source}: row {i} has no {missing} (it has {sorted(row)}). Every schema needs 'chosen' and "
-                     "'rejected': rename your columns or drop the row.")
+    hints = "".join(preference.misspelling(f, row) for f in missing)
+    raise preference.BadRow(
+        f"{source}: row {i} has no {missing} (it has {sorted(row)}).{hints} Every schema needs 'chosen' and "
+        "'rejected': rename your columns or drop the row.", "missing_field")
   chosen, rejected = row["chosen"], row["rejected"]
   if isinstance(chosen, (list, tuple)) and isinstance(rejected, (list, tuple)):
     return "conversational"
   if isinstance(chosen, str) and isinstance(rejected, str):
+    if "prompt" not in row and preference.misspelling("prompt", row):  # not HH data with an extra column
+      raise preference.BadRow(f"{source}: row {i} has no 'prompt' (it has {sorted(row)})."
+                              f"{preference.misspelling('prompt', row)}", "missing_field")
     return "explicit" if "prompt" in row else "implicit"  # a non-string prompt fails explicit's checks
-  raise ValueError(f"{source}: row {i}: 'chosen' is a {type(chosen).__name__} and 'rejected' a "
-                   f"{type(rejected).__name__}; both must be strings (explicit / implicit-prompt schema) or both "
-                   "lists of {'role', 'content'} messages (conversational schema). Fix that row.")
+  raise preference.BadRow(
+      f"{source}: row {i}: 'chosen' is a {type(chosen).__name__} and 'rejected' a {type(rejected).__name__}; both "
+      "must be strings (explicit / implicit-prompt schema) or both lists of {'role', 'content'} messages "
+      "(conversational schema). Fix that row.", "not_a_string")
 
 
-def detect_schema(rows: Any, source: str = "rows") -> str:
+def detect_schema(rows: Any, source: str = "rows", on_bad_row: str = "error") -> str:
   """"explicit" | "conversational" | "implicit" (module docstring); every row must use the same one.
 
   String responses with a `prompt` field are explicit (preference.check_rows then requires it to be a
   string); string responses without one are implicit (HH transcripts); message lists are conversational
   (whatever the `prompt` is). ValueError for no rows,
   a row that fits no schema, or mixed schemas (naming the first row that differs).
+  With on_bad_row='skip' the first row that fits a schema decides it, and rows that fit none or another are
+  left for the tokenizer to skip (counted); only data where no row fits is an error.
   """
   recs = records(rows)
   if not recs:
     raise ValueError(f"{source}: no rows; check the file or the split name.")
-  first = row_schema(recs[0], 0, source)
-  for i, row in enumerate(recs[1:], 1):
-    schema = row_schema(row, i, source)
-    if schema != first:
-      raise ValueError(f"{source}: row 0 is {first} but row {i} is {schema} (module dpo_jax.data.schemas lists "
-                       "the schemas); convert the rows to one schema or split the file.")
+  bad = preference.BadRows(on_bad_row, rows)
+  first, first_at, first_error = None, 0, None
+  for i, row in enumerate(recs):
+    try:
+      schema = row_schema(row, i, source)
+    except preference.BadRow as e:
+      if not bad.skip:
+        bad.handle(e, i)
+      first_error = first_error or bad.locate(e, i)
+      continue
+    if first is None:
+      first, first_at = schema, i
+    elif schema != first and not bad.skip:
+      bad.handle(preference.BadRow(
+          f"{source}: row {first_at} is {first} but row {i} is {schema} (module dpo_jax.data.schemas lists the "
+          "schemas); convert the rows to one schema or split the file.", "other_schema"), i)
+  if first is None:
+    raise ValueError(f"{source}: no row fits any schema; the first: {first_error}")
   return first
 
 
@@ -117,12 +142,33 @@ def split_transcripts(chosen: str, rejected: str, i: int = 0, source: str = "row
   common = os.path.commonprefix([chosen, rejected])
   at = common.rfind(ASSISTANT_TAG)
   if at < 0:
-    raise ValueError(f"{source}: row {i}: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn marker (shared "
-                     f"prefix {common[:60]!r}), so the prompt cannot be found. Implicit-prompt rows must be full "
-                     "'\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts with a common prefix; otherwise add a "
-                     "'prompt' field (explicit schema).")
+    raise preference.BadRow(
+        f"{source}: row {i}: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn marker (shared prefix "
+        f"{common[:60]!r}), so the prompt cannot be found. Implicit-prompt rows must be full "
+        "'\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts with a common prefix; otherwise add a 'prompt' field "
+        "(explicit schema).", "no_shared_prompt")
   end = at + len(ASSISTANT_TAG)
   return chosen[:end], chosen[end:], rejected[end:]
+
+
+def explicit_texts(row: Any, i: int, source: str = "rows") -> tuple[str, str, str]:
+  """preference.pair_texts for data detected as explicit, with a row of another schema named as such."""
+  schema = row_schema(row, i, source)
+  if schema != "explicit":
+    raise preference.BadRow(f"{source}: row {i} is {schema}, but the data is explicit (string 'prompt', 'chosen', "
+                            "'rejected'); convert the rows to one schema.", "other_schema")
+  return preference.pair_texts(row, i, source)
+
+
+def implicit_texts(row: Any, i: int, source: str = "rows") -> tuple[str, str, str]:
+  """(prompt, chosen, rejected) strings of one HH row (preference.tokenize_pairs' texts_of for implicit data);
+  BadRow naming the row for a row of another schema, identical transcripts or no shared prompt."""
+  schema = row_schema(row, i, source)
+  if schema != "implicit":
+    raise preference.BadRow(f"{source}: row {i} is {schema}, but the data is implicit-prompt (HH transcripts in "
+                            "'chosen'/'rejected', no 'prompt'); convert the rows to one schema.", "other_schema")
+  preference.check_distinct(row["chosen"], row["rejected"], i, source)
+  return split_transcripts(row["chosen"], row["rejected"], i, source)
 
 
 def implicit_to_explicit(rows: Any, source: str = "rows") -> list[dict]:
@@ -140,18 +186,21 @@ def implicit_to_explicit(rows: Any, source: str = "rows") -> list[dict]:
 # ----------------------------------------------------------------------------------- conversational rows
 
 def check_messages(messages: Any, i: int, field: str, source: str = "rows") -> list[dict]:
-  """A validated list of messages (copies); ValueError naming the row, field and message otherwise."""
+  """A validated list of messages (copies); BadRow naming the row, field and message otherwise."""
   if not isinstance(messages, (list, tuple)):
-    raise ValueError(f"{source}: row {i}, field '{field}': expected a list of {{'role', 'content'}} messages, got "
-                     f"{type(messages).__name__}; use the same conversational format in every field.")
+    raise preference.BadRow(
+        f"{source}: row {i}, field '{field}': expected a list of {{'role', 'content'}} messages, got "
+        f"{type(messages).__name__}; use the same conversational format in every field.", "bad_message")
   out = []
   for k, m in enumerate(messages):
     if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-      raise ValueError(f"{source}: row {i}, field '{field}', message {k}: expected {{'role': ..., 'content': str}}, "
-                       f"got {str(m)[:80]!r}; fix that message.")
+      raise preference.BadRow(
+          f"{source}: row {i}, field '{field}', message {k}: expected {{'role': ..., 'content': str}}, got "
+          f"{str(m)[:80]!r}; fix that message.", "bad_message")
     if m.get("role") not in ROLES:
-      raise ValueError(f"{source}: row {i}, field '{field}', message {k}: role {m.get('role')!r} is not one of "
-                       f"{list(ROLES)}; rename it (e.g. 'human' -> 'user', 'gpt' -> 'assistant').")
+      raise preference.BadRow(
+          f"{source}: row {i}, field '{field}', message {k}: role {m.get('role')!r} is not one of {list(ROLES)}; "
+          "rename it (e.g. 'human' -> 'user', 'gpt' -> 'assistant').", "bad_role")
     out.append({key: value for key, value in m.items() if value is not None})
   return out
 
@@ -163,21 +212,27 @@ def split_conversation(row: dict, i: int = 0, source: str = "rows") -> tuple[lis
   both. The prompt is then: a `prompt` message list + those shared messages (trl's explicit-prompt
   format); or just the shared messages when `prompt` is absent or a string duplicating them (as in
   HuggingFaceH4/ultrafeedback_binarized); a string `prompt` with no shared messages becomes one user turn.
-  ValueError naming the row and field for a bad role, a last message that is not the assistant's, differing
-  histories or an empty prompt.
+  BadRow naming the row and field for a bad role, a last message that is not the assistant's, differing
+  histories, an empty prompt or identical final answers.
   """
+  schema = row_schema(row, i, source)
+  if schema != "conversational":
+    raise preference.BadRow(f"{source}: row {i} is {schema}, but the data is conversational (message lists); "
+                            "convert the rows to one schema.", "other_schema")
   chosen = check_messages(row["chosen"], i, "chosen", source)
   rejected = check_messages(row["rejected"], i, "rejected", source)
   for field, messages in (("chosen", chosen), ("rejected", rejected)):
     if not messages or messages[-1]["role"] != "assistant":
       last = messages[-1]["role"] if messages else "nothing (empty list)"
-      raise ValueError(f"{source}: row {i}, field '{field}': the last message must be the assistant's response, "
-                       f"found {last!r}. End '{field}' with {{'role': 'assistant', 'content': ...}}; put the "
-                       "conversation so far in 'prompt'.")
+      raise preference.BadRow(
+          f"{source}: row {i}, field '{field}': the last message must be the assistant's response, found "
+          f"{last!r}. End '{field}' with {{'role': 'assistant', 'content': ...}}; put the conversation so far in "
+          "'prompt'.", "bad_role")
   if chosen[:-1] != rejected[:-1]:
-    raise ValueError(f"{source}: row {i}: 'chosen' and 'rejected' differ before their final assistant turn; a "
-                     "pair must share its history. Move the shared turns into 'prompt' and keep only the final "
-                     "assistant message in each.")
+    raise preference.BadRow(
+        f"{source}: row {i}: 'chosen' and 'rejected' differ before their final assistant turn; a pair must share "
+        "its history. Move the shared turns into 'prompt' and keep only the final assistant message in each.",
+        "histories_differ")
   prompt = row.get("prompt")
   if isinstance(prompt, (list, tuple)):
     history = check_messages(prompt, i, "prompt", source) + chosen[:-1]
@@ -186,14 +241,17 @@ def split_conversation(row: dict, i: int = 0, source: str = "rows") -> tuple[lis
   elif prompt is None or isinstance(prompt, str):
     history = chosen[:-1]
   else:
-    raise ValueError(f"{source}: row {i}, field 'prompt': expected a list of messages or a string, got "
-                     f"{type(prompt).__name__}; fix or drop that field.")
+    raise preference.BadRow(f"{source}: row {i}, field 'prompt': expected a list of messages or a string, got "
+                            f"{type(prompt).__name__}; fix or drop that field.", "bad_message")
   if not history:
-    raise ValueError(f"{source}: row {i}: no prompt messages before the final assistant turn; the response needs "
-                     "a context. Add a 'prompt' list (e.g. [{'role': 'user', 'content': ...}]) or drop the row.")
+    raise preference.BadRow(
+        f"{source}: row {i}: no prompt messages before the final assistant turn; the response needs a context. "
+        "Add a 'prompt' list (e.g. [{'role': 'user', 'content': ...}]) or drop the row.", "empty_prompt")
   if history[-1]["role"] == "assistant":
-    raise ValueError(f"{source}: row {i}: the prompt ends with an assistant message, so the final assistant turn "
-                     "does not answer anything. End the prompt with a user (or system) message.")
+    raise preference.BadRow(
+        f"{source}: row {i}: the prompt ends with an assistant message, so the final assistant turn does not "
+        "answer anything. End the prompt with a user (or system) message.", "bad_role")
+  preference.check_distinct(chosen[-1]["content"], rejected[-1]["content"], i, source)
   return history, chosen[-1], rejected[-1]
 
 
@@ -286,32 +344,35 @@ def to_explicit_rows(rows: Any, tokenizer: Any = None, source: str = "rows") -> 
 # ------------------------------------------------------------------------------------------------ tokenizing
 
 def tokenize_conversational(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int,
-                            source: str = "rows", reference_logps: bool = False
+                            source: str = "rows", reference_logps: bool = False, on_bad_row: str = "error"
                             ) -> tuple[preference.TokenizedPairs, dict]:
   """Conversational rows -> (TokenizedPairs, stats) with ids cut from the chat template's rendering.
 
   prompt_ids = render_prompt(history); each response = render_response (the final assistant turn through
   the template's end-of-turn), plus EOS only when that has no EOS token. Truncation and drops as in
   preference.tokenize_pairs: the prompt keeps its last max_prompt_length tokens, each response its first
-  max_length - prompt_len; a pair whose chosen or rejected content is "" is dropped and counted.
+  max_length - prompt_len; a pair whose chosen or rejected content is "" is dropped and counted; bad rows
+  (preference.BadRow) raise or, with on_bad_row='skip', are counted in stats["skipped"].
   stats: tokenize_pairs' keys plus num_text_split, the pairs where render_response took the text fallback.
   reference_logps=True keeps the rows' ref_chosen_logps / ref_rejected_logps, as in tokenize_pairs.
   """
   preference.check_lengths(max_length, max_prompt_length)
   check_chat_template(tokenizer)
-  eos_id = tokenizer.eos_token_id
-  if eos_id is None:
-    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; set one, e.g. "
-                     "tokenizer.eos_token = '<|end|>' (the template's end-of-turn token).")
-  pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+  pad_id, eos_id = preference.special_ids(tokenizer)
+  bad = preference.BadRows(on_bad_row, rows)
   recs = records(rows)
   if not recs:
     raise ValueError(f"{source}: no rows to tokenize.")
 
-  prompts, chosens, rejecteds, row_ids = [], [], [], []
+  prompts, chosens, rejecteds, row_ids, refs = [], [], [], [], []
   dropped = prompt_cut = response_cut = any_cut = text_split = 0
   for i, row in enumerate(recs):
-    history, chosen, rejected = split_conversation(row, i, source)
+    try:
+      history, chosen, rejected = split_conversation(row, i, source)
+      ref = preference.reference_pair(row, i, source) if reference_logps else None
+    except preference.BadRow as e:
+      bad.handle(e, i)
+      continue
     if chosen["content"] == "" or rejected["content"] == "":
       dropped += 1
       continue
@@ -334,42 +395,36 @@ def tokenize_conversational(rows: Any, tokenizer: Any, *, max_length: int, max_p
     chosens.append(np.asarray(responses[0][:budget], np.int32))
     rejecteds.append(np.asarray(responses[1][:budget], np.int32))
     row_ids.append(i)
+    refs.append(ref)
 
-  reference = None
-  if reference_logps:
-    columns = np.stack([preference.column_floats(recs, f, source) for f in preference.REFERENCE_FIELDS], axis=1)
-    reference = columns[np.asarray(row_ids, np.int64)]
+  reference = np.asarray(refs, np.float64).reshape(-1, 2) if reference_logps else None
   tokenized = preference.TokenizedPairs(tuple(prompts), tuple(chosens), tuple(rejecteds),
                                         np.asarray(row_ids, np.int32), max_length=int(max_length),
                                         pad_id=int(pad_id), eos_id=int(eos_id), reference_logps=reference)
   stats = dict(num_rows=len(recs), num_pairs=len(row_ids), num_dropped_empty_response=dropped,
                num_truncated=any_cut, num_prompt_truncated=prompt_cut, num_response_truncated=response_cut,
-               num_text_split=text_split)
+               skipped=bad.stats(), num_text_split=text_split)
   return tokenized, stats
 
 
 def tokenize_any(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int, source: str = "rows",
-                 reference_logps: bool = False) -> tuple[preference.TokenizedPairs, dict]:
+                 reference_logps: bool = False, on_bad_row: str = "error") -> tuple[preference.TokenizedPairs, dict]:
   """Rows of any schema -> (TokenizedPairs, stats), stats["schema"] naming the detected schema.
 
-  explicit: preference.tokenize_pairs as is; implicit: split_transcripts, then tokenize_pairs;
-  conversational: tokenize_conversational (chat template, exact ids). reference_logps as in tokenize_pairs.
+  explicit: preference.tokenize_pairs as is; implicit: tokenize_pairs with split_transcripts' texts;
+  conversational: tokenize_conversational (chat template, exact ids). reference_logps as in tokenize_pairs;
+  on_bad_row='skip' drops bad rows, counted by reason in stats["skipped"] (else the first one is an error).
   """
-  schema = detect_schema(rows, source)
+  schema = detect_schema(rows, source, on_bad_row)
+  kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, source=source, on_bad_row=on_bad_row)
   if schema == "ranked":
     if reference_logps:
       raise ValueError(f"{source}: precomputed reference log-probs are for pair data; ranked data runs pi_ref.")
-    tokenized, stats = rankings.tokenize_rankings(records(rows), tokenizer, max_length=max_length,
-                                                  max_prompt_length=max_prompt_length, source=source)
+    tokenized, stats = rankings.tokenize_rankings(rows, tokenizer, **kw)
   elif schema == "conversational":
-    tokenized, stats = tokenize_conversational(rows, tokenizer, max_length=max_length,
-                                               max_prompt_length=max_prompt_length, source=source,
-                                               reference_logps=reference_logps)
+    tokenized, stats = tokenize_conversational(rows, tokenizer, reference_logps=reference_logps, **kw)
   else:
-    preference.check_lengths(max_length, max_prompt_length)
-    explicit = implicit_to_explicit(rows, source) if schema == "implicit" else rows
-    tokenized, stats = preference.tokenize_pairs(explicit, tokenizer, max_length=max_length,
-                                                 max_prompt_length=max_prompt_length, source=source,
-                                                 reference_logps=reference_logps)
+    texts_of = implicit_texts if schema == "implicit" else explicit_texts
+    tokenized, stats = preference.tokenize_pairs(rows, tokenizer, reference_logps=reference_logps,
+                                                 texts_of=texts_of, **kw)
   return tokenized, {**stats, "schema": schema}
-
