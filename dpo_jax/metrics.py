@@ -47,6 +47,31 @@ class MetricsWriter:
         self._tb.add_scalar(f"{stage}/{split}/{k}", v, int(step))
       self._tb.flush()
 
+  def drop_after(self, stage: str, step: int) -> int:
+    """Remove `stage`'s records with a step after `step` (both splits); returns how many were removed.
+
+    Called when a stage (re)starts from `step`: records a killed run logged after its last checkpoint are
+    logged again by the resumed run, so the file never holds a step twice. The rewrite is atomic (a
+    temporary file, then a rename), so a kill here loses nothing either.
+    """
+    if not self.enabled or not os.path.isfile(self.jsonl_path):
+      return 0
+    with open(self.jsonl_path) as f:
+      lines = [line for line in f if line.strip()]
+    keep = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:  # a line cut short by a kill mid-write: nothing to keep
+        continue
+      if not (record.get("stage") == stage and int(record.get("step", 0)) > step):
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+      with open(self.jsonl_path + ".tmp", "w") as f:
+        f.writelines(keep)
+      os.replace(self.jsonl_path + ".tmp", self.jsonl_path)
+    return len(lines) - len(keep)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
