@@ -335,6 +335,11 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _traced(x: Any) -> bool:
+  """A value under a jax transformation: dpo_jax/sweep.py vmaps over beta after checking its concrete values."""
+  return isinstance(x, jax.core.Tracer)
+
+
 def _need(cond: bool, field: str, value: Any, rule: str) -> None:
   if not cond:
     raise ValueError(f"config.loss.{field}={value!r} {rule}")
@@ -476,13 +481,13 @@ def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_s
   Returns {option: value} with every used option's default filled in.
   """
   if loss_type == RANKING_LOSS:  # ranked data: plackett_luce_loss, which has beta alone
-    _need(_is_number(beta) and beta > 0, "beta", beta, "must be a finite number > 0.")
+    _need(_traced(beta) or (_is_number(beta) and beta > 0), "beta", beta, "must be a finite number > 0.")
     _need(label_smoothing == 0 and weights is None and not options, "label_smoothing/options",
           (label_smoothing, weights, options), f"are not used by {RANKING_LOSS!r}; leave them unset.")
     return {}
   types = _as_types(loss_type)
   label = loss_type if isinstance(loss_type, str) else types
-  _need(_is_number(beta) and beta > 0, "beta", beta,
+  _need(_traced(beta) or (_is_number(beta) and beta > 0), "beta", beta,
         "must be a finite number > 0 (it scales the implicit reward; 0.1 is typical).")
   _need(_is_number(label_smoothing), "label_smoothing", label_smoothing, "must be a finite number.")
   if weights is not None:
