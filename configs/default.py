@@ -49,6 +49,13 @@ def get_config(arg=None):
       #                         held during training (it is reloaded afterwards for the KL evaluation).
       reward="auto",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task), 'none'
       #                 (skip the reward column; KL is still reported), or 'auto' (synthetic iff data.train='').
+      packing=False,  # DPO stage: pack several pairs per row (segments masked apart), batch_size / pairs_per_row
+      #                 rows per step, each step holding at most batch_size pairs (fewer when long pairs fill it).
+      pairs_per_row=4,  # packing: at most this many pairs (2x as many segments) in one packed row.
+      pack_length=0,  # packing: tokens per packed row; 0 = 2 * max_length, room for any pair.
+      on_bad_row="error",  # a row that cannot be trained on (null/non-string field, bad role, chosen == rejected,
+      #                      malformed JSON line, ...): 'error' stops naming file, row and field; 'skip' drops it,
+      #                      counted per reason in the data report.
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -90,6 +97,9 @@ def get_config(arg=None):
       #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
       export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that
       #                AutoModelForCausalLM.from_pretrained loads, to <workdir>/hf_export.
+      trust_remote_code=False,  # let transformers run Python code shipped in a checkpoint or tokenizer folder (custom
+      #                           tokenizer / config classes). Off: such a folder is an error. Weights are read from
+      #                           safetensors only, never pickle, whatever this says.
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -116,6 +126,13 @@ def get_config(arg=None):
           discopop_tau=_option(),  # 'discopop': temperature of the log-ratio modulation (default 0.05).
           delta=_option(),  # 'bco_pair': reward shift (TRL keeps a running mean of rewards; here fixed, default 0).
       )),
+  ))
+
+  c.ref_update = ml_collections.ConfigDict(dict(
+      mode="off",  # TR-DPO (Gorbatovski 2024): 'off' keeps pi_ref frozen; 'soft' moves it toward the policy, 'hard'
+      #              copies the policy into it, every ref_update.tau DPO steps (needs a reference model in the step).
+      alpha=0.6,  # 'soft': ref <- alpha * policy + (1 - alpha) * ref, alpha in (0, 1]; 'hard' is alpha = 1.
+      tau=512,  # DPO optimizer steps between reference updates (after steps tau, 2 tau, ...).
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

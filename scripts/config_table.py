@@ -1,6 +1,7 @@
 """Print the README's table of config fields from the comments next to each default in configs/default.py.
 
-    python scripts/config_table.py > /tmp/fields.md   # then paste under README "## Configs"
+    python scripts/config_table.py           # print it
+    python scripts/config_table.py --write   # replace the table under README's "## Configs" in place
 """
 
 import re
@@ -30,7 +31,25 @@ def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
   return out
 
 
+README = SOURCE.parents[1] / "README.md"
+HEADER = "| field | default | meaning |\n|---|---|---|"
+
+
+def table() -> str:
+  return "\n".join([HEADER] + [f"| `{name}` | `{default}` | {meaning} |" for name, default, meaning in rows()])
+
+
+def write_readme(path: Path = README) -> None:
+  """Swap the README's table (from its header to the first blank line) for a fresh one."""
+  text = path.read_text()
+  start = text.index(HEADER)
+  end = text.index("\n\n", start)
+  path.write_text(text[:start] + table() + text[end:])
+
+
 if __name__ == "__main__":
-  print("| field | default | meaning |\n|---|---|---|")
-  for name, default, meaning in rows():
-    print(f"| `{name}` | `{default}` | {meaning} |")
+  import sys
+  if "--write" in sys.argv[1:]:
+    write_readme()
+  else:
+    print(table())
