@@ -8,19 +8,14 @@ import jax
 
 from configs.default import get_config
 from dpo_jax import dry_run, model as model_lib
+from config_overrides import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(**overrides):
   c = get_config("tiny")
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def test_fsdp_divides_every_sharded_param_and_adam_holds_two_moments(capsys):

@@ -17,6 +17,7 @@ import pytest
 
 from configs.default import get_config
 from dpo_jax import distributed, train
+from config_overrides import override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -63,13 +64,7 @@ def run_two_by_four(workdir, timeout_s=900):
 def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path):
   multi = run_two_by_four(str(tmp_path / "2x4"))
 
-  config = get_config("tiny")
-  for key, value in OVERRIDES.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config = override(get_config("tiny"), OVERRIDES)
   single = str(tmp_path / "1x8")
   summary = train.run(config, single)
 

@@ -12,6 +12,7 @@ import pytest
 
 from configs.default import get_config
 from dpo_jax import checkpoint, model as model_lib, reference_update, train
+from config_overrides import override
 
 MODEL_CFG = model_lib.ModelConfig.from_dict(get_config("tiny").model)
 
@@ -61,13 +62,7 @@ def tiny(mode, **overrides):
   c.checkpoint_every_steps = 1  # every step's (state, reference) on disk, for the checks below
   c.max_checkpoints = 10
   c.ref_update.update(mode=mode, alpha=0.5, tau=2)
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def run_capturing_reference(config, workdir, monkeypatch):

@@ -9,19 +9,14 @@ import pytest
 
 from configs.default import get_config
 from dpo_jax import step, train
+from config_overrides import override
 
 
 def tiny(**overrides):
   c = get_config("tiny")
   c.progress_bar = False
   c.eval.num_prompts = 0  # sampling is covered by tests/test_sample.py and the slow end-to-end test
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def read_metrics(workdir, stage, split="train"):
