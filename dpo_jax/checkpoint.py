@@ -71,6 +71,20 @@ def check_fits(stored: dict[str, tuple[tuple[int, ...], str]], abstract_state: A
                      f"({len(extra)} such arrays). {fix}")
 
 
+def _set_aside(mngr: ocp.CheckpointManager, step: int, err: Exception) -> None:
+  """Report an unreadable step and move it to `<step>.corrupt-<unix time>`, out of the manager's sight."""
+  bad = os.path.join(str(mngr.directory), str(step))
+  aside = f"{bad}.corrupt-{int(time.time())}"
+  print(f"WARNING: checkpoint step {step} in {mngr.directory} is unreadable ({type(err).__name__}: "
+        f"{str(err)[:300]}); moved it to {aside} and trying the previous step.", flush=True)
+  if jax.process_index() == 0 and os.path.isdir(bad):
+    os.replace(bad, aside)
+  if jax.process_count() > 1:  # every host sees the step gone before any of them lists the steps again
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+  mngr.reload()
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
   """(state, meta) of the newest READABLE checkpoint, or None when there is none.
 
@@ -85,25 +99,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
       stored = stored_arrays(mngr, step)
       if not stored:
         raise ValueError("no arrays listed in the step's metadata")
-    except Exception as err:  # unreadable metadata: a damaged step, handled below like unreadable arrays
-      stored = err
-    if not isinstance(stored, Exception):
-      check_fits(stored, abstract_state, f"checkpoint step {step} in {mngr.directory}")  # a config error, raised
+    except Exception as err:  # unreadable metadata: a damaged step
+      _set_aside(mngr, step, err)
+      continue
+    check_fits(stored, abstract_state, f"checkpoint step {step} in {mngr.directory}")  # a config error: raised
     try:
-      if isinstance(stored, Exception):
-        raise stored
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       return restored["state"], dict(restored["meta"])
     except Exception as err:  # orbax / tensorstore raise many types for a damaged step; all mean "unreadable"
-      bad = os.path.join(str(mngr.directory), str(step))
-      aside = f"{bad}.corrupt-{int(time.time())}"
-      print(f"WARNING: checkpoint step {step} in {mngr.directory} is unreadable ({type(err).__name__}: "
-            f"{str(err)[:300]}); moved it to {aside} and trying the previous step.", flush=True)
-      if jax.process_index() == 0 and os.path.isdir(bad):
-        os.replace(bad, aside)
-      if jax.process_count() > 1:  # every host sees the step gone before any of them lists the steps again
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
-      mngr.reload()
+      _set_aside(mngr, step, err)
   return None
