@@ -46,11 +46,15 @@ import threading
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __name__ == "__main__" and "--cpu_devices" in sys.argv:  # XLA reads this once, when jax is first imported
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                             + sys.argv[sys.argv.index("--cpu_devices") + 1]).strip()
 
-from dpo_jax import hf, model as model_lib, optim, sharding, step
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dpo_jax import hf, model as model_lib, optim, sharding, step  # noqa: E402
 
 CONFIGS = {
     # name: (model fields, pairs per batch, tokens per sequence)
@@ -141,12 +145,12 @@ def measure_peak(dtype: str, repeats: int = 5) -> dict[str, float]:
 # ---- dpo_jax ----
 
 class JaxStep:
-  """The dpo_jax train step as `train.run_dpo` builds it, on a 1-device mesh."""
+  """The dpo_jax train step as `train.run_dpo` builds it, on a mesh of `devices` local devices (data parallel)."""
 
   def __init__(self, cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarray], *,
-               precomputed_reference: bool):
+               precomputed_reference: bool, devices: int = 1):
     defaults = _default_config()
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:devices])
     rules = defaults.SHARDING_RULES
     shard = sharding.ShardingContext(mesh, rules)
     model = model_lib.make_model(cfg, shard)
@@ -419,6 +423,10 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   flops["jax"] = 4 * fwd
   impls["jax-preref"] = JaxStep(cfg, params, batch, precomputed_reference=True)
   flops["jax-preref"] = 3 * fwd
+  if jax.local_device_count() > 1:  # e.g. --cpu_devices 2: the batch split over a data axis, one part per core
+    n = jax.local_device_count()
+    impls[f"jax-dp{n}"] = JaxStep(cfg, params, batch, precomputed_reference=False, devices=n)
+    flops[f"jax-dp{n}"] = 4 * fwd
   if args.full_attention:  # the step as it was before query-blocked attention: one [T, T] score block
     block, model_lib.ATTENTION_QUERY_BLOCK = model_lib.ATTENTION_QUERY_BLOCK, length
     impls["jax-fullattn"] = JaxStep(cfg, params, batch, precomputed_reference=False)
@@ -491,6 +499,9 @@ def main(argv=None) -> None:
   parser.add_argument("--breakdown", action="store_true",
                       help="instead of the comparison: time pieces of the dpo_jax step (forward, logps, one block, ...)")
   parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")
+  parser.add_argument("--cpu_devices", type=int, default=1,
+                      help="emulated CPU devices (XLA_FLAGS); > 1 adds a `jax-dpN` row: the step data-parallel "
+                      "over N devices")
   args = parser.parse_args(argv)
   args.skip = set(filter(None, args.skip.split(",")))
   names = [args.config] if args.config else args.configs.split(",")

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -61,17 +62,21 @@ def left_pad_prompts(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[np.nda
   return ids, mask
 
 
-def sample_metrics(model_cfg: Any, model: Any, policy: Any, reference: Any, prompt_texts: Sequence[str],
-                   prompt_ids: Sequence[np.ndarray], *, tokenizer: Any, reward_fn: Callable[[str, str], float],
-                   rng: jax.Array, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
-                   samples_per_prompt: int = 1) -> dict[str, float]:
-  """Mean r*, KL(pi || pi_ref) and length of fresh samples from `policy` (pass the reference as `policy`
-  for pi_ref's own row: its KL is then exactly 0)."""
+class Samples(NamedTuple):
+  """One batch of fresh samples: `n` real rows first (the rest repeat row 0 to keep shapes static)."""
+  start: int  # index of row 0 in the flat (prompt, sample) list
+  n: int  # real rows
+  batch: dict  # scoring batch `[B, P + max_new_tokens]` (`sample.completions_to_batch`): log-probs, rewards
+  responses: list  # the n responses' token ids, EOS and padding cut off
+  texts: list  # the n responses decoded (special tokens skipped)
+
+
+def draw_samples(model_cfg: Any, policy: Any, prompt_ids: Sequence[np.ndarray], *, tokenizer: Any, rng: jax.Array,
+                 max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
+                 samples_per_prompt: int = 1) -> Iterator[Samples]:
+  """Ancestral samples from `policy` (KV cache), `samples_per_prompt` per prompt, prompt-major order."""
   eos_id = tokenizer.eos_token_id
   pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-  score = jax.jit(lambda p, b: logprobs.sequence_logps(model, p, b).logps)
-  rewards, kls, lengths = [], [], []
-  prompt_texts = [t for t in prompt_texts for _ in range(samples_per_prompt)]
   prompt_ids = [p for p in prompt_ids for _ in range(samples_per_prompt)]
   for start in range(0, len(prompt_ids), batch_size):
     chunk = list(prompt_ids[start:start + batch_size])
@@ -83,15 +88,35 @@ def sample_metrics(model_cfg: Any, model: Any, policy: Any, reference: Any, prom
                                         temperature=temperature))
     batch = sample.completions_to_batch(ids, mask, tokens, pad_id=pad_id, eos_id=eos_id,
                                         max_length=ids.shape[1] + max_new_tokens)
-    kl = np.asarray(score(policy, batch)) - np.asarray(score(reference, batch))
+    responses = []
     for i in range(n):
-      response = tokens[i]
-      cut = np.flatnonzero(response == eos_id)
-      response = response[:cut[0]] if cut.size else response
-      text = tokenizer.decode(response.tolist(), skip_special_tokens=True)
-      rewards.append(reward_fn(prompt_texts[start + i], text))
-      lengths.append(len(response))
-      kls.append(float(kl[i]))
+      cut = np.flatnonzero(tokens[i] == eos_id)
+      responses.append(tokens[i][:cut[0]] if cut.size else tokens[i])
+    texts = [tokenizer.decode(r.tolist(), skip_special_tokens=True) for r in responses]
+    yield Samples(start, n, batch, responses, texts)
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(model: Any) -> Callable:
+  """log pi(y|x) of a scoring batch, jitted once per model (flax modules hash by their config)."""
+  return jax.jit(lambda p, b: logprobs.sequence_logps(model, p, b).logps)
+
+
+def sample_metrics(model_cfg: Any, model: Any, policy: Any, reference: Any, prompt_texts: Sequence[str],
+                   prompt_ids: Sequence[np.ndarray], *, tokenizer: Any, reward_fn: Callable[[str, str], float],
+                   rng: jax.Array, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
+                   samples_per_prompt: int = 1) -> dict[str, float]:
+  """Mean r*, KL(pi || pi_ref) and length of fresh samples from `policy` (pass the reference as `policy`
+  for pi_ref's own row: its KL is then exactly 0)."""
+  score = _scorer(model)
+  rewards, kls, lengths = [], [], []
+  prompt_texts = [t for t in prompt_texts for _ in range(samples_per_prompt)]
+  for s in draw_samples(model_cfg, policy, prompt_ids, tokenizer=tokenizer, rng=rng, max_new_tokens=max_new_tokens,
+                        temperature=temperature, batch_size=batch_size, samples_per_prompt=samples_per_prompt):
+    kl = np.asarray(score(policy, s.batch)) - np.asarray(score(reference, s.batch))
+    rewards += [reward_fn(prompt_texts[s.start + i], s.texts[i]) for i in range(s.n)]
+    lengths += [len(r) for r in s.responses]
+    kls += [float(k) for k in kl[:s.n]]
   return {"reward": float(np.mean(rewards)), "reward_stderr": float(np.std(rewards) / np.sqrt(len(rewards))),
           "kl": float(np.mean(kls)), "kl_stderr": float(np.std(kls) / np.sqrt(len(kls))),
           "length": float(np.mean(lengths)), "num_samples": len(rewards)}

@@ -58,6 +58,16 @@ def sequence_lengths(batch: Mapping[str, jax.Array]) -> jax.Array:
   return _per_sequence(real_NxT, segment_onehot(batch["attention_mask"], g) if g else None)
 
 
+def token_logps(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array) -> jax.Array:
+  """Per-token log pi(ids[:, t + 1] | ids[:, :t + 1]) from `logits[:, t]`, `[N, T - 1]` fp32 nats, 0 where
+  `loss_mask[:, t + 1]` is 0 (prompt, padding). Their row sums are `logps_from_logits(...).logps`."""
+  logits_NxSxV = logits_NxTxV[:, :-1].astype(jnp.float32)
+  # logsumexp + gather rather than log_softmax: no second [N, T, V] array is needed.
+  log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
+  target_logit_NxS = jnp.take_along_axis(logits_NxSxV, ids_NxT[:, 1:, None], axis=-1)[..., 0]
+  return (target_logit_NxS - log_z_NxS) * loss_mask_NxT[:, 1:].astype(jnp.float32)
+
+
 def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
                       segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
   """Score `ids[:, 1:]` under `logits[:, :-1]` where `loss_mask[:, 1:]` is set.
@@ -65,13 +75,9 @@ def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT
   Results are per row `[N]`, or with `num_segments = G > 0` per segment of `segments_NxT` `[N * G]`.
   """
   logits_NxSxV = logits_NxTxV[:, :-1].astype(jnp.float32)
-  targets_NxS = ids_NxT[:, 1:]
   mask_NxS = loss_mask_NxT[:, 1:].astype(jnp.float32)
   onehot = segment_onehot(segments_NxT[:, 1:], num_segments) if num_segments else None
-  # logsumexp + gather rather than log_softmax: no second [N, T, V] array is needed.
-  log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
-  target_logit_NxS = jnp.take_along_axis(logits_NxSxV, targets_NxS[..., None], axis=-1)[..., 0]
-  token_logps_NxS = (target_logit_NxS - log_z_NxS) * mask_NxS
+  token_logps_NxS = token_logps(logits_NxTxV, ids_NxT, loss_mask_NxT)
   return SequenceLogps(
       logps=_per_sequence(token_logps_NxS, onehot),
       num_tokens=_per_sequence(mask_NxS, onehot),

@@ -614,12 +614,9 @@ def run(config: Any, workdir: str) -> dict:
   Raises `Preempted` after SIGTERM, once the current step is checkpointed (rerun to resume).
   """
   validate_config(config, jax.device_count())
-  if jax.process_index() == 0:  # writable, not full, and ours alone, before any data or compute
-    workdir_lib.claim(workdir)
-  try:
+  # Writable, not full, and ours alone, before any data or compute.
+  with workdir_lib.held(workdir, claimant=jax.process_index() == 0):
     return _run_stages(config, workdir)
-  finally:
-    workdir_lib.release(workdir)
 
 
 def _run_stages(config: Any, workdir: str) -> dict:

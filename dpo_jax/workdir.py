@@ -9,6 +9,7 @@ on the same workdir while the first is alive is refused with the first one's pid
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -87,6 +88,18 @@ def release(workdir: str) -> None:
   if fd is not None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+@contextlib.contextmanager
+def held(workdir: str, claimant: bool = True):
+  """`claim(workdir)` if `claimant` (process 0 of a multi-host job), and `release` on the way out, whatever
+  happens inside."""
+  if claimant:
+    claim(workdir)
+  try:
+    yield
+  finally:
+    release(workdir)
 
 
 def _read_holder(fd: int) -> dict:

@@ -1,13 +1,15 @@
-"""Print the README's table of config fields from the comments next to each default in configs/default.py.
+"""Print the README's tables of config fields from the comments next to each default in configs/default.py
+and (the `frontier` block) configs/frontier.py.
 
-    python scripts/config_table.py           # print it
-    python scripts/config_table.py --write   # replace the table under README's "## Configs" in place
+    python scripts/config_table.py           # print them
+    python scripts/config_table.py --write   # replace both tables in README.md in place
 """
 
 import re
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+FRONTIER_SOURCE = SOURCE.parent / "frontier.py"
 
 
 def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
@@ -33,18 +35,26 @@ def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
 
 README = SOURCE.parents[1] / "README.md"
 HEADER = "| field | default | meaning |\n|---|---|---|"
+FRONTIER_HEADER = "| `configs/frontier.py` field | default | meaning |\n|---|---|---|"
 
 
-def table() -> str:
-  return "\n".join([HEADER] + [f"| `{name}` | `{default}` | {meaning} |" for name, default, meaning in rows()])
+def table(header: str = HEADER, source: str = SOURCE.read_text()) -> str:
+  return "\n".join([header] + [f"| `{name}` | `{default}` | {meaning} |" for name, default, meaning in rows(source)])
+
+
+def tables() -> dict[str, str]:
+  """README header -> its fresh table."""
+  return {HEADER: table(), FRONTIER_HEADER: table(FRONTIER_HEADER, FRONTIER_SOURCE.read_text())}
 
 
 def write_readme(path: Path = README) -> None:
-  """Swap the README's table (from its header to the first blank line) for a fresh one."""
+  """Swap each README table (from its header to the first blank line) for a fresh one."""
   text = path.read_text()
-  start = text.index(HEADER)
-  end = text.index("\n\n", start)
-  path.write_text(text[:start] + table() + text[end:])
+  for header, fresh in tables().items():
+    start = text.index(header)
+    end = text.index("\n\n", start)
+    text = text[:start] + fresh + text[end:]
+  path.write_text(text)
 
 
 if __name__ == "__main__":
@@ -52,4 +62,4 @@ if __name__ == "__main__":
   if "--write" in sys.argv[1:]:
     write_readme()
   else:
-    print(table())
+    print("\n\n".join(tables().values()))
