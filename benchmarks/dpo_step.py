@@ -2,10 +2,13 @@
 
     PYTHONPATH=. python benchmarks/dpo_step.py [--configs tiny,small] [--repeats 5] [--dtype fp32|bf16]
         [--remat none|full|dots_saveable] [--full_attention] [--skip torch,trl] [--breakdown] [--config 1b]
+        [--cpu_devices 2] [--profile]
 
 Implementations (each timed after warm-up; the repeats interleave them so a noisy, shared machine slows all alike):
   jax          `step.train_step` jitted by `step.jit_train_step` on a 1-device mesh, as `train.run_dpo` runs it:
                policy forward + backward, frozen reference forward, sigmoid DPO loss (beta 0.1), clip + AdamW.
+  jax-dpN      (`--cpu_devices N`, N > 1) the `jax` step on an N-device `data` mesh: the batch split over
+               N emulated CPU devices, e.g. one per core.
   jax-preref   the same step with `reference_params=None` and precomputed `ref_chosen_logps` /
                `ref_rejected_logps` in the batch (no reference forward): the saving of `stage=precompute`.
   torch        a plain PyTorch DPO step: HF `LlamaForCausalLM` with the same weights, one concatenated forward
@@ -24,7 +27,8 @@ of the policy and reference params + the peak rise of the process RSS during the
 millisecond after `malloc_trim`, which holds AdamW's new moments, the gradients and the activations.
 
 `--full_attention` adds `jax-fullattn`: the jax step with attention as one [T, T] block per head (the program
-before `model.causal_attention` split queries into blocks). `--breakdown` times pieces of the jax step instead.
+before `model.causal_attention` split queries into blocks). `--breakdown` times pieces of the jax step instead;
+`--profile` traces it (`jax.profiler`) and prints the XLA op time summed by op kind instead.
 
 FLOPs counted per step (same for every implementation): policy forward + backward = 3 forwards, plus 1 reference
 forward (0 for jax-preref, whose MFU counts only the work it does). One forward over N rows of T tokens is
@@ -402,6 +406,36 @@ def breakdown(cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarr
     print(f"    {k:<28} {1e3 * m:9.1f} ms  {100 * m / full:6.1f}%")
 
 
+def profile(step_fn: "JaxStep", steps: int = 2, top: int = 15) -> None:
+  """Trace `steps` calls of the jitted step with `jax.profiler` and print the XLA op time summed by op kind
+  (the fusion name without its number, e.g. `ynn_fusion` = the dots, `copy_bitcast_fusion` = layout copies)."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import tempfile
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        step_fn()
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+  kinds, counts = collections.Counter(), collections.Counter()
+  for e in events:  # XLA ops only: not Python frames ($...), executor spans or host transfers
+    name = e["name"]
+    if name.startswith("$") or "Execute" in name or "(" in name or " " in name:
+      continue
+    kind = re.sub(r"[._]\d+$", "", name)
+    kinds[kind] += e["dur"] / steps
+    counts[kind] += 1
+  total = sum(kinds.values())
+  print(f"  profile: XLA op time {total / 1e3:.1f} ms per step (ops on several threads add up), by kind:")
+  for kind, us in kinds.most_common(top):
+    print(f"    {kind:<32} {us / 1e3:9.1f} ms  {100 * us / total:5.1f}%  {counts[kind] // steps:5d} ops")
+
+
 # ---- the run ----
 
 def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[dict]:
@@ -416,6 +450,11 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
 
   if args.breakdown:
     breakdown(cfg, params, batch, args.repeats)
+    return []
+  if args.profile:
+    jax_step = JaxStep(cfg, params, batch, precomputed_reference=False)
+    jax_step()  # warm-up
+    profile(jax_step)
     return []
   impls: dict[str, Any] = {}
   flops: dict[str, float] = {}
@@ -499,6 +538,8 @@ def main(argv=None) -> None:
   parser.add_argument("--breakdown", action="store_true",
                       help="instead of the comparison: time pieces of the dpo_jax step (forward, logps, one block, ...)")
   parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")
+  parser.add_argument("--profile", action="store_true",
+                      help="trace the jax step with jax.profiler and print its op time by op kind, instead")
   parser.add_argument("--cpu_devices", type=int, default=1,
                       help="emulated CPU devices (XLA_FLAGS); > 1 adds a `jax-dpN` row: the step data-parallel "
                       "over N devices")
@@ -518,7 +559,7 @@ def main(argv=None) -> None:
     print(f"matmul peak ({args.dtype}): jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch "
           f"{peak['torch'] / 1e9:.1f} GFLOP/s")
     rows += run_config(name, args, best_peak)
-  if not rows:  # --breakdown
+  if not rows:  # --breakdown / --profile
     return
   peak = measure_peak(args.dtype)
   final_peak = max(best_peak, *peak.values())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -76,6 +77,8 @@ def check_config(config: Any) -> None:
     raise ValueError(f"config.frontier.best_of_n={tuple(f.best_of_n)} must be integers >= 1.")
   if config.eval.num_prompts < 1:
     raise ValueError("config.eval.num_prompts must be >= 1: every point is measured on fresh samples.")
+  if importlib.util.find_spec("matplotlib") is None:  # found now, not after the training
+    raise ImportError("the frontier plot needs matplotlib: pip install -e '.[experiments]'")
 
 
 @dataclasses.dataclass
