@@ -182,7 +182,7 @@ def run_policy_baseline(exp: Experiment, train_pairs: preference.TokenizedPairs,
   replicated = jax.sharding.NamedSharding(rt.mesh, jax.sharding.PartitionSpec())
   step_fn = jax.jit(make_step(optimizer, schedule), in_shardings=(shardings, rt.batch_shardings(example)),
                     out_shardings=(shardings, replicated), donate_argnums=(0,))
-  state = step.create_train_state(jax.tree.map(lambda x: x.copy(), exp.reference), optimizer, shardings)
+  state = step.create_train_state(exp.reference, optimizer, shardings)  # a copy: pi_ref keeps its buffers
   _run(exp, step_fn, state, _train_batches(exp, train_pairs, kind, config.seed + 1),
        lambda step_num, s: exp.measure(method, setting, step_num, s.params))
 
