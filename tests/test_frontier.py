@@ -107,3 +107,8 @@ def test_both_responses_doubles_the_sft_rows():
   both = frontier.both_responses(pairs)
   assert both.num_pairs == 4 and [c.tolist() for c in both.chosen_ids] == [[7, 1], [8, 1], [9, 1], [10, 1]]
   assert [p.tolist() for p in both.prompt_ids] == [[5], [6], [5], [6]]
+
+
+def test_pareto_front_keeps_only_undominated_points():
+  pts = [{"kl": kl, "reward": r} for kl, r in [(0.0, 0.0), (1.0, 2.0), (1.5, 1.0), (2.0, 2.0), (3.0, 5.0), (2.5, 6.0)]]
+  assert [(p["kl"], p["reward"]) for p in frontier.pareto_front(pts)] == [(0.0, 0.0), (1.0, 2.0), (2.5, 6.0)]
