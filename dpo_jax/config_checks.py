@@ -126,11 +126,11 @@ def unknown_field(config: Any, path: str) -> str | None:
   return None
 
 
-def check_override_flags(argv: Sequence[str]) -> None:
+def check_override_flags(argv: Sequence[str], default_config: str = DEFAULT_CONFIG) -> None:
   """SystemExit with a one-line message (no traceback) when a --config.<field> override names a field the
   config file does not have, suggesting the closest name. Call it with sys.argv[1:] before absl parses flags;
-  other flags are ignored here (absl reports those)."""
-  spec, names = DEFAULT_CONFIG, []
+  other flags are ignored here (absl reports those). `default_config`: the file used without --config."""
+  spec, names = default_config, []
   args = list(argv)
   for k, arg in enumerate(args):
     if arg.startswith("--config="):

@@ -112,3 +112,13 @@ def test_both_responses_doubles_the_sft_rows():
 def test_pareto_front_keeps_only_undominated_points():
   pts = [{"kl": kl, "reward": r} for kl, r in [(0.0, 0.0), (1.0, 2.0), (1.5, 1.0), (2.0, 2.0), (3.0, 5.0), (2.5, 6.0)]]
   assert [(p["kl"], p["reward"]) for p in frontier.pareto_front(pts)] == [(0.0, 0.0), (1.0, 2.0), (2.5, 6.0)]
+
+
+def test_command_line_overrides_are_checked_against_the_frontier_config():
+  from dpo_jax import config_checks
+  default = os.path.join(ROOT, "configs", "frontier.py")
+  config_checks.check_override_flags(["--config.frontier.sft_data=chosen", "--config.optim.total_steps=5"], default)
+  with pytest.raises(SystemExit, match="betas"):
+    config_checks.check_override_flags(["--config.frontier.betaz=(0.1,)"], default)
+  with pytest.raises(SystemExit, match="frontier"):  # the trainer's own config has no frontier block
+    config_checks.check_override_flags(["--config.frontier.sft_data=chosen"])

@@ -356,7 +356,8 @@ def main(argv=None) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", os.path.join(train.CONFIG_DIR, "frontier.py"),
+  default_config = os.path.join(train.CONFIG_DIR, "frontier.py")
+  config_flags.DEFINE_config_file("config", default_config,
                                   "Config file[:variant]; fields are overridable as --config.a.b=value.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", "runs/frontier", "Output directory: frontier.csv / .json / .png, SFT checkpoints.")
@@ -366,7 +367,7 @@ def main(argv=None) -> None:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
-  config_checks.check_override_flags((sys.argv if argv is None else argv)[1:])  # one line, not a traceback
+  config_checks.check_override_flags((sys.argv if argv is None else argv)[1:], default_config)  # one line
   app.run(_main, argv=argv)
 
 
