@@ -53,8 +53,7 @@ def unlikelihood_train_step(state: step.TrainState, batch: Mapping[str, jax.Arra
   """One update on L_UL; metrics: loss, chosen NLL and unlikelihood per token, grad norm, learning rate."""
   (value, sums), grads = jax.value_and_grad(functools.partial(unlikelihood_loss, model=model, alpha=alpha),
                                             has_aux=True)(state.params, batch)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   metrics = {"loss": value, "chosen_nll": sums["chosen_nll"] / jnp.maximum(sums["chosen_tokens"], 1.0),
              "unlikelihood": sums["unlikelihood"] / jnp.maximum(sums["rejected_tokens"], 1.0),
              "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-  return step.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+  return step.apply_gradients(state, grads, optimizer), metrics

@@ -68,9 +68,8 @@ def train_step(state: step.TrainState, batch: Mapping[str, jax.Array], *, model:
                optimizer: optax.GradientTransformation) -> tuple[step.TrainState, dict]:
   """One reward-model update; metrics are the batch's mean loss and preference accuracy."""
   (_, sums), grads = jax.value_and_grad(functools.partial(loss, model=model), has_aux=True)(state.params, batch)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   pairs = jnp.maximum(sums["pairs"], 1.0)
-  return (step.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state),
+  return (step.apply_gradients(state, grads, optimizer),
           {"loss": sums["loss"] / pairs, "accuracy": sums["correct"] / pairs, "grad_norm": optax.tree.norm(grads)})
 
 

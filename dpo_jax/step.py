@@ -193,10 +193,14 @@ def _accumulate_and_update(state: TrainState, batch: Mapping[str, jax.Array], gr
       return jax.tree.map(jnp.add, carry, grads_and_sums(mb)), None
     zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in sum_keys})
     (grads, sums), _ = jax.lax.scan(body, zeros, microbatches(batch, grad_accum_steps, num_units, shard))
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)  # before clipping, as the HF Trainer logs it
-  return TrainState(state.step + 1, params, opt_state), sums, grad_norm
+  return apply_gradients(state, grads, optimizer), sums, grad_norm
+
+
+def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  """One optimizer update of `state` with `grads` (a pytree like its params)."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
 
 
 def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
