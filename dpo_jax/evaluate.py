@@ -25,8 +25,8 @@ def _sum_dicts(total: dict | None, new: dict) -> dict:
   return new if total is None else {k: total[k] + new[k] for k in total}
 
 
-def _summed(sums_fn: Callable, tokenized: preference.TokenizedPairs, kind: str, *, batch_size: int,
-            to_global: Callable) -> dict[str, float]:
+def summed(sums_fn: Callable, tokenized: preference.TokenizedPairs, kind: str, *, batch_size: int,
+           to_global: Callable) -> dict[str, float]:
   """`sums_fn(batch)` added up over every pair of `tokenized` (the last batch padded, never dropped)."""
   total = None
   for local in preference.eval_batches(tokenized, global_batch=batch_size, process_index=jax.process_index(),
@@ -39,7 +39,7 @@ def _summed(sums_fn: Callable, tokenized: preference.TokenizedPairs, kind: str, 
 def preference_metrics(eval_sums_fn: Callable, params: Any, reference: Any, tokenized: preference.TokenizedPairs, *,
                        batch_size: int, to_global: Callable) -> dict[str, float]:
   """DPO metrics over every pair of `tokenized` (`eval_sums_fn(params, reference, batch)` is jitted)."""
-  total = _summed(lambda b: eval_sums_fn(params, reference, b), tokenized, "dpo", batch_size=batch_size,
+  total = summed(lambda b: eval_sums_fn(params, reference, b), tokenized, "dpo", batch_size=batch_size,
                   to_global=to_global)
   return {k: float(v) for k, v in step.finalize_metrics(total).items()}
 
@@ -47,7 +47,7 @@ def preference_metrics(eval_sums_fn: Callable, params: Any, reference: Any, toke
 def sft_metrics(sft_sums_fn: Callable, params: Any, tokenized: preference.TokenizedPairs, *, batch_size: int,
                 to_global: Callable) -> dict[str, float]:
   """Held-out NLL (nats per token) of the preferred responses."""
-  total = _summed(lambda b: sft_sums_fn(params, b), tokenized, "sft", batch_size=batch_size, to_global=to_global)
+  total = summed(lambda b: sft_sums_fn(params, b), tokenized, "sft", batch_size=batch_size, to_global=to_global)
   return {k: float(v) for k, v in step.finalize_sft_metrics(total).items()}
 
 

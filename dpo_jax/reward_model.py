@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax import losses, step
+from dpo_jax import evaluate as evaluate_lib, losses, step
 from dpo_jax.data import preference
 
 
@@ -76,11 +76,8 @@ def train_step(state: step.TrainState, batch: Mapping[str, jax.Array], *, model:
 def evaluate(eval_fn: Callable, params: Any, tokenized: preference.TokenizedPairs, *, batch_size: int,
              to_global: Callable = lambda b: b) -> dict[str, float]:
   """Held-out Bradley-Terry loss (nats per pair) and preference accuracy against the data's labels."""
-  total = {"loss": 0.0, "correct": 0.0, "pairs": 0.0}
-  for local in preference.eval_batches(tokenized, global_batch=batch_size, kind="dpo"):
-    local.pop("row_ids")
-    sums = jax.device_get(eval_fn(params, to_global(local)))
-    total = {k: total[k] + float(sums[k]) for k in total}
+  total = evaluate_lib.summed(lambda b: eval_fn(params, b), tokenized, "dpo", batch_size=batch_size,
+                              to_global=to_global)
   return {"loss": total["loss"] / total["pairs"], "accuracy": total["correct"] / total["pairs"],
           "pairs": int(total["pairs"])}
 
@@ -92,7 +89,8 @@ def train(model: Any, params: Any, train_pairs: preference.TokenizedPairs, test_
   metrics of `evaluate`). `log(step, metrics)` gets every 10th step's batch metrics."""
   state = step.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   update = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer), donate_argnums=(0,))
-  batches = preference.iterate_batches(train_pairs, global_batch=batch_size, seed=seed, kind="dpo")
+  batches = preference.iterate_batches(train_pairs, global_batch=batch_size, seed=seed, kind="dpo",
+                                       process_index=jax.process_index(), process_count=jax.process_count())
   for step_num, local in batches:
     if step_num >= steps:
       break
