@@ -49,11 +49,19 @@ def test_dpo_step_matches_pytorch(kind):
   for name, (_, rel) in grads.items():
     assert rel <= 1e-4, (name, rel)
   # After one AdamW step each element moves by lr * g / (|g| + eps): for |g| near eps = 1e-8 the step amplifies
-  # fp32 summation noise in g (~1e-10 absolute) by up to 1 / (4 eps), so params are compared to 1% of one step;
-  # Gemma, whose sqrt(hidden) embedding scale yields many tiny gradients, to 2% (observed 1.3%).
+  # fp32 summation noise in g (~1e-10 absolute) by up to 1 / (4 eps). So the updated params are compared to 1% of
+  # one step where |g| >= 10 eps (`grad_floor`), and to 10% of a step everywhere. Gemma's sqrt(hidden) embedding
+  # scale yields many tiny gradients: on an AVX-512 CPU its attention params moved up to 6.3% of a step apart,
+  # all of it in elements with |g| < 1e-7 (0.04% of a step above that floor), at HEAD before any change here.
   for name, (max_abs, _) in report.items():
     if name.startswith("params/"):
-      assert max_abs <= (0.02 if kind == "gemma" else 0.01) * LR, (name, max_abs)
+      assert max_abs <= 0.1 * LR, (name, max_abs)
+  policy, reference = tiny_model(kind, 0), tiny_model(kind, 1)
+  above_floor = compare_torch.compare(policy, reference, batch, beta=0.5, lr=LR, weight_decay=0.01, max_grad_norm=1.0,
+                                      grad_floor=1e-7)
+  for name, (max_abs, _) in above_floor.items():
+    if name.startswith("params/"):
+      assert max_abs <= 0.01 * LR, (name, max_abs)
 
 
 def test_the_command_line_tool(tmp_path, capsys):
