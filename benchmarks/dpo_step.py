@@ -1,15 +1,19 @@
 """One DPO train step, dpo_jax vs PyTorch, timed in one run on the same weights and the same token batches.
 
     PYTHONPATH=. python benchmarks/dpo_step.py [--configs tiny,small] [--repeats 5] [--dtype fp32|bf16]
-        [--remat none|full|dots_saveable] [--full_attention] [--skip torch,trl] [--breakdown] [--config 1b]
-        [--cpu_devices 2] [--profile]
+        [--remat none|full|dots_saveable] [--full_attention] [--xla_weight_grad] [--skip torch,trl] [--breakdown]
+        [--config 1b] [--cpu_devices 2] [--profile]
 
 Implementations (each timed after warm-up; the repeats interleave them so a noisy, shared machine slows all alike):
   jax          `step.train_step` jitted by `step.jit_train_step` on a 1-device mesh, as `train.run_dpo` runs it:
-               policy forward + backward, frozen reference forward, sigmoid DPO loss (beta 0.1), clip + AdamW.
+               policy forward + backward, frozen reference forward, sigmoid DPO loss (beta 0.1), clip + AdamW, on
+               the batch layout the trainer picks for these pairs (`data.prompt_sharing='auto'`): each pair's
+               prompt held once, `[B, P]`, and the two responses `[2B, R]` (`preference.shared_prompt_rows`).
+  jax-rows     the same step on the `[2B, T]` rows prompt + response (`data.prompt_sharing='off'`), the layout
+               the baselines use: every prompt computed twice and the LM head run on prompt positions too.
   jax-dpN      (`--cpu_devices N`, N > 1) the `jax` step on an N-device `data` mesh: the batch split over
                N emulated CPU devices, e.g. one per core.
-  jax-preref   the same step with `reference_params=None` and precomputed `ref_chosen_logps` /
+  jax-preref   the `jax` step with `reference_params=None` and precomputed `ref_chosen_logps` /
                `ref_rejected_logps` in the batch (no reference forward): the saving of `stage=precompute`.
   torch        a plain PyTorch DPO step: HF `LlamaForCausalLM` with the same weights, one concatenated forward
                over chosen and rejected, the reference under `torch.no_grad`, log_softmax + gather, sigmoid loss,
@@ -17,30 +21,35 @@ Implementations (each timed after warm-up; the repeats interleave them so a nois
   trl          TRL's `DPOTrainer.training_step` (its `_compute_loss`: policy forward with TRL's fused LM-head
                log-probs, reference forward under no_grad, sigmoid loss, backward) followed by the trainer's
                own optimizer step (clip + AdamW) and `zero_grad`; only when `trl` is importable.
+All of them compute the same loss on the same pairs (the first step's loss, log 2, is printed for each).
 
-Columns: median step time (s) and the spread of the repeats; tokens/s = 2B * T tokens of the batch per step;
-`x torch` / `x trl` = baseline time / this time (> 1: this is faster); MFU = counted FLOPs / median step time / peak,
-where peak is the best matmul FLOP/s measured in this run (a 4096^3 fp32 or bf16 matmul in JAX and in torch, before
-every config and at the end, the max of all taken: a measurement in a busy moment would understate it); peak memory:
-JAX = the compiled step's arguments + temporaries + non-aliased outputs (`compiled.memory_analysis()`); torch = bytes
-of the policy and reference params + the peak rise of the process RSS during the first (warm-up) step, sampled every
+Columns: median step time (s) and the spread of the repeats; tokens/s = 2B * T tokens of the pairs per step (the
+same count for every implementation, whatever its layout); `x torch` / `x trl` = baseline time / this time (> 1:
+this is faster); MFU = the FLOPs this implementation computes / median step time / peak, where peak is the best
+matmul FLOP/s measured in this run (a 4096^3 fp32 or bf16 matmul in JAX and in torch, before every config and at
+the end, the max of all taken: a measurement in a busy moment would understate it); peak memory: JAX = the compiled
+step's arguments + temporaries + non-aliased outputs (`compiled.memory_analysis()`); torch = bytes of the policy
+and reference params + the peak rise of the process RSS during the first (warm-up) step, sampled every
 millisecond after `malloc_trim`, which holds AdamW's new moments, the gradients and the activations.
 
-`--full_attention` adds `jax-fullattn`: the jax step with attention as one [T, T] block per head (the program
-before `model.causal_attention` split queries into blocks). `--breakdown` times pieces of the jax step instead;
+`--full_attention` adds `jax-fullattn`: the jax step with attention as one block per head (the program
+before `model.causal_attention` split queries into blocks). `--xla_weight_grad` adds `jax-xlawgrad`: the jax
+step with `model.weight_grad_gemm='xla'` (XLA's own layout for the projections' weight gradients; on CPU the
+default is 'row_major'). `--breakdown` times pieces of the jax step instead;
 `--profile` traces it (`jax.profiler`) and prints the XLA op time summed by op kind instead.
 
-FLOPs counted per step (same for every implementation): policy forward + backward = 3 forwards, plus 1 reference
-forward (0 for jax-preref, whose MFU counts only the work it does). One forward over N rows of T tokens is
-2 * (matmul params) * N * T + 4 * layers * N * T^2 * (heads * head_dim) (QK^T and PV over the full causal
-square, as the baselines compute it; dpo_jax's query-blocked attention skips the key blocks above the diagonal,
-so it does fewer: see the XLA cost-analysis line); embedding lookups, norms, softmax and the optimizer are not
-counted.
+FLOPs counted per step: policy forward + backward = 3 forwards, plus 1 reference forward (0 for jax-preref). One
+forward over N rows of T tokens is 2 * (matmul params) * N * T + 4 * layers * N * T^2 * (heads * head_dim) (QK^T
+and PV over the full causal square, as the baselines compute it; dpo_jax's query-blocked attention skips the key
+blocks above the diagonal, so it does fewer: see the XLA cost-analysis line); the shared-prompt layout computes
+B * P + 2B * R tokens, the LM head on the 2B * R scored positions only, and attention over P x P (prompts) and
+R x (P + R) (responses). Embedding lookups, norms, softmax and the optimizer are not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -59,6 +68,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpo_jax import hf, model as model_lib, optim, sharding, step  # noqa: E402
+from dpo_jax.data import preference  # noqa: E402
 
 CONFIGS = {
     # name: (model fields, pairs per batch, tokens per sequence)
@@ -103,6 +113,14 @@ def make_batch(cfg: model_lib.ModelConfig, pairs: int, length: int, seed: int = 
               loss_mask=loss_mask_NxT)
 
 
+def shared_prompt_batch(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+  """`make_batch`'s pairs in the trainer's shared-prompt layout: prompts `[B, T / 4]`, responses `[2B, 3T / 4]`."""
+  prompt = length // 4
+  ids_NxT = batch["input_ids"]
+  return preference.shared_prompt_rows(list(ids_NxT[0::2, :prompt]), list(ids_NxT[:, prompt:]), prompt_width=prompt,
+                                       response_width=length - prompt, pad_id=0)
+
+
 def matmul_params(cfg: model_lib.ModelConfig) -> int:
   """Parameters that enter a matmul per token (attention projections, MLP, LM head; not the embedding)."""
   d, hd = cfg.hidden_size, cfg.resolved_head_dim
@@ -115,6 +133,15 @@ def forward_flops(cfg: model_lib.ModelConfig, rows: int, length: int) -> float:
   dense = 2.0 * matmul_params(cfg) * rows * length
   attention = 4.0 * cfg.num_layers * rows * length ** 2 * cfg.num_heads * cfg.resolved_head_dim
   return dense + attention
+
+
+def shared_forward_flops(cfg: model_lib.ModelConfig, pairs: int, length: int) -> float:
+  """`forward_flops` of the shared-prompt layout of `shared_prompt_batch` (see the module docstring)."""
+  p, r = length // 4, length - length // 4
+  head = cfg.hidden_size * cfg.vocab_size
+  dense = 2.0 * (matmul_params(cfg) - head) * (pairs * p + 2 * pairs * r) + 2.0 * head * 2 * pairs * r
+  width = 4.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim
+  return dense + width * (pairs * p * p + 2 * pairs * r * (p + r))
 
 
 def time_once(fn: Callable[[], Any]) -> float:
@@ -344,7 +371,8 @@ class RssPeak:
 # ---- where the dpo_jax step's time goes ----
 
 def breakdown(cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarray], repeats: int) -> None:
-  """Time jitted pieces of the step (unsharded, same shapes) and print each as ms and as a share of the step."""
+  """Time jitted pieces of the step (unsharded, the `[2B, T]` rows of `jax-rows`) and print each as ms and as a
+  share of the policy forward + backward."""
   from dpo_jax import logprobs
   model = model_lib.make_model(cfg)
   optimizer, _ = optim.make_optimizer(OPTIM)
@@ -452,26 +480,34 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     breakdown(cfg, params, batch, args.repeats)
     return []
   if args.profile:
-    jax_step = JaxStep(cfg, params, batch, precomputed_reference=False)
+    jax_step = JaxStep(cfg, params, shared_prompt_batch(batch, length), precomputed_reference=False)
     jax_step()  # warm-up
     profile(jax_step)
     return []
   impls: dict[str, Any] = {}
   flops: dict[str, float] = {}
-  impls["jax"] = JaxStep(cfg, params, batch, precomputed_reference=False)
-  flops["jax"] = 4 * fwd
-  impls["jax-preref"] = JaxStep(cfg, params, batch, precomputed_reference=True)
-  flops["jax-preref"] = 3 * fwd
+  shared, shared_fwd = shared_prompt_batch(batch, length), shared_forward_flops(cfg, pairs, length)
+  impls["jax"] = JaxStep(cfg, params, shared, precomputed_reference=False)
+  flops["jax"] = 4 * shared_fwd
+  impls["jax-rows"] = JaxStep(cfg, params, batch, precomputed_reference=False)
+  flops["jax-rows"] = 4 * fwd
+  impls["jax-preref"] = JaxStep(cfg, params, shared, precomputed_reference=True)
+  flops["jax-preref"] = 3 * shared_fwd
   if jax.local_device_count() > 1:  # e.g. --cpu_devices 2: the batch split over a data axis, one part per core
     n = jax.local_device_count()
-    impls[f"jax-dp{n}"] = JaxStep(cfg, params, batch, precomputed_reference=False, devices=n)
-    flops[f"jax-dp{n}"] = 4 * fwd
-  if args.full_attention:  # the step as it was before query-blocked attention: one [T, T] score block
+    impls[f"jax-dp{n}"] = JaxStep(cfg, params, shared, precomputed_reference=False, devices=n)
+    flops[f"jax-dp{n}"] = 4 * shared_fwd
+  if args.full_attention:  # the step as it was before query-blocked attention: one block of every query
     block, model_lib.ATTENTION_QUERY_BLOCK = model_lib.ATTENTION_QUERY_BLOCK, length
-    impls["jax-fullattn"] = JaxStep(cfg, params, batch, precomputed_reference=False)
-    flops["jax-fullattn"] = 4 * fwd
+    impls["jax-fullattn"] = JaxStep(cfg, params, shared, precomputed_reference=False)
+    flops["jax-fullattn"] = 4 * shared_fwd
     model_lib.ATTENTION_QUERY_BLOCK = block
+  if args.xla_weight_grad:  # the step before `model.matmul` computed weight gradients as row-major GEMMs
+    impls["jax-xlawgrad"] = JaxStep(dataclasses.replace(cfg, weight_grad_gemm="xla"), params, shared,
+                                    precomputed_reference=False)
+    flops["jax-xlawgrad"] = 4 * shared_fwd
   print(f"  XLA cost_analysis of the jax step: {impls['jax'].cost_flops() / 1e9:.1f} GFLOP "
+        f"(counted: {4 * shared_fwd / 1e9:.1f}); of jax-rows: {impls['jax-rows'].cost_flops() / 1e9:.1f} GFLOP "
         f"(counted: {4 * fwd / 1e9:.1f})", flush=True)
   if "torch" not in args.skip:
     impls["torch"] = TorchStep(cfg, params, batch, args.dtype)
@@ -488,13 +524,13 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   memory: dict[str, str] = {}
   for key, impl in impls.items():  # one untimed warm-up step each; torch's RSS is sampled during it
     if isinstance(impl, JaxStep):
-      impl()
+      loss = impl()
       memory[key] = f"{impl.peak_bytes() / 2 ** 20:.0f} MiB (compiled)"
     else:
       with RssPeak() as rss:
-        impl()
+        loss = impl()
       memory[key] = f"{(impl.persistent_bytes() + rss.rise) / 2 ** 20:.0f} MiB (params+RSS)"
-    print(f"  warm-up: {key} done", flush=True)
+    print(f"  warm-up: {key} done, first loss {loss:.7f} (log 2 = {np.log(2):.7f})", flush=True)
 
   times = {k: [] for k in impls}
   for i in range(args.repeats):  # interleaved: a slow phase of the shared machine hits every implementation
@@ -514,12 +550,12 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
 
 
 def print_table(rows: list[dict]) -> None:
-  header = (f"{'config':<7} {'impl':<11} {'step s':>8} {'min-max s':>13} {'tokens/s':>9} {'x torch':>8} "
+  header = (f"{'config':<7} {'impl':<12} {'step s':>8} {'min-max s':>13} {'tokens/s':>9} {'x torch':>8} "
             f"{'x trl':>7} {'MFU':>6}  peak memory")
   print(header)
   print("-" * len(header))
   for r in rows:
-    print(f"{r['config']:<7} {r['impl']:<11} {r['time']:>8.3f} {r['spread'][0]:>6.3f}-{r['spread'][1]:<6.3f} "
+    print(f"{r['config']:<7} {r['impl']:<12} {r['time']:>8.3f} {r['spread'][0]:>6.3f}-{r['spread'][1]:<6.3f} "
           f"{r['tokens_per_s']:>9.0f} {r['vs_torch']:>8.2f} {r['vs_trl']:>7.2f} {100 * r['mfu']:>5.1f}%  "
           f"{r['memory']}")
 
@@ -535,6 +571,8 @@ def main(argv=None) -> None:
   parser.add_argument("--skip", default="", help="comma-separated baselines to skip: torch,trl")
   parser.add_argument("--full_attention", action="store_true",
                       help="also time the jax step with attention in one [T, T] block (model.ATTENTION_QUERY_BLOCK)")
+  parser.add_argument("--xla_weight_grad", action="store_true",
+                      help="also time the jax step with model.weight_grad_gemm='xla' (XLA's weight-gradient layout)")
   parser.add_argument("--breakdown", action="store_true",
                       help="instead of the comparison: time pieces of the dpo_jax step (forward, logps, one block, ...)")
   parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")

@@ -49,6 +49,9 @@ def get_config(arg=None):
       #                         held during training (it is reloaded afterwards for the KL evaluation).
       reward="auto",  # ground-truth reward for sample evaluation: 'synthetic' (r* of the embedded task), 'none'
       #                 (skip the reward column; KL is still reported), or 'auto' (synthetic iff data.train='').
+      prompt_sharing="auto",  # unpacked DPO batches: 'on' holds each prompt once [B, P] and its responses [2B, R]
+      #                         (the prompt runs once for both; same log-probs), 'off' rows prompt + response
+      #                         [2B, max_length]; 'auto' = 'on' when that is fewer tokens (P + 2R < 2 max_length).
       packing=False,  # DPO stage: pack several pairs per row (segments masked apart), batch_size / pairs_per_row
       #                 rows per step, each step holding at most batch_size pairs (fewer when long pairs fill it).
       pairs_per_row=4,  # packing: at most this many pairs (2x as many segments) in one packed row.
@@ -86,13 +89,17 @@ def get_config(arg=None):
       scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
       logits_chunk_size=0,  # > 0: log-probs computed this many positions at a time, never holding [2B, T, vocab]
       #                       logits (same numbers; memory grows with the chunk, not T). 0 = all at once.
+      weight_grad_gemm="auto",  # every projection's weight gradient x^T dy: 'row_major' transposes the narrower
+      #                           of x and dy as its own array and runs a row-major GEMM (on XLA:CPU faster than
+      #                           its strided copy of dy fused into the backward; README benchmark), 'xla' leaves
+      #                           the layout to XLA; 'auto' = 'row_major' on CPU, 'xla' on GPU/TPU.
   ))
 
   c.hf = ml_collections.ConfigDict(dict(
       model_path="",  # '' = a random init of config.model; else a local HF checkpoint folder (safetensors) whose
       #                 architecture and weights start the run; config.model then only sets param_dtype,
-      #                 compute_dtype, matmul_precision, remat, scan_layers and logits_chunk_size. Also the
-      #                 tokenizer if data.tokenizer=''.
+      #                 compute_dtype, matmul_precision, remat, scan_layers, logits_chunk_size and
+      #                 weight_grad_gemm. Also the tokenizer if data.tokenizer=''.
       reference_path="",  # '' = pi_ref is where DPO starts (the SFT result, else hf.model_path); else a separate HF
       #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
       export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that

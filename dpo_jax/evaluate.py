@@ -37,9 +37,10 @@ def summed(sums_fn: Callable, tokenized: preference.TokenizedPairs, kind: str, *
 
 
 def preference_metrics(eval_sums_fn: Callable, params: Any, reference: Any, tokenized: preference.TokenizedPairs, *,
-                       batch_size: int, to_global: Callable) -> dict[str, float]:
-  """DPO metrics over every pair of `tokenized` (`eval_sums_fn(params, reference, batch)` is jitted)."""
-  total = summed(lambda b: eval_sums_fn(params, reference, b), tokenized, "dpo", batch_size=batch_size,
+                       batch_size: int, to_global: Callable, kind: str = "dpo") -> dict[str, float]:
+  """DPO metrics over every pair of `tokenized` (`eval_sums_fn(params, reference, batch)` is jitted) in batches
+  of `kind` ('dpo' rows or 'dpo_shared' prompts: the same numbers)."""
+  total = summed(lambda b: eval_sums_fn(params, reference, b), tokenized, kind, batch_size=batch_size,
                   to_global=to_global)
   return {k: float(v) for k, v in step.finalize_metrics(total).items()}
 

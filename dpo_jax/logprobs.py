@@ -9,6 +9,12 @@ never contribute, whatever their ids. Log-softmax is taken in fp32 whatever the 
 DPO batches interleave pairs: row 2i is pair i's chosen sequence, row 2i + 1 its rejected one, so one
 forward pass over `[2B, T]` serves both and a pair never straddles two devices when the batch is sharded.
 
+Shared-prompt batches (`preference.make_batch(kind="dpo_shared")`: `prompt_ids` `[B, P]` left-padded once per
+pair, the responses alone in `input_ids` `[2B, R]`) run the prompt once for both responses
+(`model.Decoder.hidden` with two streams). The first response token is scored by the prompt's last position
+(column P - 1, the prompt being left-padded), token j > 0 by response position j - 1; the results are the
+same `[2B]` per-sequence sums as for the rows `prompt + response`.
+
 Packed batches (dpo_jax/data/packing.py: `[R, L]` rows of up to P pairs, `attention_mask` = segment id,
 `pack_slots` `[R, P]`) are reduced per segment instead of per row: results are `[R * 2P]` in the unpacked
 order (segment s of row r at r * 2P + s - 1), so everything downstream is unchanged. A token's segment is
@@ -51,21 +57,47 @@ def _per_sequence(x_NxS: jax.Array, onehot_NxSxG: jax.Array | None) -> jax.Array
   return (x_NxS[..., None] * onehot_NxSxG).sum(1).reshape(-1)
 
 
+def shares_prompts(batch: Mapping[str, jax.Array]) -> bool:
+  """True for a shared-prompt batch (`prompt_ids` `[B, P]` + responses `[K B, R]`)."""
+  return "prompt_ids" in batch
+
+
 def sequence_lengths(batch: Mapping[str, jax.Array]) -> jax.Array:
   """Real (prompt + response) tokens per sequence, fp32: `[N]` per row, or `[R * 2P]` per segment if packed."""
   g = num_segments(batch)
   real_NxT = (batch["attention_mask"] > 0).astype(jnp.float32)
+  if shares_prompts(batch):
+    prompt_B = (batch["prompt_mask"] > 0).astype(jnp.float32).sum(-1)
+    return jnp.repeat(prompt_B, real_NxT.shape[0] // prompt_B.shape[0]) + real_NxT.sum(-1)
   return _per_sequence(real_NxT, segment_onehot(batch["attention_mask"], g) if g else None)
+
+
+def target_logps(logits_NxSxV: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.Array) -> jax.Array:
+  """log softmax(logits[n, s])[targets[n, s]] `[N, S]` fp32 nats, 0 where `mask` is 0 (logits already aligned
+  with the tokens they score)."""
+  logits_NxSxV = logits_NxSxV.astype(jnp.float32)
+  # logsumexp + gather rather than log_softmax: no second [N, S, V] array is needed.
+  log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
+  target_logit_NxS = jnp.take_along_axis(logits_NxSxV, targets_NxS[..., None], axis=-1)[..., 0]
+  return (target_logit_NxS - log_z_NxS) * mask_NxS.astype(jnp.float32)
 
 
 def token_logps(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array) -> jax.Array:
   """Per-token log pi(ids[:, t + 1] | ids[:, :t + 1]) from `logits[:, t]`, `[N, T - 1]` fp32 nats, 0 where
   `loss_mask[:, t + 1]` is 0 (prompt, padding). Their row sums are `logps_from_logits(...).logps`."""
-  logits_NxSxV = logits_NxTxV[:, :-1].astype(jnp.float32)
-  # logsumexp + gather rather than log_softmax: no second [N, T, V] array is needed.
-  log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
-  target_logit_NxS = jnp.take_along_axis(logits_NxSxV, ids_NxT[:, 1:, None], axis=-1)[..., 0]
-  return (target_logit_NxS - log_z_NxS) * loss_mask_NxT[:, 1:].astype(jnp.float32)
+  return target_logps(logits_NxTxV[:, :-1], ids_NxT[:, 1:], loss_mask_NxT[:, 1:])
+
+
+def scored_sums(logits_NxSxV: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.Array,
+                onehot_NxSxG: jax.Array | None = None) -> SequenceLogps:
+  """Per-sequence sums (`SequenceLogps`) of aligned logits: position s scores `targets[:, s]` where `mask`."""
+  logits_NxSxV = logits_NxSxV.astype(jnp.float32)
+  mask_NxS = mask_NxS.astype(jnp.float32)
+  return SequenceLogps(
+      logps=_per_sequence(target_logps(logits_NxSxV, targets_NxS, mask_NxS), onehot_NxSxG),
+      num_tokens=_per_sequence(mask_NxS, onehot_NxSxG),
+      logits_sum=_per_sequence(logits_NxSxV.mean(-1) * mask_NxS, onehot_NxSxG),
+  )
 
 
 def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
@@ -74,64 +106,77 @@ def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT
 
   Results are per row `[N]`, or with `num_segments = G > 0` per segment of `segments_NxT` `[N * G]`.
   """
-  logits_NxSxV = logits_NxTxV[:, :-1].astype(jnp.float32)
-  mask_NxS = loss_mask_NxT[:, 1:].astype(jnp.float32)
   onehot = segment_onehot(segments_NxT[:, 1:], num_segments) if num_segments else None
-  token_logps_NxS = token_logps(logits_NxTxV, ids_NxT, loss_mask_NxT)
-  return SequenceLogps(
-      logps=_per_sequence(token_logps_NxS, onehot),
-      num_tokens=_per_sequence(mask_NxS, onehot),
-      logits_sum=_per_sequence(logits_NxSxV.mean(-1) * mask_NxS, onehot),
-  )
+  return scored_sums(logits_NxTxV[:, :-1], ids_NxT[:, 1:], loss_mask_NxT[:, 1:], onehot)
 
 
 def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> SequenceLogps:
   """One forward pass of `model` with `params` over `batch` (`[N, T]` arrays) -> per-row `[N]` results.
 
   With `model.cfg.logits_chunk_size = C > 0` the `[N, T, V]` logits are never materialised (`chunked_logps`).
-  A packed batch (`pack_slots` `[R, P]`) gives per-segment results `[R * 2P]` in the unpacked order.
+  A packed batch (`pack_slots` `[R, P]`) gives per-segment results `[R * 2P]` in the unpacked order; a
+  shared-prompt batch per response `[K B]` (module docstring).
   """
   chunk = getattr(getattr(model, "cfg", None), "logits_chunk_size", 0)
+  head = lambda h: model.apply({"params": params}, h, method="logits")
+  if shares_prompts(batch):
+    return _shared_prompt_logps(model, params, batch, head, chunk)
   g = num_segments(batch)
   segments = batch["attention_mask"] if g else None
   if chunk:
     hidden_NxTxD = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
                                method="hidden")
-    return chunked_logps(lambda h: model.apply({"params": params}, h, method="logits"), hidden_NxTxD,
-                         batch["input_ids"], batch["loss_mask"], chunk, segments, g)
+    return chunked_logps(head, hidden_NxTxD, batch["input_ids"], batch["loss_mask"], chunk, segments, g)
   logits_NxTxV = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"])
   return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"], segments, g)
 
 
+def _shared_prompt_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any,
+                         chunk: int) -> SequenceLogps:
+  """`sequence_logps` of a shared-prompt batch: the LM head runs on response positions only (the scoring
+  positions: the prompt's last column for token 0, response position j - 1 for token j)."""
+  hidden_BxPxD, hidden_NxRxD = model.apply(
+      {"params": params}, (batch["prompt_ids"], batch["input_ids"]), (batch["prompt_positions"], batch["positions"]),
+      (batch["prompt_mask"], batch["attention_mask"]), method="hidden")
+  last_NxD = jnp.repeat(hidden_BxPxD[:, -1], hidden_NxRxD.shape[0] // hidden_BxPxD.shape[0], axis=0)
+  scoring_NxRxD = jnp.concatenate([last_NxD[:, None], hidden_NxRxD[:, :-1]], axis=1)
+  if chunk:
+    return chunked_scores(head, scoring_NxRxD, batch["input_ids"], batch["loss_mask"], chunk)
+  return scored_sums(head(scoring_NxRxD), batch["input_ids"], batch["loss_mask"])
+
+
 def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
                   chunk: int, segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
-  """`logps_from_logits(head(hidden), ..., segments_NxT, num_segments)` computed C positions at a time.
+  """`logps_from_logits(head(hidden), ..., segments_NxT, num_segments)` computed C positions at a time
+  (`chunked_scores` of position t scoring token t + 1)."""
+  return chunked_scores(head, hidden_NxTxD[:, :-1], ids_NxT[:, 1:], loss_mask_NxT[:, 1:], chunk,
+                        None if segments_NxT is None else segments_NxT[:, 1:], num_segments)
+
+
+def chunked_scores(head: Any, hidden_NxSxD: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.Array, chunk: int,
+                   segments_NxS: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
+  """`scored_sums(head(hidden), targets, mask, ...)` computed C positions at a time.
 
   `head` maps hidden `[N, C, D]` to fp32 logits `[N, C, V]`. A `lax.scan` over sequence chunks applies it and
   reduces each chunk to per-row sums at once, under `jax.checkpoint`, so the backward pass recomputes a chunk's
-  logits instead of storing them: peak memory holds one `[N, C, V]` block, not `[N, T, V]` (MaxText and
+  logits instead of storing them: peak memory holds one `[N, C, V]` block, not `[N, S, V]` (MaxText and
   Liger-Kernel compute their fused / chunked cross-entropy the same way).
   """
-  n, t, d = hidden_NxTxD.shape
-  s = t - 1  # position t scores token t + 1
+  n, s, d = hidden_NxSxD.shape
   num_chunks = -(-s // chunk)
   pad = num_chunks * chunk - s
-  h = jnp.pad(hidden_NxTxD[:, :-1], ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(ids_NxT[:, 1:], ((0, 0), (0, pad)))
-  mask = jnp.pad(loss_mask_NxT[:, 1:].astype(jnp.float32), ((0, 0), (0, pad)))  # padding positions score 0
+  h = jnp.pad(hidden_NxSxD, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets_NxS, ((0, 0), (0, pad)))
+  mask = jnp.pad(mask_NxS.astype(jnp.float32), ((0, 0), (0, pad)))  # padding positions score 0
   # Packed: each position's segment id (0 on the chunk padding); a plain batch passes none and sums per row.
-  segments = (jnp.pad(segments_NxT[:, 1:], ((0, 0), (0, pad))),) if num_segments else ()
+  segments = (jnp.pad(segments_NxS, ((0, 0), (0, pad))),) if num_segments else ()
   to_chunks = lambda x: jnp.moveaxis(x.reshape((n, num_chunks, chunk) + x.shape[2:]), 1, 0)
-  per_sequence = lambda x_NxC, *seg_NxC: _per_sequence(
-      x_NxC, segment_onehot(seg_NxC[0], num_segments) if num_segments else None)
+  onehot = lambda *seg_NxC: segment_onehot(seg_NxC[0], num_segments) if num_segments else None
 
   @jax.checkpoint
   def one_chunk(h_NxCxD, targets_NxC, mask_NxC, *seg_NxC):
-    logits_NxCxV = head(h_NxCxD).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits_NxCxV, axis=-1)
-    target_logit = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
-    return (per_sequence((target_logit - log_z) * mask_NxC, *seg_NxC),
-            per_sequence(logits_NxCxV.mean(-1) * mask_NxC, *seg_NxC))
+    sums = scored_sums(head(h_NxCxD), targets_NxC, mask_NxC, onehot(*seg_NxC))
+    return sums.logps, sums.logits_sum
 
   def body(carry, xs):
     logps, logits_sum = one_chunk(*xs)
@@ -140,7 +185,7 @@ def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_m
   zeros = jnp.zeros((n * max(num_segments, 1),), jnp.float32)
   (logps, logits_sum), _ = jax.lax.scan(
       body, (zeros, zeros), tuple(to_chunks(x) for x in (h, targets, mask) + segments))
-  return SequenceLogps(logps=logps, num_tokens=per_sequence(mask, *segments), logits_sum=logits_sum)
+  return SequenceLogps(logps=logps, num_tokens=_per_sequence(mask, onehot(*segments)), logits_sum=logits_sum)
 
 
 def split_units(x_N: jax.Array, k: int) -> jax.Array:

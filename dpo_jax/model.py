@@ -12,6 +12,12 @@ mask[s] == mask[t]. With a 0/1 padding mask this means real tokens never see pad
 only padding, so no softmax row is empty); with packed sequences (ids 1, 2, ...) each segment only sees
 itself.
 
+Shared prompts (`hidden` with two streams, see `Decoder.hidden`): the prompt stream `[B, P]` is a batch of
+left-padded prompts (0/1 mask) under the rule above; the response stream `[K B, R]` holds K responses per
+prompt (rows k B .. in prompt order: row r belongs to prompt r // K), and each response token attends every
+real token of its prompt plus its own response causally. That is exactly the attention of the row
+`prompt + response`, with the prompt computed once for its K responses.
+
 Conventions follow HF `LlamaForCausalLM` so checkpoints convert without permutation: RoPE rotates the two
 halves of each head (`rotate_half`), query head h reads key/value head h // (num_heads // num_kv_heads),
 RMSNorm is computed in fp32.
@@ -22,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -37,6 +43,9 @@ ACTIVATIONS = {
 
 # RoPE frequency scalings (HF `rope_parameters['rope_type']`); 'none' is HF's 'default'. See `rope_inv_freq`.
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+
+# How the weight gradient of the MLP and LM-head matmuls is computed (see `matmul`).
+WEIGHT_GRAD_GEMMS = ("auto", "xla", "row_major")
 
 REMAT_POLICIES = {
     "none": None,
@@ -77,6 +86,7 @@ class ModelConfig:
   remat: str = "none"  # one of REMAT_POLICIES
   logits_chunk_size: int = 0  # > 0: log-probs from the LM head in sequence chunks (logprobs.py); 0: all at once
   scan_layers: bool = False
+  weight_grad_gemm: str = "auto"  # one of WEIGHT_GRAD_GEMMS: 'row_major' on CPU, 'xla' elsewhere when 'auto'
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -87,6 +97,8 @@ class ModelConfig:
       raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     if self.resolved_head_dim % 2:
       raise ValueError(f"model: head_dim={self.resolved_head_dim} must be even for RoPE.")
+    if self.weight_grad_gemm not in WEIGHT_GRAD_GEMMS:
+      raise ValueError(f"model: weight_grad_gemm={self.weight_grad_gemm!r}; choose one of {list(WEIGHT_GRAD_GEMMS)}.")
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(f"model: mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}.")
     _check_rope_scaling(self)
@@ -106,6 +118,75 @@ class ModelConfig:
 
 def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
+
+
+def _row_major_weight_grad(cfg: ModelConfig) -> bool:
+  if cfg.weight_grad_gemm == "auto":
+    return jax.default_backend() == "cpu"
+  return cfg.weight_grad_gemm == "row_major"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_row_major_wgrad(x_NxD, w_DxF, precision, out_dtype):
+  return jnp.matmul(x_NxD, w_DxF, precision=precision, preferred_element_type=out_dtype)
+
+
+def _matmul_fwd(x_NxD, w_DxF, precision, out_dtype):
+  return _matmul_row_major_wgrad(x_NxD, w_DxF, precision, out_dtype), (x_NxD, w_DxF)
+
+
+def _matmul_bwd(precision, out_dtype, residuals, dy_NxF):
+  x_NxD, w_DxF = residuals
+  dy_NxF = dy_NxF.astype(x_NxD.dtype)
+  dx_NxD = jnp.einsum("nf,df->nd", dy_NxF, w_DxF, precision=precision)
+  # The narrower of x and dy transposed as its own array, so the weight gradient is a plain row-major GEMM over
+  # the token axis (see `matmul`). The barriers stop XLA folding a transpose back into the dot (including the
+  # small [F, D] -> [D, F] one of the result, which it would turn into a dot contracting x's token axis).
+  barrier = jax.lax.optimization_barrier
+  if x_NxD.shape[1] <= dy_NxF.shape[1]:
+    dw_DxF = jnp.matmul(barrier(x_NxD.T), dy_NxF, precision=precision)
+  else:
+    dw_DxF = barrier(jnp.matmul(barrier(dy_NxF.T), x_NxD, precision=precision)).T
+  return dx_NxD, dw_DxF.astype(w_DxF.dtype)
+
+
+_matmul_row_major_wgrad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _row_major_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` for a projection (lhs's trailing dims contracted with rhs's leading ones, no batch dims:
+  what `nn.Dense` / `nn.DenseGeneral` emit), as one `[N, D] @ [D, F]` product with the row-major weight
+  gradient of `matmul`; any other contraction goes to `lax.dot_general` unchanged."""
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+  n = len(lhs_c)
+  if lhs_b or rhs_b or tuple(lhs_c) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rhs_c) != tuple(range(n)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  lead, out = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
+  d = math.prod(rhs.shape[:n])
+  y_NxF = _matmul_row_major_wgrad(lhs.reshape(-1, d), rhs.reshape(d, -1), precision, preferred_element_type)
+  return y_NxF.reshape(lead + out)
+
+
+def projection_dot_general(cfg: ModelConfig) -> Any:
+  """The `dot_general` the model's projections (`nn.Dense`, `nn.DenseGeneral`) use: see `matmul`."""
+  return _row_major_dot_general if _row_major_weight_grad(cfg) else None  # None: lax.dot_general
+
+
+def matmul(x_NxD: jax.Array, w_DxF: jax.Array, cfg: ModelConfig, out_dtype: Any = None) -> jax.Array:
+  """`x [..., D] @ w [D, F] -> [..., F]`, as every projection (attention, MLP, LM head) computes it.
+
+  The weight gradient `dW = x^T dy` contracts the token axis of both operands. On CPU, XLA keeps its YNNPACK
+  GEMMs row-major by copying an operand to a transposed layout, and it picked the wide `dy` of the MLP
+  (`[N, 688]` in the tiny benchmark config), fused into the SwiGLU backward as a strided write: the largest
+  layout cost of the step (`benchmarks/dpo_step.py --profile`). With `cfg.weight_grad_gemm='row_major'` (the CPU
+  default) the backward transposes the narrower of `x` and `dy` as its own array and computes `dW` as a
+  row-major GEMM. The values are the same products summed in another order; `'xla'` (the default off CPU)
+  leaves the layout to XLA.
+  """
+  dot_general = projection_dot_general(cfg) or jax.lax.dot_general
+  return dot_general(x_NxD, w_DxF, (((x_NxD.ndim - 1,), (0,)), ((), ())), precision=cfg.matmul_precision,
+                     preferred_element_type=out_dtype)
 
 
 def _check_rope_scaling(cfg: ModelConfig) -> None:
@@ -176,9 +257,9 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (causal_TxS[None] & same_BxTxS)[:, None, None]
 
 
-# Query positions per block of `causal_attention`. Measured on a 2-core CPU (benchmarks/dpo_step.py, attention
-# fwd+bwd of the tiny / small configs, T = 256 / 512): 1.6x / 2.9x faster than one [T, T] block.
-ATTENTION_QUERY_BLOCK = 128
+# Query positions per block of `causal_attention`. Measured on a 2-core CPU (scripts/attention_speed.py, fwd+bwd
+# of one attention of the tiny / small benchmark configs, T = 256 / 512): 64 is 1.4x / 1.2x faster than 128.
+ATTENTION_QUERY_BLOCK = 64
 
 
 def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xTxS: jax.Array,
@@ -199,8 +280,15 @@ def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mas
   return out_BxTxKxGxD.reshape(b, t, h, d)
 
 
+class Prefix(NamedTuple):
+  """Keys every query of `causal_attention` may see besides its own causal past: a shared prompt's."""
+  k_BxPxKxD: jax.Array
+  v_BxPxKxD: jax.Array
+  visible_BxP: jax.Array  # bool: the real (non-padding) prefix tokens
+
+
 def causal_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array,
-                     cfg: "ModelConfig", block: int | None = None) -> jax.Array:
+                     cfg: "ModelConfig", block: int | None = None, prefix: Prefix | None = None) -> jax.Array:
   """`attend` with the causal, same-segment mask of `attention_mask`, computed `block` query positions at a time.
 
   Queries [i, e) can only see keys [0, e) (causality), so each block scores against that prefix alone: the key
@@ -208,16 +296,42 @@ def causal_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
   block's [.., C, e] scores stay small enough for the CPU caches, where one [T, T] array per head did not
   (XLA CPU ran the full-square version at a few GFLOP/s). The skipped scores would have been exp(min - max) = 0
   exactly, so the result equals the full-square softmax up to fp32 summation order.
+
+  The heads are laid out kv-head-major once, `[B, K, G x C, D]` per block: the G query heads that read one
+  kv head are one matrix of G x C rows, so each block's scores and outputs are single batched GEMMs over
+  (B, K) with no per-block transposes.
+
+  `prefix`: P more keys, placed before the T keys and visible to every query where `visible_BxP` (a shared
+  prompt's keys, seen by each of its responses); every query still sees itself, so no softmax row is empty.
   """
   block = block or ATTENTION_QUERY_BLOCK
-  t = q_BxTxHxD.shape[1]
-  mask_Bx1x1xTxS = attention_mask(segment_ids_BxT)
+  b, t, h, d = q_BxTxHxD.shape
+  kv = k_BxTxKxD.shape[2]
+  g = h // kv  # query head h reads kv head h // G
+  q_BxKxGxTxD = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+  k_BxKxSxD, v_BxKxSxD = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)
+  mask_Bx1xTxS = attention_mask(segment_ids_BxT)[:, :, 0]
+  p = 0
+  if prefix is not None:
+    p = prefix.k_BxPxKxD.shape[1]
+    k_BxKxSxD = jnp.concatenate([prefix.k_BxPxKxD.transpose(0, 2, 1, 3), k_BxKxSxD], axis=2)
+    v_BxKxSxD = jnp.concatenate([prefix.v_BxPxKxD.transpose(0, 2, 1, 3), v_BxKxSxD], axis=2)
+    seen_Bx1xTxP = jnp.broadcast_to(prefix.visible_BxP[:, None, None, :], (b, 1, t, p))
+    mask_Bx1xTxS = jnp.concatenate([seen_Bx1xTxP, mask_Bx1xTxS], axis=-1)
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
-    outs.append(attend(q_BxTxHxD[:, start:end], k_BxTxKxD[:, :end], v_BxTxKxD[:, :end],
-                       mask_Bx1x1xTxS[..., start:end, :end], cfg))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    c, s = end - start, p + end
+    q_BxKxMxD = q_BxKxGxTxD[:, :, :, start:end].reshape(b, kv, g * c, d)  # row m = query head g * C + c
+    scores_BxKxMxS = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxD, k_BxKxSxD[:, :, :s], precision=cfg.matmul_precision,
+                                preferred_element_type=jnp.float32) * (d ** -0.5)
+    visible_Bx1xMxS = jnp.tile(mask_Bx1xTxS[:, :, start:end, :s], (1, 1, g, 1))
+    scores_BxKxMxS = jnp.where(visible_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(cfg.compute_dtype)
+    out_BxKxMxD = jnp.einsum("bkms,bksd->bkmd", probs_BxKxMxS, v_BxKxSxD[:, :, :s], precision=cfg.matmul_precision)
+    outs.append(out_BxKxMxD.reshape(b, kv, g, c, d))
+  out_BxKxGxTxD = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class RMSNorm(nn.Module):
@@ -269,46 +383,61 @@ class Attention(nn.Module):
     return cached_k.value, cached_v.value, (causal_TxS[None] & same_BxTxS)[:, None, None]
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+  def __call__(self, x, positions, segment_ids):
+    """One stream `x_BxTxD` (with `positions_BxT`, `segment_ids_BxT`), or two as tuples: (prompts `[B, P]`,
+    responses `[K B, R]`), the responses also attending their prompt (module docstring). Returns the same."""
     cfg = self.cfg
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     init = nn.initializers.normal(cfg.initializer_range)
     dense = functools.partial(
         nn.DenseGeneral, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-        precision=cfg.matmul_precision)
+        precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg))
 
     def proj(name, heads, heads_axis, bias):
       return dense(
           features=(heads, d), use_bias=bias, name=name,
           kernel_init=_partitioned(init, ("embed", heads_axis, "head_dim")),
-          bias_init=_partitioned(nn.initializers.zeros, (heads_axis, "head_dim")))(x_BxTxD)
+          bias_init=_partitioned(nn.initializers.zeros, (heads_axis, "head_dim")))
 
-    q_BxTxHxD = proj("q", h, "heads", cfg.qkv_bias)
-    k_BxTxKxD = proj("k", k, "kv_heads", cfg.qkv_bias)
-    v_BxTxKxD = proj("v", k, "kv_heads", cfg.qkv_bias)
+    q_proj, k_proj, v_proj = proj("q", h, "heads", cfg.qkv_bias), proj("k", k, "kv_heads", cfg.qkv_bias), proj(
+        "v", k, "kv_heads", cfg.qkv_bias)
     if cfg.qk_norm:  # per-head RMSNorm over head_dim, before RoPE (Qwen3)
       head_norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
-      q_BxTxHxD = head_norm(name="q_norm")(q_BxTxHxD)
-      k_BxTxKxD = head_norm(name="k_norm")(k_BxTxKxD)
-    inv_freq_H2 = rope_inv_freq(cfg)
-    q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, inv_freq_H2), ("batch", "length", "heads", None), self.shard)
-    k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, inv_freq_H2), ("batch", "length", "kv_heads", None),
-                          self.shard)
-    v_BxTxKxD = constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
-
-    if self.decode:
-      k_BxSxKxD, v_BxSxKxD, mask = self._cached_kv_and_mask(k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
-    else:
-      k_BxSxKxD, v_BxSxKxD, mask = k_BxTxKxD, v_BxTxKxD, None
-    if mask is None:  # training / scoring: whole sequences, causal, in query blocks
-      out_BxTxHxD = causal_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, cfg)
-    else:
-      out_BxTxHxD = attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, cfg)
-    out_BxTxHxD = constrain(out_BxTxHxD, ("batch", "length", "heads", None), self.shard)
-    return dense(
+      q_norm, k_norm = head_norm(name="q_norm"), head_norm(name="k_norm")
+    out_proj = dense(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attn_out_bias, name="o",
         kernel_init=_partitioned(init, ("heads", "head_dim", "embed")),
-        bias_init=_partitioned(nn.initializers.zeros, ("norm",)))(out_BxTxHxD)
+        bias_init=_partitioned(nn.initializers.zeros, ("norm",)))
+    inv_freq_H2 = rope_inv_freq(cfg)
+
+    def qkv(x_BxTxD, positions_BxT):
+      q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = q_proj(x_BxTxD), k_proj(x_BxTxD), v_proj(x_BxTxD)
+      if cfg.qk_norm:
+        q_BxTxHxD, k_BxTxKxD = q_norm(q_BxTxHxD), k_norm(k_BxTxKxD)
+      q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, inv_freq_H2), ("batch", "length", "heads", None),
+                            self.shard)
+      k_BxTxKxD = constrain(rope(k_BxTxKxD, positions_BxT, inv_freq_H2), ("batch", "length", "kv_heads", None),
+                            self.shard)
+      return q_BxTxHxD, k_BxTxKxD, constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
+
+    def out(o_BxTxHxD):
+      return out_proj(constrain(o_BxTxHxD, ("batch", "length", "heads", None), self.shard))
+
+    if isinstance(x, tuple):  # (prompts, responses): each prompt computed once for its K responses
+      if self.decode:
+        raise ValueError("model: a shared-prompt forward has no KV-cached (decode) mode.")
+      (xp_BxPxD, xr_NxRxD), (pos_p, pos_r), (seg_p, seg_r) = x, positions, segment_ids
+      qp, kp, vp = qkv(xp_BxPxD, pos_p)
+      qr, kr, vr = qkv(xr_NxRxD, pos_r)
+      per_prompt = lambda a: jnp.repeat(a, xr_NxRxD.shape[0] // xp_BxPxD.shape[0], axis=0)  # prompt r // K
+      prefix = Prefix(per_prompt(kp), per_prompt(vp), per_prompt(seg_p > 0))
+      return (out(causal_attention(qp, kp, vp, seg_p, cfg)),
+              out(causal_attention(qr, kr, vr, seg_r, cfg, prefix=prefix)))
+    q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = qkv(x, positions)
+    if self.decode:
+      k_BxSxKxD, v_BxSxKxD, mask = self._cached_kv_and_mask(k_BxTxKxD, v_BxTxKxD, segment_ids)
+      return out(attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, cfg))
+    return out(causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids, cfg))
 
 
 class Mlp(nn.Module):
@@ -321,7 +450,7 @@ class Mlp(nn.Module):
     init = nn.initializers.normal(cfg.initializer_range)
     dense = functools.partial(
         nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
-        precision=cfg.matmul_precision)
+        precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg))
     up_kernel = _partitioned(init, ("embed", "mlp"))
     up_bias = _partitioned(nn.initializers.zeros, ("mlp",))
     gate_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="gate")(x_BxTxD)
@@ -333,19 +462,26 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; (carry, None) in and out so it can be scanned over layers."""
+  """Pre-norm residual block; (carry, None) in and out so it can be scanned over layers. The carry is one
+  stream `[B, T, D]` or a (prompts, responses) tuple of two (see `Attention`); norms and MLP act per token."""
   cfg: ModelConfig
   shard: ShardingContext | None
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+  def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
-    x_BxTxD = x_BxTxD + Attention(cfg, self.shard, self.decode, name="attn")(
-        norm(name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
-    x_BxTxD = x_BxTxD + Mlp(cfg, self.shard, name="mlp")(norm(name="mlp_norm")(x_BxTxD))
-    return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard), None
+    attn_norm, mlp_norm, mlp = norm(name="attn_norm"), norm(name="mlp_norm"), Mlp(cfg, self.shard, name="mlp")
+    streams = isinstance(x, tuple)
+    xs = x if streams else (x,)
+    attn_in = tuple(attn_norm(x_BxTxD) for x_BxTxD in xs)
+    attn_out = Attention(cfg, self.shard, self.decode, name="attn")(attn_in if streams else attn_in[0], positions,
+                                                                    segment_ids)
+    xs = tuple(x_BxTxD + a_BxTxD for x_BxTxD, a_BxTxD in zip(xs, attn_out if streams else (attn_out,)))
+    xs = tuple(constrain(x_BxTxD + mlp(mlp_norm(x_BxTxD)), ("batch", "length", "act_embed"), self.shard)
+               for x_BxTxD in xs)
+    return (xs if streams else xs[0]), None
 
 
 class Decoder(nn.Module):
@@ -376,21 +512,29 @@ class Decoder(nn.Module):
           "lm_head", _partitioned(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
           (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
 
-  def hidden(self, ids_BxT, positions_BxT, segment_ids_BxT):
-    """Final (normed) hidden states `[B, T, hidden]` in the compute dtype."""
+  def hidden(self, ids, positions, segment_ids):
+    """Final (normed) hidden states `[B, T, hidden]` in the compute dtype.
+
+    Shared prompts: each argument a tuple (prompt stream `[B, P]`, response stream `[K B, R]`, as `Attention`
+    takes them), and so is the result: (`[B, P, hidden]`, `[K B, R, hidden]`).
+    """
     # FSDP: gather the table's 'embed' shards before the lookup (the batch is split over the same mesh
     # axis); the 'vocab' split stays, and the partitioner masks and sums the lookup over it.
     table_VxD = constrain(self.embed.embedding, ("vocab", None), self.shard)
-    x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0).astype(self.cfg.compute_dtype)
-    if self.cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype first, as HF does
-      x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size ** 0.5, self.cfg.compute_dtype)
-    x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard)
+
+    def embed(ids_BxT):
+      x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0).astype(self.cfg.compute_dtype)
+      if self.cfg.embed_scale:  # Gemma: sqrt(D) rounded to the compute dtype first, as HF does
+        x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size ** 0.5, self.cfg.compute_dtype)
+      return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.shard)
+
+    x = tuple(embed(i) for i in ids) if isinstance(ids, tuple) else embed(ids)
     if self.cfg.scan_layers:
-      x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT)
+      x, _ = self.layers(x, positions, segment_ids)
     else:
       for layer in self.layers:
-        x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
-    return self.final_norm(x_BxTxD)
+        x, _ = layer(x, positions, segment_ids)
+    return tuple(self.final_norm(h) for h in x) if isinstance(x, tuple) else self.final_norm(x)
 
   def logits(self, hidden_BxTxD):
     """LM head with fp32 accumulation: logits `[B, T, vocab]` in fp32 whatever the compute dtype."""
@@ -399,8 +543,7 @@ class Decoder(nn.Module):
       kernel_DxV = self.embed.embedding.astype(dtype).T
     else:
       kernel_DxV = self.lm_head.astype(dtype)
-    logits = jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dtype), kernel_DxV,
-                        precision=self.cfg.matmul_precision, preferred_element_type=jnp.float32)
+    logits = matmul(hidden_BxTxD.astype(dtype), kernel_DxV, self.cfg, out_dtype=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"), self.shard)
 
   def __call__(self, ids_BxT, positions_BxT, segment_ids_BxT):

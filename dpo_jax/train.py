@@ -29,6 +29,7 @@ from dpo_jax import hf, model as model_lib, optim, reference_update, sharding, s
 from dpo_jax.data import packing, preference, schemas, synthetic
 
 STAGES = ("pipeline", "sft", "dpo", "precompute")
+PROMPT_SHARING = ("auto", "on", "off")  # config.data.prompt_sharing
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -38,6 +39,8 @@ def validate_config(config: Any, num_devices: int) -> None:
   config_checks.check_ranges(config)  # each numeric field in its range, data.on_bad_row a known mode
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r}; choose one of {STAGES}.")
+  if config.data.prompt_sharing not in PROMPT_SHARING:
+    raise ValueError(f"config.data.prompt_sharing={config.data.prompt_sharing!r}; choose one of {PROMPT_SHARING}.")
   if config.data.reward not in ("auto", "synthetic", "none"):
     raise ValueError(f"config.data.reward={config.data.reward!r}; choose 'auto', 'synthetic' or 'none'.")
   if config.data.reference_logps and config.stage != "dpo":
@@ -223,7 +226,8 @@ def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
 # ---- models: a random init of config.model, or HF checkpoints ----
 
 # What config.model still decides when the architecture comes from an HF checkpoint.
-NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size")
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size",
+                   "weight_grad_gemm")
 
 
 def model_config(config: Any) -> model_lib.ModelConfig:
@@ -440,6 +444,18 @@ def _start_state(rt: Runtime, mngr: Any, params: Any, optimizer: Any, shardings:
 
 # ---- stages ----
 
+def dpo_kind(config: Any, tokenized: Any) -> str:
+  """The layout of unpacked DPO batches of `tokenized`: 'dpo_shared' (each prompt once, `[B, P]` + `[K B, R]`)
+  or 'dpo' (`[K B, T]` rows), per config.data.prompt_sharing; 'auto' shares when that holds fewer tokens per
+  unit (P + K R < K T: the longest prompt once and K of the longest response, against K rows of max_length)."""
+  mode = config.data.prompt_sharing
+  k = getattr(tokenized, "num_responses", 2)
+  if mode == "on" or (mode == "auto" and tokenized.prompt_width + k * tokenized.response_width
+                      < k * tokenized.max_length):
+    return preference.SHARED
+  return "dpo"
+
+
 def run_sft(rt: Runtime, params: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs) -> Any:
   """Seed's pi_ref = argmax E log pi(y_w | x): maximum likelihood on (prompt, chosen). Returns the params."""
   config = rt.config
@@ -471,7 +487,7 @@ def dpo_eval(rt: Runtime, params: Any, reference: Any, test: preference.Tokenize
   sums_fn = rt.jitted("dpo_sums", lambda: jax.jit(
       functools.partial(step.eval_sums, model=rt.model, loss_cfg=rt.config.loss)))
   return evaluate.preference_metrics(sums_fn, params, reference, test, batch_size=rt.config.eval.batch_size,
-                                     to_global=rt.to_global)
+                                     to_global=rt.to_global, kind=dpo_kind(rt.config, test))
 
 
 def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs, *,
@@ -486,8 +502,10 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
     empty = np.full((config.batch_size // config.data.pairs_per_row, config.data.pairs_per_row), -1)
     example = packing.make_packed_batch(train, empty,
                                         row_length=packing.row_length(config.data.pack_length, config.max_length))
+    kind = "dpo"
   else:
-    example = preference.make_batch(train, np.arange(config.batch_size) % train.num_pairs, kind="dpo")
+    kind = dpo_kind(config, train)
+    example = preference.make_batch(train, np.arange(config.batch_size) % train.num_pairs, kind=kind)
   example.pop("row_ids")
   dpo_step = step.jit_train_step(
       functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
@@ -508,7 +526,7 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
         reference_update.mixing_weight(config.ref_update), shardings.params), config.ref_update.tau)
   del start  # without a reference in the step, nothing holds pi_ref's params from here on
   state = train_loop(rt, name="dpo", step_fn=step_fn, state=state, tokenized=train,
-                     kind="dpo", num_steps=config.optim.total_steps, batch_size=config.batch_size,
+                     kind=kind, num_steps=config.optim.total_steps, batch_size=config.batch_size,
                      seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, s.params, reference, test),
                      eval_every=config.eval.every_steps)
   return state.params
@@ -538,7 +556,8 @@ def reference_logps(rt: Runtime, reference: Any, tokenized: preference.Tokenized
   score = rt.jitted("ref_logps", lambda: jax.jit(
       lambda p, b: logprobs_lib.sequence_logps(rt.model, p, b).logps))
   out = []
-  for local in preference.eval_batches(tokenized, global_batch=rt.config.eval.batch_size, kind="dpo"):
+  for local in preference.eval_batches(tokenized, global_batch=rt.config.eval.batch_size,
+                                       kind=dpo_kind(rt.config, tokenized)):
     mask = local.pop("row_ids") >= 0
     logps = np.asarray(jax.device_get(score(reference, rt.to_global(local)))).reshape(-1, 2)
     out.append(logps[mask])

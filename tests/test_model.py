@@ -1,6 +1,7 @@
 """The decoder: causal, layouts and numerics options agree, GQA mapping, masks, logical axes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,47 @@ def test_remat_changes_memory_not_math(params, remat, scan):
     np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=True, mlp_bias=True),
+                                       dict(compute_dtype="bfloat16"), dict(remat="full", scan_layers=True)])
+def test_row_major_weight_grad_changes_layout_not_math(overrides):
+  """`weight_grad_gemm='row_major'` (the CPU default) against XLA's own weight-gradient layout: the same
+  logits, the same gradient for every param (fp32 to rounding; bf16 to bf16 rounding), the same param tree."""
+  xla = dataclasses.replace(CFG, weight_grad_gemm="xla", **overrides)
+  row = dataclasses.replace(xla, weight_grad_gemm="row_major")
+  p = model_lib.init_params(xla, jax.random.key(3))
+  assert jax.tree.structure(p) == jax.tree.structure(model_lib.init_params(row, jax.random.key(3)))
+  ids, positions, mask = _inputs()
+  loss = lambda c: (lambda p: jnp.mean(jnp.sin(_logits(c, p, ids, positions, mask))))
+  tol = dict(rtol=2e-2, atol=2e-4) if "compute_dtype" in overrides else dict(rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(loss(row)(p), loss(xla)(p), **tol)
+  grads_row, grads_xla = jax.grad(loss(row))(p), jax.grad(loss(xla))(p)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads_row):
+    h = functools.reduce(lambda t, k: t[k.key], path, grads_xla)
+    assert g.dtype == h.dtype, path
+    np.testing.assert_allclose(g, h, **tol, err_msg=jax.tree_util.keystr(path))
+  if "compute_dtype" not in overrides:  # not all zero: the comparison means something
+    assert float(jnp.abs(grads_row["embed"]["embedding"]).max()) > 0
+
+
+def test_row_major_weight_grad_is_a_row_major_gemm_on_cpu():
+  """The reason it exists: XLA:CPU compiles the default weight gradient x^T dy as a dot contracting dim 0 (the
+  token axis) of an operand, which it lays out by copying that operand transposed (or runs on Eigen); the
+  row-major form leaves no such dot for any projection (attention, MLP, LM head)."""
+  ids, positions, mask = _inputs()
+
+  def token_contracting_dots(weight_grad_gemm):
+    cfg = dataclasses.replace(CFG, weight_grad_gemm=weight_grad_gemm, tie_embeddings=False)
+    p = model_lib.init_params(cfg, jax.random.key(0))
+    hlo = jax.jit(jax.grad(lambda p: jnp.sum(_logits(cfg, p, ids, positions, mask)))).lower(p).compile().as_text()
+    token_axis = [line for line in hlo.splitlines() if " dot(" in line and "lhs_contracting_dims={0}" in line]
+    return {name for line in token_axis for name in ("/attn/", "/mlp/", "Decoder.logits") if name in line}
+  if jax.default_backend() != "cpu":
+    pytest.skip("an XLA:CPU layout check")
+  assert token_contracting_dots("xla"), "XLA:CPU no longer emits token-contracting dots; weight_grad_gemm may be moot"
+  assert not token_contracting_dots("row_major")
+  assert model_lib._row_major_weight_grad(dataclasses.replace(CFG, weight_grad_gemm="auto"))
+
+
 def test_bf16_compute_keeps_fp32_params_and_logits(params):
   cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
   out = _logits(cfg, params, *_inputs())
@@ -130,5 +172,7 @@ def test_bad_config_is_a_clear_error():
     dataclasses.replace(CFG, num_kv_heads=3)
   with pytest.raises(ValueError, match="remat="):
     dataclasses.replace(CFG, remat="some")
+  with pytest.raises(ValueError, match="weight_grad_gemm="):
+    dataclasses.replace(CFG, weight_grad_gemm="col_major")
   with pytest.raises(ValueError, match="unknown fields"):
     model_lib.ModelConfig.from_dict(dict(dataclasses.asdict(CFG), hiden_size=3))

@@ -13,8 +13,22 @@ numpy int32 arrays whose rows INTERLEAVE pairs, so one forward pass serves chose
   row_ids         [B]      the pair's row index in the source (-1 for a padding pair)
   pair_mask       [B]      1 for real pairs, 0 for padding pairs (only eval_batches pads)
 
-An SFT batch (fitting pi_ref on prompt + chosen) has the same keys without interleaving: `[B, T]` chosen
-rows, `row_ids` and `pair_mask` `[B]`.
+A shared-prompt DPO batch (kind="dpo_shared") holds each pair's prompt once, so the model runs it once for
+both responses (dpo_jax/logprobs.py); the same pairs, the same log-probs, fewer tokens:
+
+  prompt_ids        [B, P]   pair i's prompt, LEFT-padded (its last token in column P - 1), P = the longest
+                             prompt of the data (`TokenizedPairs.prompt_width`)
+  prompt_mask       [B, P]   1 on real prompt tokens
+  prompt_positions  [B, P]   0 .. len - 1 over the real prompt tokens, 0 on padding
+  input_ids         [2B, R]  row 2i = pair i's chosen + EOS, 2i + 1 = rejected + EOS, right-padded to R = the
+                             longest response (`TokenizedPairs.response_width`)
+  attention_mask    [2B, R]  1 on real response tokens
+  positions         [2B, R]  prompt_len + 0 .. prompt_len + len - 1 (where the token sits in prompt + response)
+  loss_mask         [2B, R]  1 on real response tokens of real pairs (every response token is scored)
+  row_ids, pair_mask [B]     as above
+
+An SFT batch (fitting pi_ref on prompt + chosen) has the same keys as a DPO batch without interleaving:
+`[B, T]` chosen rows, `row_ids` and `pair_mask` `[B]`.
 
 Token t is scored by the logits at t - 1, so a prompt must be non-empty (the first response token needs a
 context): an empty prompt is an error, never silently dropped, and loss_mask[:, 0] is always 0.
@@ -35,6 +49,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -43,7 +58,8 @@ import numpy as np
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 FILE_TYPES = (".json", ".jsonl", ".parquet")
-KINDS = ("dpo", "sft")
+KINDS = ("dpo", "dpo_shared", "sft")
+SHARED = "dpo_shared"  # the kind of shared-prompt DPO batches
 ON_BAD_ROW = ("error", "skip")  # config.data.on_bad_row: what a row that cannot be trained on does
 
 
@@ -385,6 +401,16 @@ class TokenizedPairs:
   def num_pairs(self) -> int:
     return int(self.row_ids.shape[0])
 
+  @functools.cached_property
+  def prompt_width(self) -> int:
+    """P of shared-prompt batches: the longest prompt, in tokens."""
+    return max(len(p) for p in self.prompt_ids)
+
+  @functools.cached_property
+  def response_width(self) -> int:
+    """R of shared-prompt batches: the longest response (EOS included), in tokens."""
+    return max(len(r) for r in self.chosen_ids + self.rejected_ids)
+
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:
   """(pad_id, eos_id): EOS is required (it ends every response); without a pad token the EOS id pads (padding
@@ -510,10 +536,40 @@ def pack_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
               loss_mask=loss_mask)
 
 
+def shared_prompt_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], *, prompt_width: int,
+                       response_width: int, pad_id: int) -> dict[str, np.ndarray]:
+  """`[B, P]` left-padded prompts and `[K B, R]` right-padded responses (K per prompt, prompt r // K of row r)
+  -> the shared-prompt arrays of the module docstring (loss_mask on every real response token)."""
+  b, n = len(prompts), len(responses)
+  k = n // b
+  prompt_ids = np.full((b, prompt_width), pad_id, np.int32)
+  prompt_mask = np.zeros((b, prompt_width), np.int32)
+  prompt_positions = np.zeros((b, prompt_width), np.int32)
+  for i, p in enumerate(prompts):
+    if not 0 < len(p) <= prompt_width:
+      raise ValueError(f"shared_prompt_rows: prompt {i} has {len(p)} tokens; it needs 1 .. {prompt_width}.")
+    prompt_ids[i, prompt_width - len(p):] = p
+    prompt_mask[i, prompt_width - len(p):] = 1
+    prompt_positions[i, prompt_width - len(p):] = np.arange(len(p))
+  input_ids = np.full((n, response_width), pad_id, np.int32)
+  attention_mask = np.zeros((n, response_width), np.int32)
+  positions = np.zeros((n, response_width), np.int32)
+  for r, y in enumerate(responses):
+    if not 0 < len(y) <= response_width:
+      raise ValueError(f"shared_prompt_rows: response {r} has {len(y)} tokens; it needs 1 .. {response_width}.")
+    input_ids[r, :len(y)] = y
+    attention_mask[r, :len(y)] = 1
+    positions[r, :len(y)] = len(prompts[r // k]) + np.arange(len(y))
+  return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, prompt_positions=prompt_positions,
+              input_ids=input_ids, attention_mask=attention_mask, positions=positions,
+              loss_mask=attention_mask.copy())
+
+
 def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str = "dpo") -> dict[str, np.ndarray]:
   """The batch of the pairs `pair_indices` (`[B]` indices into `tokenized`; -1 = a padding pair).
 
-  kind="dpo": interleaved `[2B, T]` rows (chosen 2i, rejected 2i + 1); kind="sft": `[B, T]` chosen rows.
+  kind="dpo": interleaved `[2B, T]` rows (chosen 2i, rejected 2i + 1); kind="dpo_shared": each prompt once
+  `[B, P]` and the responses interleaved `[2B, R]` (module docstring); kind="sft": `[B, T]` chosen rows.
   A padding pair repeats pair 0's tokens with loss_mask all 0, row_ids -1 and pair_mask 0: every row then
   attends to real tokens, so no softmax sees a fully masked row (which would give NaN).
   """
@@ -524,19 +580,23 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
   idx = np.asarray(pair_indices, dtype=np.int64)
   real = idx >= 0
   src = np.where(real, idx, 0)
-  if kind == "dpo":
-    prompts = [tokenized.prompt_ids[j] for j in src for _ in range(2)]
-    responses = [seq for j in src for seq in (tokenized.chosen_ids[j], tokenized.rejected_ids[j])]
-    row_real = np.repeat(real, 2)
-  else:
+  if kind == "sft":
     prompts = [tokenized.prompt_ids[j] for j in src]
     responses = [tokenized.chosen_ids[j] for j in src]
     row_real = real
-  batch = pack_sequences(prompts, responses, max_length=tokenized.max_length, pad_id=tokenized.pad_id)
+  else:
+    prompts = [tokenized.prompt_ids[j] for j in src for _ in range(2)]
+    responses = [seq for j in src for seq in (tokenized.chosen_ids[j], tokenized.rejected_ids[j])]
+    row_real = np.repeat(real, 2)
+  if kind == SHARED:
+    batch = shared_prompt_rows(prompts[::2], responses, prompt_width=tokenized.prompt_width,
+                               response_width=tokenized.response_width, pad_id=tokenized.pad_id)
+  else:
+    batch = pack_sequences(prompts, responses, max_length=tokenized.max_length, pad_id=tokenized.pad_id)
   batch["loss_mask"] = batch["loss_mask"] * row_real[:, None].astype(np.int32)
   batch["row_ids"] = np.where(real, tokenized.row_ids[src], -1).astype(np.int32)
   batch["pair_mask"] = real.astype(np.int32)
-  if kind == "dpo" and tokenized.reference_logps is not None:
+  if kind != "sft" and tokenized.reference_logps is not None:
     for j, field in enumerate(REFERENCE_FIELDS):  # `[B]` fp32; padding pairs get 0 (they carry no weight)
       batch[field] = np.where(real, tokenized.reference_logps[src, j], 0.0).astype(np.float32)
   return batch
@@ -544,7 +604,8 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
 
 def check_kind(kind: str) -> None:
   if kind not in KINDS:
-    raise ValueError(f"kind={kind!r}: use 'dpo' (interleaved chosen/rejected rows) or 'sft' (chosen rows only).")
+    raise ValueError(f"kind={kind!r}: use 'dpo' (interleaved chosen/rejected rows), 'dpo_shared' (each prompt once, "
+                     "then its chosen/rejected responses) or 'sft' (chosen rows only).")
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> np.ndarray:

@@ -46,6 +46,14 @@ class TokenizedRankings:
   def chosen_ids(self) -> tuple[np.ndarray, ...]:  # the best responses: what SFT fits
     return tuple(r[0] for r in self.response_ids)
 
+  @property
+  def prompt_width(self) -> int:  # P of shared-prompt batches, as for pairs
+    return max(len(p) for p in self.prompt_ids)
+
+  @property
+  def response_width(self) -> int:  # R of shared-prompt batches, as for pairs
+    return max(len(r) for rs in self.response_ids for r in rs)
+
 
 def _numbers(values: Any, kind: type) -> list | None:
   """values as a list of `kind` (int or float), or None when it is not a list of numbers."""
@@ -128,7 +136,9 @@ def _checked_ranking(row: Any, i: int, source: str, tokenizer: Any) -> tuple[lis
 
 def make_ranking_batch(tokenized: TokenizedRankings, indices: np.ndarray, *, kind: str = "dpo") -> dict:
   """The batch of ranked sets `indices` (`[B]`; -1 = a padding set): `[B * K, T]` rows best first per set and
-  `response_mask` `[B, K]` for kind 'dpo'; for kind 'sft' the best responses as `[B, T]` rows (like pairs)."""
+  `response_mask` `[B, K]` for kind 'dpo' (for 'dpo_shared' each prompt once `[B, P]` and the responses
+  `[B * K, R]`, as `preference.shared_prompt_rows` lays them out); for kind 'sft' the best responses as `[B, T]`
+  rows (like pairs)."""
   preference.check_kind(kind)
   idx = np.asarray(indices, dtype=np.int64)
   real = idx >= 0
@@ -145,7 +155,11 @@ def make_ranking_batch(tokenized: TokenizedRankings, indices: np.ndarray, *, kin
     prompts = [tokenized.prompt_ids[j] for j in src for _ in range(k)]
     responses = [tokenized.response_ids[j][r if r < len(tokenized.response_ids[j]) else 0]
                  for j in src for r in range(k)]
-    batch = preference.pack_sequences(prompts, responses, max_length=tokenized.max_length, pad_id=tokenized.pad_id)
+    if kind == preference.SHARED:  # each prompt once, then its K responses
+      batch = preference.shared_prompt_rows(prompts[::k], responses, prompt_width=tokenized.prompt_width,
+                                            response_width=tokenized.response_width, pad_id=tokenized.pad_id)
+    else:
+      batch = preference.pack_sequences(prompts, responses, max_length=tokenized.max_length, pad_id=tokenized.pad_id)
     batch["loss_mask"] *= present.reshape(-1)[:, None].astype(np.int32)
     batch["response_mask"] = present.astype(np.int32)
   batch["row_ids"] = np.where(real, tokenized.row_ids[src], -1).astype(np.int32)
