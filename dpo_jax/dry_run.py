@@ -70,7 +70,9 @@ def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference:
   """ShapeDtypeStructs and shardings of one global DPO batch, as the trainer builds it (`dpo_jax/data`).
 
   Unpacked: `[2B, T]` int32 rows (+ `[B]` reference columns). Packed (`data.packing`): R = B / pairs_per_row rows
-  of `pack_length` tokens, `pack_slots` `[R, P]`, and `[R * P]` pair fields.
+  of `pack_length` tokens, `pack_slots` `[R, P]`, and `[R * P]` pair fields. Shared prompts (`data.prompt_sharing`)
+  take their shapes from the data, which a dry run does not read; 'auto' picks them only when they hold fewer
+  tokens than these rows, so the rows bound the trainer's batch.
   """
   if config.data.packing:
     from dpo_jax.data import packing

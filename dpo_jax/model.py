@@ -258,7 +258,8 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 # Query positions per block of `causal_attention`. Measured on a 2-core CPU (scripts/attention_speed.py, fwd+bwd
-# of one attention of the tiny / small benchmark configs, T = 256 / 512): 64 is 1.4x / 1.2x faster than 128.
+# of one attention of the tiny / small benchmark configs, T = 256 / 512): 25 / 220 ms at 64 against 33 / 248 at
+# 128 and 42 / 397 for one block of all queries (torch SDPA: 28 / 239); 32 is no faster than 64.
 ATTENTION_QUERY_BLOCK = 64
 
 
