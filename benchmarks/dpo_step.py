@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/dpo_step.py [--configs tiny,small] [--repeats 5] [--dtype fp32|bf16]
         [--remat none|full|dots_saveable] [--full_attention] [--xla_weight_grad] [--skip torch,trl] [--breakdown]
-        [--config 1b] [--cpu_devices 2] [--profile]
+        [--config 1b] [--cpu_devices 2] [--profile] [--host_malloc=keep]
 
 Implementations (each timed after warm-up; the repeats interleave them so a noisy, shared machine slows all alike):
   jax          `step.train_step` jitted by `step.jit_train_step` on a 1-device mesh, as `train.run_dpo` runs it:
@@ -23,7 +23,8 @@ Implementations (each timed after warm-up; the repeats interleave them so a nois
                own optimizer step (clip + AdamW) and `zero_grad`; only when `trl` is importable.
 All of them compute the same loss on the same pairs (the first step's loss, log 2, is printed for each).
 
-Columns: median step time (s) and the spread of the repeats; tokens/s = 2B * T tokens of the pairs per step (the
+Columns: median step time (s) and the spread of the repeats (each repeat's `torch / this` ratio is printed too:
+adjacent measurements, so a machine that slows down mid-run moves it less); tokens/s = 2B * T tokens of the pairs per step (the
 same count for every implementation, whatever its layout); `x torch` / `x trl` = baseline time / this time (> 1:
 this is faster); MFU = the FLOPs this implementation computes / median step time / peak, where peak is the best
 matmul FLOP/s measured in this run (a 4096^3 fp32 or bf16 matmul in JAX and in torch, before every config and at
@@ -62,6 +63,17 @@ from typing import Any, Callable
 if __name__ == "__main__" and "--cpu_devices" in sys.argv:  # XLA reads this once, when jax is first imported
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                              + sys.argv[sys.argv.index("--cpu_devices") + 1]).strip()
+
+# glibc settings for `--host_malloc keep` (read by the dynamic loader at process start, hence the re-exec): one
+# arena, no mmap'd chunks, no trimming, so memory a step frees is reused by the next step instead of being
+# returned to the kernel and faulted in (and zeroed) again. XLA:CPU allocates a step's temporaries afresh every
+# step, above glibc's 32 MiB mmap ceiling: without this the small config's jax step takes ~1.8M minor page
+# faults (~11 s of system CPU) a step. torch in the same process gets the same settings.
+KEEP_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+if (__name__ == "__main__" and "--host_malloc=keep" in sys.argv
+    and KEEP_MALLOC not in os.environ.get("GLIBC_TUNABLES", "")):
+  os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), KEEP_MALLOC)))
+  os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -190,7 +202,7 @@ class JaxStep:
     loss_cfg["beta"] = BETA
     shardings = step.state_shardings(cfg, optimizer, mesh, rules)
     batch = dict(batch)
-    reference = None if precomputed_reference else jax.device_put(params, shardings.params)
+    reference = None if precomputed_reference else self._reference(params, shardings.params, devices)
     if precomputed_reference:
       from dpo_jax import logprobs
       ref_logps = jax.jit(lambda p, b: logprobs.sequence_logps(model, p, b).logps)(params, batch)
@@ -205,6 +217,17 @@ class JaxStep:
     self.reference = reference
     self.state = step.create_train_state(params, optimizer, shardings)
     self.compiled = self.fn.lower(self.state, reference, self.batch).compile()
+
+  _references: dict = {}
+
+  @classmethod
+  def _reference(cls, params: Any, shardings: Any, devices: int) -> Any:
+    """One device copy of the frozen reference per mesh, shared by the jax rows (the step never donates it):
+    on the small config every copy is 0.6 GB of a 24 GB machine."""
+    key = (id(params), devices)
+    if key not in cls._references:
+      cls._references[key] = jax.device_put(params, shardings)
+    return cls._references[key]
 
   def __call__(self) -> float:
     self.state, metrics = self.compiled(self.state, self.reference, self.batch)
@@ -489,10 +512,12 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   shared, shared_fwd = shared_prompt_batch(batch, length), shared_forward_flops(cfg, pairs, length)
   impls["jax"] = JaxStep(cfg, params, shared, precomputed_reference=False)
   flops["jax"] = 4 * shared_fwd
-  impls["jax-rows"] = JaxStep(cfg, params, batch, precomputed_reference=False)
-  flops["jax-rows"] = 4 * fwd
-  impls["jax-preref"] = JaxStep(cfg, params, shared, precomputed_reference=True)
-  flops["jax-preref"] = 3 * shared_fwd
+  if "jax-rows" not in args.skip:
+    impls["jax-rows"] = JaxStep(cfg, params, batch, precomputed_reference=False)
+    flops["jax-rows"] = 4 * fwd
+  if "jax-preref" not in args.skip:
+    impls["jax-preref"] = JaxStep(cfg, params, shared, precomputed_reference=True)
+    flops["jax-preref"] = 3 * shared_fwd
   if jax.local_device_count() > 1:  # e.g. --cpu_devices 2: the batch split over a data axis, one part per core
     n = jax.local_device_count()
     impls[f"jax-dp{n}"] = JaxStep(cfg, params, shared, precomputed_reference=False, devices=n)
@@ -507,8 +532,9 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
                                     precomputed_reference=False)
     flops["jax-xlawgrad"] = 4 * shared_fwd
   print(f"  XLA cost_analysis of the jax step: {impls['jax'].cost_flops() / 1e9:.1f} GFLOP "
-        f"(counted: {4 * shared_fwd / 1e9:.1f}); of jax-rows: {impls['jax-rows'].cost_flops() / 1e9:.1f} GFLOP "
-        f"(counted: {4 * fwd / 1e9:.1f})", flush=True)
+        f"(counted: {4 * shared_fwd / 1e9:.1f})" + (f"; of jax-rows: {impls['jax-rows'].cost_flops() / 1e9:.1f} "
+                                                    f"GFLOP (counted: {4 * fwd / 1e9:.1f})" if "jax-rows" in impls
+                                                    else ""), flush=True)
   if "torch" not in args.skip:
     impls["torch"] = TorchStep(cfg, params, batch, args.dtype)
     flops["torch"] = 4 * fwd
@@ -539,6 +565,10 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     print(f"  repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
   med = {k: statistics.median(v) for k, v in times.items()}
 
+  if "torch" in times:  # each repeat's torch time over this one's, measured back to back: robust to slow drifts
+    print("  per-repeat x torch (median, min-max): " + ", ".join(
+        f"{k} {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+        for k, r in ((k, [t / s for t, s in zip(times["torch"], v)]) for k, v in times.items() if k != "torch")))
   rows_out = []
   for key in impls:
     rows_out.append(dict(config=name, impl=key, time=med[key], spread=(min(times[key]), max(times[key])),
@@ -568,7 +598,8 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                       help="compute dtype; params and optimizer state stay fp32 (torch: autocast)")
   parser.add_argument("--remat", default="none", choices=sorted(model_lib.REMAT_POLICIES))
-  parser.add_argument("--skip", default="", help="comma-separated baselines to skip: torch,trl")
+  parser.add_argument("--skip", default="", help="comma-separated rows to skip: torch,trl,jax-rows,jax-preref "
+                      "(each jax row holds its own state: the small config with every row needs > 24 GB of RAM)")
   parser.add_argument("--full_attention", action="store_true",
                       help="also time the jax step with attention in one [T, T] block (model.ATTENTION_QUERY_BLOCK)")
   parser.add_argument("--xla_weight_grad", action="store_true",
@@ -578,6 +609,9 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the jax step with jax.profiler and print its op time by op kind, instead")
+  parser.add_argument("--host_malloc", default="default", choices=("default", "keep"),
+                      help="'keep': rerun this process with glibc tunables that keep freed memory for reuse "
+                      "(KEEP_MALLOC; pass it as --host_malloc=keep); applies to every implementation alike")
   parser.add_argument("--cpu_devices", type=int, default=1,
                       help="emulated CPU devices (XLA_FLAGS); > 1 adds a `jax-dpN` row: the step data-parallel "
                       "over N devices")
@@ -587,7 +621,8 @@ def main(argv=None) -> None:
 
   import torch
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+        f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; GLIBC_TUNABLES="
+        f"{os.environ.get('GLIBC_TUNABLES', '')!r}")
   rows, best_peak = [], 0.0
   for name in names:
     # The peak is re-measured before each config (the best of all measurements is kept): on a shared machine a

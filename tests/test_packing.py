@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from dpo_jax import logprobs, model as model_lib, optim, sharding, step
+from dpo_jax import logprobs, model as model_lib, step
 from dpo_jax.data import packing, preference
+from train_steps import run_steps
 
 CONFIG = get_config("tiny")
 CONFIG.optim.warmup_steps = 0
@@ -182,22 +183,11 @@ def test_packed_train_step_on_8_devices_matches_one_device(params):
   _, local = next(packing.iterate_packed_batches(tokenized, global_batch=24, pairs_per_row=PAIRS_PER_ROW,
                                                  row_length=ROW_LENGTH, seed=0))
   local.pop("row_ids")
-  model_cfg = _cfg(7)
   out = []
   for mesh_sizes, devices, accum in (({"data": 1}, 1, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 8, 2)):
-    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:devices])
-    shard = sharding.ShardingContext(mesh, RULES)
-    optimizer, schedule = optim.make_optimizer(CONFIG.optim)
-    shardings = step.state_shardings(model_cfg, optimizer, mesh, RULES)
-    reference = jax.device_put(params, shardings.params)
-    state = step.create_train_state(reference, optimizer, shardings)
-    train = step.jit_train_step(
-        functools.partial(step.train_step, model=model_lib.make_model(model_cfg, shard), optimizer=optimizer,
-                          schedule=schedule, loss_cfg=CONFIG.loss, grad_accum_steps=accum, shard=shard),
-        state_shardings=shardings, reference_shardings=shardings.params,
-        batch_shardings=sharding.batch_shardings(mesh, RULES, local), mesh=mesh)
-    state, metrics = train(state, reference, sharding.global_batch(mesh, RULES, local))
-    out.append(jax.device_get((state.params, metrics)))
+    new_params, (metrics,) = run_steps(params, local, model_cfg=_cfg(7), config=CONFIG, mesh_sizes=mesh_sizes,
+                                       devices=devices, grad_accum_steps=accum)
+    out.append((new_params, metrics))
   (p1, m1), (p8, m8) = out
   assert m1["num_pairs"] == local["pair_mask"].sum() > 8
   for k in ("loss", "grad_norm", "rewards/margins", "num_tokens"):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from dpo_jax import logprobs, model as model_lib, optim, sharding, step, train
+from dpo_jax import logprobs, model as model_lib, step, train
 from dpo_jax.data import preference, rankings
+from train_steps import run_steps
 
 CONFIG = get_config("tiny")
 CONFIG.optim.warmup_steps = 0
@@ -155,26 +156,11 @@ def test_train_step_on_8_devices_matches_the_row_batch_on_one(params):
   tokenized = make_pairs(16, seed=5)
   shared, rows = both(tokenized, np.arange(16))
   out = []
-  for local, mesh_sizes, devices, accum in ((rows, {"data": 1}, 1, 1), (shared, {"data": 2, "fsdp": 2, "tensor": 2},
-                                                                         8, 2)):
-    local = dict(local)
-    local.pop("row_ids")
-    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:devices])
-    shard = sharding.ShardingContext(mesh, RULES)
-    optimizer, schedule = optim.make_optimizer(CONFIG.optim)
-    shardings = step.state_shardings(MODEL_CFG, optimizer, mesh, RULES)
-    reference = jax.device_put(params, shardings.params)
-    state = step.create_train_state(reference, optimizer, shardings)
-    train_step = step.jit_train_step(
-        functools.partial(step.train_step, model=model_lib.make_model(MODEL_CFG, shard), optimizer=optimizer,
-                          schedule=schedule, loss_cfg=CONFIG.loss, grad_accum_steps=accum, shard=shard),
-        state_shardings=shardings, reference_shardings=shardings.params,
-        batch_shardings=sharding.batch_shardings(mesh, RULES, local), mesh=mesh)
-    history = []
-    for _ in range(2):
-      state, metrics = train_step(state, reference, sharding.global_batch(mesh, RULES, local))
-      history.append(jax.device_get(metrics))
-    out.append((jax.device_get(state.params), history))
+  for local, mesh_sizes, devices, accum in ((rows, {"data": 1}, 1, 1),
+                                            (shared, {"data": 2, "fsdp": 2, "tensor": 2}, 8, 2)):
+    local = {k: v for k, v in local.items() if k != "row_ids"}
+    out.append(run_steps(params, local, model_cfg=MODEL_CFG, config=CONFIG, mesh_sizes=mesh_sizes, devices=devices,
+                         grad_accum_steps=accum, steps=2))
   (p1, h1), (p8, h8) = out
   for a, b in zip(h1, h8):
     for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "num_tokens"):

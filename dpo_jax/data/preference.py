@@ -536,33 +536,30 @@ def pack_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
               loss_mask=loss_mask)
 
 
+def _padded(seqs: Sequence[np.ndarray], width: int, pad_id: int, *, left: bool,
+            what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, 0/1 mask, positions 0 .. len - 1) `[N, width]` int32 of `seqs`, each left- or right-aligned."""
+  ids = np.full((len(seqs), width), pad_id, np.int32)
+  mask = np.zeros((len(seqs), width), np.int32)
+  positions = np.zeros((len(seqs), width), np.int32)
+  for i, seq in enumerate(seqs):
+    if not 0 < len(seq) <= width:
+      raise ValueError(f"shared_prompt_rows: {what} {i} has {len(seq)} tokens; it needs 1 .. {width}.")
+    cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+    ids[i, cols], mask[i, cols], positions[i, cols] = seq, 1, np.arange(len(seq))
+  return ids, mask, positions
+
+
 def shared_prompt_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], *, prompt_width: int,
                        response_width: int, pad_id: int) -> dict[str, np.ndarray]:
   """`[B, P]` left-padded prompts and `[K B, R]` right-padded responses (K per prompt, prompt r // K of row r)
   -> the shared-prompt arrays of the module docstring (loss_mask on every real response token)."""
-  b, n = len(prompts), len(responses)
-  k = n // b
-  prompt_ids = np.full((b, prompt_width), pad_id, np.int32)
-  prompt_mask = np.zeros((b, prompt_width), np.int32)
-  prompt_positions = np.zeros((b, prompt_width), np.int32)
-  for i, p in enumerate(prompts):
-    if not 0 < len(p) <= prompt_width:
-      raise ValueError(f"shared_prompt_rows: prompt {i} has {len(p)} tokens; it needs 1 .. {prompt_width}.")
-    prompt_ids[i, prompt_width - len(p):] = p
-    prompt_mask[i, prompt_width - len(p):] = 1
-    prompt_positions[i, prompt_width - len(p):] = np.arange(len(p))
-  input_ids = np.full((n, response_width), pad_id, np.int32)
-  attention_mask = np.zeros((n, response_width), np.int32)
-  positions = np.zeros((n, response_width), np.int32)
-  for r, y in enumerate(responses):
-    if not 0 < len(y) <= response_width:
-      raise ValueError(f"shared_prompt_rows: response {r} has {len(y)} tokens; it needs 1 .. {response_width}.")
-    input_ids[r, :len(y)] = y
-    attention_mask[r, :len(y)] = 1
-    positions[r, :len(y)] = len(prompts[r // k]) + np.arange(len(y))
+  prompt_ids, prompt_mask, prompt_positions = _padded(prompts, prompt_width, pad_id, left=True, what="prompt")
+  input_ids, attention_mask, positions = _padded(responses, response_width, pad_id, left=False, what="response")
+  prompt_len_N = np.repeat(prompt_mask.sum(-1), len(responses) // len(prompts)).astype(np.int32)
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, prompt_positions=prompt_positions,
-              input_ids=input_ids, attention_mask=attention_mask, positions=positions,
-              loss_mask=attention_mask.copy())
+              input_ids=input_ids, attention_mask=attention_mask,
+              positions=(positions + prompt_len_N[:, None]) * attention_mask, loss_mask=attention_mask.copy())
 
 
 def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str = "dpo") -> dict[str, np.ndarray]:
