@@ -2,7 +2,14 @@
 
     PYTHONPATH=. python benchmarks/dpo_step.py [--configs tiny,small] [--repeats 5] [--dtype fp32|bf16]
         [--remat none|full|dots_saveable] [--full_attention] [--xla_weight_grad] [--skip torch,trl] [--breakdown]
-        [--config 1b] [--cpu_devices 2] [--profile] [--host_malloc=keep]
+        [--config 1b] [--cpu_devices 2] [--profile] [--host_malloc auto|keep|system] [--baseline_malloc system]
+        [--no-isolate]
+
+Each implementation runs in a spawned process of its own (`--isolate`, the default), as its own training program
+would: its own glibc heap, thread pools and memory. In one shared process they interfere: torch's idle threads
+spin beside XLA's, and one heap serves both, so buffers one frees are fragmented by the other's. The parent asks
+each process for one step at a time, so the repeats still interleave. Every process holds its own state: on the
+small config, 24 GB of RAM fits two (e.g. `--skip jax-rows,jax-preref,trl`).
 
 Implementations (each timed after warm-up; the repeats interleave them so a noisy, shared machine slows all alike):
   jax          `step.train_step` jitted by `step.jit_train_step` on a 1-device mesh, as `train.run_dpo` runs it:
@@ -24,13 +31,13 @@ Implementations (each timed after warm-up; the repeats interleave them so a nois
 All of them compute the same loss on the same pairs (the first step's loss, log 2, is printed for each).
 
 Columns: median step time (s) and the spread of the repeats (each repeat's `torch / this` ratio is printed too:
-adjacent measurements, so a machine that slows down mid-run moves it less); tokens/s = 2B * T tokens of the pairs per step (the
-same count for every implementation, whatever its layout); `x torch` / `x trl` = baseline time / this time (> 1:
-this is faster); MFU = the FLOPs this implementation computes / median step time / peak, where peak is the best
-matmul FLOP/s measured in this run (a 4096^3 fp32 or bf16 matmul in JAX and in torch, before every config and at
-the end, the max of all taken: a measurement in a busy moment would understate it); peak memory: JAX = the compiled
-step's arguments + temporaries + non-aliased outputs (`compiled.memory_analysis()`); torch = bytes of the policy
-and reference params + the peak rise of the process RSS during the first (warm-up) step, sampled every
+adjacent measurements, so a machine that slows down mid-run moves it less); tokens/s = 2B * T tokens of the pairs
+per step (the same count for every implementation, whatever its layout); `x torch` / `x trl` = baseline time / this
+time (> 1: this is faster); MFU = the FLOPs this implementation computes / median step time / peak, where peak is
+the best matmul FLOP/s measured in this run (a 4096^3 fp32 or bf16 matmul in JAX and in torch, before every config
+and at the end, the max of all taken: a measurement in a busy moment would understate it); peak memory: JAX = the
+compiled step's arguments + temporaries + non-aliased outputs (`compiled.memory_analysis()`); torch = bytes of the
+policy and reference params + the peak rise of the process RSS during the first (warm-up) step, sampled every
 millisecond after `malloc_trim`, which holds AdamW's new moments, the gradients and the activations.
 
 `--full_attention` adds `jax-fullattn`: the jax step with attention as one block per head (the program
@@ -38,6 +45,11 @@ before `model.causal_attention` split queries into blocks). `--xla_weight_grad` 
 step with `model.weight_grad_gemm='xla'` (XLA's own layout for the projections' weight gradients; on CPU the
 default is 'row_major'). `--breakdown` times pieces of the jax step instead;
 `--profile` traces it (`jax.profiler`) and prints the XLA op time summed by op kind instead.
+`--host_malloc` sets glibc's allocator of the jax processes: 'auto' (the default, as `python -m dpo_jax.train`
+does) keeps freed memory for reuse on CPU (`dpo_jax/host_memory.py`), 'system' leaves glibc's defaults, under
+which every XLA:CPU step faults its large buffers in again. `--baseline_malloc` sets it for torch and TRL:
+'system' by default, what a PyTorch program runs with (torch caches its own buffers; with 'keep' its step ran
+slower here). With `--no-isolate` the one process gets --host_malloc.
 
 FLOPs counted per step: policy forward + backward = 3 forwards, plus 1 reference forward (0 for jax-preref). One
 forward over N rows of T tokens is 2 * (matmul params) * N * T + 4 * layers * N * T^2 * (heads * head_dim) (QK^T
@@ -64,16 +76,25 @@ if __name__ == "__main__" and "--cpu_devices" in sys.argv:  # XLA reads this onc
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                              + sys.argv[sys.argv.index("--cpu_devices") + 1]).strip()
 
-# glibc settings for `--host_malloc keep` (read by the dynamic loader at process start, hence the re-exec): one
-# arena, no mmap'd chunks, no trimming, so memory a step frees is reused by the next step instead of being
-# returned to the kernel and faulted in (and zeroed) again. XLA:CPU allocates a step's temporaries afresh every
-# step, above glibc's 32 MiB mmap ceiling: without this the small config's jax step takes ~1.8M minor page
-# faults (~11 s of system CPU) a step. torch in the same process gets the same settings.
-KEEP_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
-if (__name__ == "__main__" and "--host_malloc=keep" in sys.argv
-    and KEEP_MALLOC not in os.environ.get("GLIBC_TUNABLES", "")):
-  os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), KEEP_MALLOC)))
-  os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+from dpo_jax import host_memory  # noqa: E402  (imports no jax)
+
+
+def _host_malloc_flag(argv: list[str]) -> str:
+  """--host_malloc's value, read before argparse: the allocator is set before jax starts its threads."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--host_malloc="):
+      return arg.split("=", 1)[1]
+    if arg == "--host_malloc" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "auto"
+
+
+# The parent by --host_malloc; an `--isolate` worker (spawned: it imports this file as __mp_main__) by the mode
+# its parent put in WORKER_MALLOC for it: --host_malloc for the jax rows, --baseline_malloc for torch and TRL.
+WORKER_MALLOC = "DPO_BENCH_WORKER_MALLOC"
+HOST_MALLOC_KEPT = (host_memory.configure(_host_malloc_flag(sys.argv), source="--host_malloc")
+                    if __name__ == "__main__" else
+                    host_memory.configure(os.environ[WORKER_MALLOC]) if __name__ == "__mp_main__" else False)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -489,15 +510,110 @@ def profile(step_fn: "JaxStep", steps: int = 2, top: int = 15) -> None:
 
 # ---- the run ----
 
+def impl_keys(args: argparse.Namespace) -> list[str]:
+  """The rows this run times, in table order (see the module docstring)."""
+  keys = ["jax"] + [k for k in ("jax-rows", "jax-preref") if k not in args.skip]
+  if args.cpu_devices > 1:
+    keys.append(f"jax-dp{args.cpu_devices}")
+  keys += ["jax-fullattn"] * args.full_attention + ["jax-xlawgrad"] * args.xla_weight_grad
+  keys += [k for k in ("torch", "trl") if k not in args.skip]
+  if "trl" in keys and importlib.util.find_spec("trl") is None:
+    print("  trl is not installed: skipping the TRL baseline (pip install -e .[bench])")
+    keys.remove("trl")
+  return keys
+
+
+def build_impl(key: str, name: str, cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarray],
+               args: argparse.Namespace) -> Any:
+  """The step object of row `key`, compiled / built and ready for its warm-up."""
+  length = batch["input_ids"].shape[1]
+  shared = shared_prompt_batch(batch, length)
+  if key in ("jax", "jax-preref"):
+    return JaxStep(cfg, params, shared, precomputed_reference=key == "jax-preref")
+  if key == "jax-rows":
+    return JaxStep(cfg, params, batch, precomputed_reference=False)
+  if key.startswith("jax-dp"):  # e.g. --cpu_devices 2: the batch split over a data axis, one part per core
+    return JaxStep(cfg, params, shared, precomputed_reference=False, devices=jax.local_device_count())
+  if key == "jax-fullattn":  # the step as it was before query-blocked attention: one block of every query
+    block, model_lib.ATTENTION_QUERY_BLOCK = model_lib.ATTENTION_QUERY_BLOCK, length
+    try:
+      return JaxStep(cfg, params, shared, precomputed_reference=False)
+    finally:
+      model_lib.ATTENTION_QUERY_BLOCK = block
+  if key == "jax-xlawgrad":  # the step before `model.matmul` computed weight gradients as row-major GEMMs
+    return JaxStep(dataclasses.replace(cfg, weight_grad_gemm="xla"), params, shared, precomputed_reference=False)
+  if key == "torch":
+    return TorchStep(cfg, params, batch, args.dtype)
+  if key == "trl":
+    return TrlStep(cfg, params, batch, args.dtype, os.path.join(args.workdir, name))
+  raise ValueError(f"unknown implementation {key!r}")
+
+
+def warm_up(impl: Any) -> tuple[float, str]:
+  """One untimed step -> (its loss, the peak memory column); torch's RSS is sampled during it."""
+  if isinstance(impl, JaxStep):
+    loss = impl()
+    return loss, f"{impl.peak_bytes() / 2 ** 20:.0f} MiB (compiled)"
+  with RssPeak() as rss:
+    loss = impl()
+  return loss, f"{(impl.persistent_bytes() + rss.rise) / 2 ** 20:.0f} MiB (params+RSS)"
+
+
+def _worker(conn: Any, name: str, key: str, args: argparse.Namespace) -> None:
+  """An isolated implementation (`--isolate`): build, warm up, then time one step per request."""
+  cfg = model_config(name, args.dtype, args.remat)
+  _, pairs, length = CONFIGS[name]
+  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0)))  # the same weights in every process
+  impl = build_impl(key, name, cfg, params, make_batch(cfg, pairs, length), args)
+  del params
+  loss, memory = warm_up(impl)
+  conn.send((loss, memory, impl.cost_flops() if isinstance(impl, JaxStep) else float("nan")))
+  while conn.recv() == "step":
+    conn.send(time_once(impl))
+
+
+class WorkerStep:
+  """Row `key` in a spawned process of its own: its own allocator state, thread pools and memory, as in a
+  training program of its own. The parent asks for one step at a time, so the repeats still interleave."""
+
+  def __init__(self, name: str, key: str, args: argparse.Namespace):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.process = ctx.Process(target=_worker, args=(child, name, key, args), daemon=True)
+    os.environ[WORKER_MALLOC] = args.baseline_malloc if key in ("torch", "trl") else args.host_malloc
+    try:
+      self.process.start()  # the child starts with this environment
+    finally:
+      del os.environ[WORKER_MALLOC]
+    self.ready = self.conn.recv()  # (first loss, memory column, XLA cost): wait, so compiles never overlap
+
+  def warm_up(self) -> tuple[float, str]:
+    return self.ready[0], self.ready[1]
+
+  def cost_flops(self) -> float:
+    return self.ready[2]
+
+  def __call__(self) -> float:
+    self.conn.send("step")
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send("stop")
+    self.process.join()
+
+
 def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[dict]:
   cfg = model_config(name, args.dtype, args.remat)
   _, pairs, length = CONFIGS[name]
   batch = make_batch(cfg, pairs, length)
-  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0)))
+  in_process = not args.isolate or args.breakdown or args.profile
+  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0))) if in_process else None
   rows, tokens = 2 * pairs, 2 * pairs * length
   fwd = forward_flops(cfg, rows, length)
-  print(f"\n{name}: {model_lib.count_params(params) / 1e6:.1f}M params, {pairs} pairs x {length} tokens, "
-        f"{args.dtype}, remat={args.remat}; forward {fwd / 1e9:.1f} GFLOP", flush=True)
+  n_params = model_lib.count_params(model_lib.abstract_params(cfg))
+  print(f"\n{name}: {n_params / 1e6:.1f}M params, {pairs} pairs x {length} tokens, {args.dtype}, "
+        f"remat={args.remat}; forward {fwd / 1e9:.1f} GFLOP", flush=True)
 
   if args.breakdown:
     breakdown(cfg, params, batch, args.repeats)
@@ -507,63 +623,33 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     jax_step()  # warm-up
     profile(jax_step)
     return []
-  impls: dict[str, Any] = {}
-  flops: dict[str, float] = {}
-  shared, shared_fwd = shared_prompt_batch(batch, length), shared_forward_flops(cfg, pairs, length)
-  impls["jax"] = JaxStep(cfg, params, shared, precomputed_reference=False)
-  flops["jax"] = 4 * shared_fwd
-  if "jax-rows" not in args.skip:
-    impls["jax-rows"] = JaxStep(cfg, params, batch, precomputed_reference=False)
-    flops["jax-rows"] = 4 * fwd
-  if "jax-preref" not in args.skip:
-    impls["jax-preref"] = JaxStep(cfg, params, shared, precomputed_reference=True)
-    flops["jax-preref"] = 3 * shared_fwd
-  if jax.local_device_count() > 1:  # e.g. --cpu_devices 2: the batch split over a data axis, one part per core
-    n = jax.local_device_count()
-    impls[f"jax-dp{n}"] = JaxStep(cfg, params, shared, precomputed_reference=False, devices=n)
-    flops[f"jax-dp{n}"] = 4 * shared_fwd
-  if args.full_attention:  # the step as it was before query-blocked attention: one block of every query
-    block, model_lib.ATTENTION_QUERY_BLOCK = model_lib.ATTENTION_QUERY_BLOCK, length
-    impls["jax-fullattn"] = JaxStep(cfg, params, shared, precomputed_reference=False)
-    flops["jax-fullattn"] = 4 * shared_fwd
-    model_lib.ATTENTION_QUERY_BLOCK = block
-  if args.xla_weight_grad:  # the step before `model.matmul` computed weight gradients as row-major GEMMs
-    impls["jax-xlawgrad"] = JaxStep(dataclasses.replace(cfg, weight_grad_gemm="xla"), params, shared,
-                                    precomputed_reference=False)
-    flops["jax-xlawgrad"] = 4 * shared_fwd
-  print(f"  XLA cost_analysis of the jax step: {impls['jax'].cost_flops() / 1e9:.1f} GFLOP "
-        f"(counted: {4 * shared_fwd / 1e9:.1f})" + (f"; of jax-rows: {impls['jax-rows'].cost_flops() / 1e9:.1f} "
-                                                    f"GFLOP (counted: {4 * fwd / 1e9:.1f})" if "jax-rows" in impls
-                                                    else ""), flush=True)
-  if "torch" not in args.skip:
-    impls["torch"] = TorchStep(cfg, params, batch, args.dtype)
-    flops["torch"] = 4 * fwd
-  if "trl" not in args.skip:
-    try:
-      importlib.import_module("trl")
-    except ImportError:
-      print("  trl is not installed: skipping the TRL baseline (pip install -e .[bench])")
-    else:
-      impls["trl"] = TrlStep(cfg, params, batch, args.dtype, os.path.join(args.workdir, name))
-      flops["trl"] = 4 * fwd
-
+  shared_fwd = shared_forward_flops(cfg, pairs, length)
+  keys = impl_keys(args)
+  flops = {k: (3 if k == "jax-preref" else 4) * (fwd if k in ("jax-rows", "torch", "trl") else shared_fwd)
+           for k in keys}
+  if args.isolate:  # each implementation in a process of its own, as its own training program would run it
+    impls = {k: WorkerStep(name, k, args) for k in keys}  # started one at a time: compiles don't overlap
+  else:
+    impls = {k: build_impl(k, name, cfg, params, batch, args) for k in keys}
+  if "jax" in impls:
+    print(f"  XLA cost_analysis of the jax step: {impls['jax'].cost_flops() / 1e9:.1f} GFLOP "
+          f"(counted: {4 * shared_fwd / 1e9:.1f})" + (f"; of jax-rows: {impls['jax-rows'].cost_flops() / 1e9:.1f} "
+                                                      f"GFLOP (counted: {4 * fwd / 1e9:.1f})" if "jax-rows" in impls
+                                                      else ""), flush=True)
   memory: dict[str, str] = {}
-  for key, impl in impls.items():  # one untimed warm-up step each; torch's RSS is sampled during it
-    if isinstance(impl, JaxStep):
-      loss = impl()
-      memory[key] = f"{impl.peak_bytes() / 2 ** 20:.0f} MiB (compiled)"
-    else:
-      with RssPeak() as rss:
-        loss = impl()
-      memory[key] = f"{(impl.persistent_bytes() + rss.rise) / 2 ** 20:.0f} MiB (params+RSS)"
+  for key, impl in impls.items():  # one untimed warm-up step each (done by the worker when isolated)
+    loss, memory[key] = impl.warm_up() if isinstance(impl, WorkerStep) else warm_up(impl)
     print(f"  warm-up: {key} done, first loss {loss:.7f} (log 2 = {np.log(2):.7f})", flush=True)
 
   times = {k: [] for k in impls}
   for i in range(args.repeats):  # interleaved: a slow phase of the shared machine hits every implementation
     for key, impl in impls.items():
-      times[key].append(time_once(impl))
+      times[key].append(impl() if isinstance(impl, WorkerStep) else time_once(impl))  # worker: its own clock
     print(f"  repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
   med = {k: statistics.median(v) for k, v in times.items()}
+  for impl in impls.values():
+    if isinstance(impl, WorkerStep):
+      impl.close()
 
   if "torch" in times:  # each repeat's torch time over this one's, measured back to back: robust to slow drifts
     print("  per-repeat x torch (median, min-max): " + ", ".join(
@@ -609,9 +695,17 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the jax step with jax.profiler and print its op time by op kind, instead")
-  parser.add_argument("--host_malloc", default="default", choices=("default", "keep"),
-                      help="'keep': rerun this process with glibc tunables that keep freed memory for reuse "
-                      "(KEEP_MALLOC; pass it as --host_malloc=keep); applies to every implementation alike")
+  parser.add_argument("--host_malloc", default="auto", choices=host_memory.HOST_MALLOC,
+                      help="glibc's allocator of the jax processes with --isolate, else of the one process: 'auto' "
+                      "(on CPU 'keep', as the trainer does), 'keep' or 'system' (glibc's defaults); "
+                      "dpo_jax/host_memory.py")
+  parser.add_argument("--baseline_malloc", default="system", choices=host_memory.HOST_MALLOC,
+                      help="with --isolate: the allocator of the torch and TRL processes ('system': glibc's "
+                      "defaults, what a PyTorch program runs with; with 'keep' they ran slower here)")
+  parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                      help="each implementation in a spawned process of its own (its own allocator state, thread "
+                      "pools and memory), its steps still interleaved with the others'; --no-isolate: all in "
+                      "this process")
   parser.add_argument("--cpu_devices", type=int, default=1,
                       help="emulated CPU devices (XLA_FLAGS); > 1 adds a `jax-dpN` row: the step data-parallel "
                       "over N devices")
@@ -621,8 +715,8 @@ def main(argv=None) -> None:
 
   import torch
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; GLIBC_TUNABLES="
-        f"{os.environ.get('GLIBC_TUNABLES', '')!r}")
+        f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; host malloc "
+        f"{args.host_malloc} ({'freed memory kept' if HOST_MALLOC_KEPT else 'glibc defaults'})")
   rows, best_peak = [], 0.0
   for name in names:
     # The peak is re-measured before each config (the best of all measurements is kept): on a shared machine a

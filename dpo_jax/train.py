@@ -11,6 +11,10 @@ stage from its newest checkpoint (a finished stage is not retrained).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax and numpy start threads: on CPU glibc keeps freed memory
+  from dpo_jax import host_memory
+  host_memory.configure()
+
 import dataclasses
 import functools
 import json

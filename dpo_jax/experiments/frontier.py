@@ -27,6 +27,10 @@ and frontier.png (reward against KL, a curve per method and setting).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax and numpy start threads: on CPU glibc keeps freed memory
+  from dpo_jax import host_memory
+  host_memory.configure()
+
 import csv
 import dataclasses
 import functools

@@ -1,0 +1,87 @@
+"""host_memory: glibc keeps freed memory for the next step's allocations, so it is not faulted in again."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dpo_jax import host_memory
+
+# A fresh process: a thread mallocs 96 MiB (above glibc's mmap threshold and above the 64 MiB a thread's own
+# arena can hold), touches every page, frees it, and does it again. The minor page faults of each round show
+# whether the freed memory was kept. `early`: the settings come before the thread first allocates, `late`:
+# after (the thread already has its own arena), `system`: never.
+_ROUNDS = textwrap.dedent("""
+    import ctypes, resource, sys, threading
+    from dpo_jax import host_memory
+    mode = sys.argv[1]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    if mode == "early":
+      assert host_memory.keep_freed_memory()
+    size, faults, ready, go = 96 << 20, [], threading.Event(), threading.Event()
+
+    def work():
+      libc.free(libc.malloc(64))  # the thread's first allocation picks its arena
+      ready.set()
+      go.wait()
+      for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        libc.free(p)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    ready.wait()
+    if mode == "late":
+      assert host_memory.keep_freed_memory()
+    go.set()
+    thread.join()
+    print(*faults)
+""")
+PAGES = (96 << 20) // 4096
+
+
+def _faults(mode):
+  out = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True, check=True)
+  return [int(n) for n in out.stdout.split()]
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="the C library is not glibc")
+def test_kept_memory_is_not_faulted_in_again():
+  first, again = _faults("system")
+  assert first >= PAGES // 2 and again >= PAGES // 2, (first, again)  # mmap'd, unmapped on free, faulted again
+  first, again = _faults("early")
+  assert first >= PAGES // 2 and again < PAGES // 100, (first, again)  # the second malloc reuses the pages
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="the C library is not glibc")
+def test_a_thread_arena_made_before_the_settings_still_refaults():
+  # Why the entry points call configure() before importing jax: XLA's threads would otherwise keep arenas
+  # that mmap every large buffer (the small benchmark config: 1.4M faults a step with the settings made late).
+  first, again = _faults("late")
+  assert first >= PAGES // 2 and again >= PAGES // 2, (first, again)
+
+
+def test_modes_and_the_environment_variable(monkeypatch):
+  assert host_memory.configure("system") is False  # leaves glibc alone
+  assert host_memory.configure("keep") is (host_memory._glibc() is not None)
+  monkeypatch.setenv(host_memory.ENV, "system")
+  assert host_memory.configure() is False
+  monkeypatch.setenv(host_memory.ENV, "tcmalloc")
+  with pytest.raises(ValueError, match=r"DPO_JAX_HOST_MALLOC='tcmalloc'; choose one of \['auto', 'keep', 'system'\]"):
+    host_memory.configure()
+  with pytest.raises(ValueError, match=r"--host_malloc='on'; choose one of"):
+    host_memory.configure("on", source="--host_malloc")
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", False), ("cuda", True), ("tpu", True), ("cpu,cuda", True)])
+def test_auto_keeps_memory_only_without_an_accelerator(monkeypatch, platforms, expected):
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  assert host_memory.accelerator_expected() is expected
+  monkeypatch.setenv(host_memory.ENV, "auto")
+  assert host_memory.configure() is (not expected and host_memory._glibc() is not None)
