@@ -78,3 +78,12 @@ def configure(mode: str | None = None, *, source: str = ENV) -> bool:
   if mode == "keep" or (mode == "auto" and not accelerator_expected()):
     return keep_freed_memory()
   return False
+
+
+def configure_at_startup() -> bool:
+  """`configure()` from `$DPO_JAX_HOST_MALLOC` for a program's first lines: a bad value exits with its message
+  (one line, no traceback)."""
+  try:
+    return configure()
+  except ValueError as bad:
+    raise SystemExit(f"error: {bad}") from None

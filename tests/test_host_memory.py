@@ -1,5 +1,6 @@
 """host_memory: glibc keeps freed memory for the next step's allocations, so it is not faulted in again."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,12 @@ def test_auto_keeps_memory_only_without_an_accelerator(monkeypatch, platforms, e
   assert host_memory.accelerator_expected() is expected
   monkeypatch.setenv(host_memory.ENV, "auto")
   assert host_memory.configure() is (not expected and host_memory._glibc() is not None)
+
+
+def test_a_bad_environment_value_stops_the_trainer_with_one_line():
+  env = dict(os.environ, DPO_JAX_HOST_MALLOC="tcmalloc")
+  out = subprocess.run([sys.executable, "-m", "dpo_jax.train", "--helpshort"], capture_output=True, text=True,
+                       env=env)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip() == ("error: DPO_JAX_HOST_MALLOC='tcmalloc'; choose one of ['auto', 'keep', "
+                                "'system'].")

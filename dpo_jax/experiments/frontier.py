@@ -29,7 +29,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # first, before jax and numpy start threads: on CPU glibc keeps freed memory
   from dpo_jax import host_memory
-  host_memory.configure()
+  host_memory.configure_at_startup()
 
 import csv
 import dataclasses
