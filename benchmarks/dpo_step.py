@@ -48,8 +48,8 @@ default is 'row_major'). `--breakdown` times pieces of the jax step instead;
 `--host_malloc` sets glibc's allocator of the jax processes: 'auto' (the default, as `python -m dpo_jax.train`
 does) keeps freed memory for reuse on CPU (`dpo_jax/host_memory.py`), 'system' leaves glibc's defaults, under
 which every XLA:CPU step faults its large buffers in again. `--baseline_malloc` sets it for torch and TRL:
-'system' by default, what a PyTorch program runs with (torch caches its own buffers; with 'keep' its step ran
-slower here). With `--no-isolate` the one process gets --host_malloc.
+'system' by default, what a PyTorch program runs with (on the small config torch's step also ran faster with
+'keep' here: compare both). With `--no-isolate` the one process gets --host_malloc.
 
 FLOPs counted per step: policy forward + backward = 3 forwards, plus 1 reference forward (0 for jax-preref). One
 forward over N rows of T tokens is 2 * (matmul params) * N * T + 4 * layers * N * T^2 * (heads * head_dim) (QK^T
@@ -701,7 +701,7 @@ def main(argv=None) -> None:
                       "dpo_jax/host_memory.py")
   parser.add_argument("--baseline_malloc", default="system", choices=host_memory.HOST_MALLOC,
                       help="with --isolate: the allocator of the torch and TRL processes ('system': glibc's "
-                      "defaults, what a PyTorch program runs with; with 'keep' they ran slower here)")
+                      "defaults, what a PyTorch program runs with; 'keep' is worth a run too)")
   parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                       help="each implementation in a spawned process of its own (its own allocator state, thread "
                       "pools and memory), its steps still interleaved with the others'; --no-isolate: all in "
