@@ -16,10 +16,10 @@ stay mmap'd. The cost: the process keeps its peak resident size until it exits (
 device memory on an accelerator). It changes nothing off glibc (musl, or an allocator such as tcmalloc put in
 with LD_PRELOAD) and nothing for device memory.
 
-The entry points (`python -m dpo_jax.train` and the frontier experiment: `configure_at_startup()`;
-`benchmarks/dpo_step.py`: `configure()`) call it first; `DPO_JAX_HOST_MALLOC` picks the mode: 'auto' (default) = 'keep' unless an accelerator
-is in use (`JAX_PLATFORMS` names one, or a TPU / GPU plugin is installed and `JAX_PLATFORMS` is unset),
-'keep', or 'system' (glibc's defaults).
+The entry points call it first: `python -m dpo_jax.train` and the frontier experiment through
+`configure_at_startup()`, `benchmarks/dpo_step.py` through `configure()`. `DPO_JAX_HOST_MALLOC` picks the mode:
+'auto' (default) = 'keep' unless an accelerator is in use (`JAX_PLATFORMS` names one, or a TPU / GPU plugin is
+installed and `JAX_PLATFORMS` is unset), 'keep', or 'system' (glibc's defaults).
 """
 
 import ctypes

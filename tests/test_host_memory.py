@@ -17,7 +17,7 @@ _ROUNDS = textwrap.dedent("""
     import ctypes, resource, sys, threading
     from dpo_jax import host_memory
     mode = sys.argv[1]
-    libc = ctypes.CDLL("libc.so.6")
+    libc = host_memory._glibc()
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     if mode == "early":
