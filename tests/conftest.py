@@ -8,6 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A hub lookup hangs ~50 s on an offline machine; tests build every model and tokenizer they use.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Trainer subprocesses leave glibc at its defaults: with freed memory kept, CI workers grew until OOM-killed.
+os.environ.setdefault("DPO_JAX_HOST_MALLOC", "system")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
