@@ -1,27 +1,18 @@
 """Default config: DPO on the embedded synthetic preference task, sized for a laptop CPU.
 
-Variants: `--config configs/default.py:tiny` (a very small model for tests and smoke runs).
+Variants: `--config configs/default.py:tiny` (a very small model for tests and smoke runs), `:1b` (a ~1.1B Llama
+for a GPU or TPU: bf16 compute on accelerators, fp32 on CPU). The 1b variant needs a tokenizer with >= 201 tokens
+(the embedded task's fits) and is sized for an accelerator: on CPU it runs, slowly.
 Override any field from the command line, e.g. `--config.loss.beta=0.05 --config.mesh.fsdp=2`.
 """
 
 import ml_collections
 
-# Logical axis name -> mesh axes of the ('data', 'fsdp', 'tensor') mesh; the first matching rule wins.
-# Params: FSDP shards the embedding dimension, tensor parallelism shards heads / MLP / vocab.
-# Activations: the batch is split over data and fsdp; 'act_embed' (the residual stream) is replicated.
-SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("norm", None),
-)
+from dpo_jax.sharding import DEFAULT_RULES
+
+# Logical axis name -> mesh axes of the ('data', 'fsdp', 'tensor') mesh; the first matching rule wins. The table
+# (and why each axis maps where it does) is `dpo_jax.sharding.DEFAULT_RULES`, importable without ml_collections.
+SHARDING_RULES = DEFAULT_RULES
 
 
 def _option():
@@ -83,7 +74,15 @@ def get_config(arg=None):
       mlp_bias=False,  # biases in the MLP.
       initializer_range=0.02,  # stddev of the normal init.
       param_dtype="float32",  # dtype params (and optimizer moments) are stored in.
-      compute_dtype="float32",  # dtype of activations and matmuls ('bfloat16' on TPU/GPU); log-probs are fp32 always.
+      compute_dtype="float32",  # dtype of activations and matmuls: 'float32', 'bfloat16', or 'auto' (bfloat16 on
+      #                           GPU/TPU, float32 on CPU). Params and optimizer state stay in param_dtype; the
+      #                           LM head accumulates in fp32 and log-softmax, log-probs and losses are fp32 always.
+      attention_impl="auto",  # attention kernel (dpo_jax/attention.py): 'cudnn' (cuDNN flash attention, GPU, bf16/
+      #                         fp16), 'splash' (Pallas splash attention, TPU; Pallas interpret mode on CPU, for
+      #                         tests), 'xla' (plain masked softmax attention, any backend), 'cpu_blocked' (query
+      #                         blocks that skip the masked upper triangle; fastest on CPU). 'auto' = cudnn on GPU,
+      #                         splash on TPU, cpu_blocked on CPU, falling back to 'xla' with a one-line warning
+      #                         where the kernel cannot serve the shapes or dtype.
       matmul_precision="default",  # 'highest' for full-fp32 matmuls on TPU (default there is bf16 passes).
       remat="none",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable'.
       scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
@@ -176,6 +175,11 @@ def get_config(arg=None):
       temperature=1.0,  # 1.0 = ancestral sampling from pi, as the KL estimate assumes.
   ))
 
+  c.perf = ml_collections.ConfigDict(dict(
+      peak_flops=0.0,  # peak FLOP/s per device that perf/mfu divides by; 0 = the published dense bf16 peak of the
+      #                  device kind (dpo_jax/flops.py), or on CPU a matmul measured at start-up.
+  ))
+
   c.log_every_steps = 20  # metrics to stdout / metrics.jsonl / TensorBoard.
   c.checkpoint_every_steps = 200  # orbax checkpoint of state + data position (and one at each stage's end).
   c.max_checkpoints = 2  # checkpoints kept per stage.
@@ -189,6 +193,12 @@ def get_config(arg=None):
     c.eval.update(every_steps=10, batch_size=32, num_prompts=16, samples_per_prompt=1, max_new_tokens=12)
     c.log_every_steps = 5
     c.checkpoint_every_steps = 10
+  elif arg == "1b":  # ~1.1B params (TinyLlama-1.1B's shape) for a GPU or TPU: bf16 compute, fp32 params and Adam
+    c.model.update(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                   num_kv_heads=4, tie_embeddings=False, compute_dtype="auto", scan_layers=True,
+                   logits_chunk_size=512)
+    c.max_length, c.max_prompt_length = 2048, 1024
+    c.batch_size = 8
   elif arg not in (None, ""):
-    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny.")
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny, 1b.")
   return c

@@ -35,6 +35,7 @@ def get_config(arg=None):
   # The architecture comes from the checkpoint; these numerics still apply. Scanning the layers keeps the
   # compile time of a deep model flat.
   c.model.scan_layers = True
+  c.model.compute_dtype = "auto"  # bf16 compute on GPU/TPU (fp32 params and Adam state), fp32 on CPU
   # Data: the embedded task's pairs (plain text, no chat template) unless data.train is set.
   c.loss.beta = 0.1
   c.optim.update(learning_rate=1e-6, warmup_steps=10, total_steps=200, schedule="linear", end_lr_ratio=0.0)

@@ -30,6 +30,12 @@ import jax
 import jax.numpy as jnp
 
 
+# bf16 compute (`model.compute_dtype='bfloat16'`, fp32 params, fp32 log-softmax) against fp32: the largest relative
+# error of a sequence log-prob allowed, |logp_bf16 - logp_fp32| <= BF16_LOGPS_RTOL * |logp_fp32|. Checked on the
+# tiny model by tests/test_mixed_precision.py and on a GPU by benchmarks/device_check.py.
+BF16_LOGPS_RTOL = 2e-2
+
+
 class SequenceLogps(NamedTuple):
   """Per-sequence results; all `[N]` fp32."""
   logps: jax.Array  # sum over response tokens of log pi(y_t | ...), nats

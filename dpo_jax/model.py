@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpo_jax import attention, platforms
 from dpo_jax.sharding import ShardingContext, constrain
 
 ACTIVATIONS = {
@@ -46,6 +47,8 @@ ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 
 # How the weight gradient of the MLP and LM-head matmuls is computed (see `matmul`).
 WEIGHT_GRAD_GEMMS = ("auto", "xla", "row_major")
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 REMAT_POLICIES = {
     "none": None,
@@ -87,8 +90,24 @@ class ModelConfig:
   logits_chunk_size: int = 0  # > 0: log-probs from the LM head in sequence chunks (logprobs.py); 0: all at once
   scan_layers: bool = False
   weight_grad_gemm: str = "auto"  # one of WEIGHT_GRAD_GEMMS: 'row_major' on CPU, 'xla' elsewhere when 'auto'
+  attention_impl: str = "auto"  # one of attention.ATTENTION_IMPLS; 'auto' picks by platform and shapes
+  # The backend the program is built for: '' = jax.default_backend() where it is traced. Set it ('tpu', 'cuda' /
+  # 'gpu', 'cpu') to lower or export for another platform than this process's (jax.export, AOT compiles): every
+  # 'auto' choice above (compute dtype, attention kernel, weight-gradient layout) then follows it.
+  platform: str = ""
 
   def __post_init__(self):
+    if self.platform not in platforms.PLATFORMS:
+      raise ValueError(f"model: platform={self.platform!r}; choose one of {list(platforms.PLATFORMS)} ('' = this "
+                       "process's jax.default_backend()).")
+    if self.compute_dtype == "auto":  # bf16 where the matrix units are bf16 (GPU tensor cores, TPU MXU)
+      object.__setattr__(self, "compute_dtype", "float32" if backend(self) == "cpu" else "bfloat16")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"model: compute_dtype={self.compute_dtype!r}; choose one of {list(COMPUTE_DTYPES)} or 'auto' "
+                       "(bfloat16 on GPU/TPU, float32 on CPU).")
+    if self.attention_impl not in attention.ATTENTION_IMPLS:
+      raise ValueError(f"model: attention_impl={self.attention_impl!r}; choose one of "
+                       f"{list(attention.ATTENTION_IMPLS)}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
     if self.logits_chunk_size < 0:
@@ -116,13 +135,20 @@ class ModelConfig:
     return cls(**d)
 
 
+def backend(cfg: ModelConfig) -> str:
+  """'cpu', 'gpu' or 'tpu': the platform `cfg` is built for (`platforms.resolve`). Every backend-dependent choice
+  (compute dtype, attention kernel, weight-gradient layout) reads this, so a program lowered for a TPU on a CPU
+  host (`platform='tpu'`) contains none of the CPU-only paths."""
+  return platforms.resolve(cfg.platform)
+
+
 def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
 def _row_major_weight_grad(cfg: ModelConfig) -> bool:
   if cfg.weight_grad_gemm == "auto":
-    return jax.default_backend() == "cpu"
+    return backend(cfg) == "cpu"
   return cfg.weight_grad_gemm == "row_major"
 
 
@@ -249,92 +275,6 @@ def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_H2: jax.Array)
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-  """[B, 1, 1, T, S] boolean: causal and same-segment (see the module docstring)."""
-  t = segment_ids_BxT.shape[1]
-  causal_TxS = jnp.tril(jnp.ones((t, t), dtype=bool))
-  same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (causal_TxS[None] & same_BxTxS)[:, None, None]
-
-
-# Query positions per block of `causal_attention`. Measured on a 2-core CPU (scripts/attention_speed.py, fwd+bwd
-# of one attention of the tiny / small benchmark configs, T = 256 / 512): 25 / 220 ms at 64 against 33 / 248 at
-# 128 and 42 / 397 for one block of all queries (torch SDPA: 28 / 239); 32 is no faster than 64.
-ATTENTION_QUERY_BLOCK = 64
-
-
-def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xTxS: jax.Array,
-           cfg: "ModelConfig") -> jax.Array:
-  """Grouped-query softmax attention of T queries over S keys where `mask` is set; scores in fp32.
-
-  Query head h reads key/value head h // G (G = heads / kv heads). Every query row must see at least one key
-  (the diagonal, in this model), so no softmax row is empty. Returns `[B, T, H, D]` in the compute dtype.
-  """
-  b, t, h, d = q_BxTxHxD.shape
-  k = k_BxSxKxD.shape[2]
-  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)  # query head h uses kv head h // G
-  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, precision=cfg.matmul_precision,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
-  scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, precision=cfg.matmul_precision)
-  return out_BxTxKxGxD.reshape(b, t, h, d)
-
-
-class Prefix(NamedTuple):
-  """Keys every query of `causal_attention` may see besides its own causal past: a shared prompt's."""
-  k_BxPxKxD: jax.Array
-  v_BxPxKxD: jax.Array
-  visible_BxP: jax.Array  # bool: the real (non-padding) prefix tokens
-
-
-def causal_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array,
-                     cfg: "ModelConfig", block: int | None = None, prefix: Prefix | None = None) -> jax.Array:
-  """`attend` with the causal, same-segment mask of `attention_mask`, computed `block` query positions at a time.
-
-  Queries [i, e) can only see keys [0, e) (causality), so each block scores against that prefix alone: the key
-  blocks above the diagonal, all masked, are never computed (for T = 4 blocks, 10 of 16 score tiles), and each
-  block's [.., C, e] scores stay small enough for the CPU caches, where one [T, T] array per head did not
-  (XLA CPU ran the full-square version at a few GFLOP/s). The skipped scores would have been exp(min - max) = 0
-  exactly, so the result equals the full-square softmax up to fp32 summation order.
-
-  The heads are laid out kv-head-major once, `[B, K, G x C, D]` per block: the G query heads that read one
-  kv head are one matrix of G x C rows, so each block's scores and outputs are single batched GEMMs over
-  (B, K) with no per-block transposes.
-
-  `prefix`: P more keys, placed before the T keys and visible to every query where `visible_BxP` (a shared
-  prompt's keys, seen by each of its responses); every query still sees itself, so no softmax row is empty.
-  """
-  block = block or ATTENTION_QUERY_BLOCK
-  b, t, h, d = q_BxTxHxD.shape
-  kv = k_BxTxKxD.shape[2]
-  g = h // kv  # query head h reads kv head h // G
-  q_BxKxGxTxD = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
-  k_BxKxSxD, v_BxKxSxD = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)
-  mask_Bx1xTxS = attention_mask(segment_ids_BxT)[:, :, 0]
-  p = 0
-  if prefix is not None:
-    p = prefix.k_BxPxKxD.shape[1]
-    k_BxKxSxD = jnp.concatenate([prefix.k_BxPxKxD.transpose(0, 2, 1, 3), k_BxKxSxD], axis=2)
-    v_BxKxSxD = jnp.concatenate([prefix.v_BxPxKxD.transpose(0, 2, 1, 3), v_BxKxSxD], axis=2)
-    seen_Bx1xTxP = jnp.broadcast_to(prefix.visible_BxP[:, None, None, :], (b, 1, t, p))
-    mask_Bx1xTxS = jnp.concatenate([seen_Bx1xTxP, mask_Bx1xTxS], axis=-1)
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    c, s = end - start, p + end
-    q_BxKxMxD = q_BxKxGxTxD[:, :, :, start:end].reshape(b, kv, g * c, d)  # row m = query head g * C + c
-    scores_BxKxMxS = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxD, k_BxKxSxD[:, :, :s], precision=cfg.matmul_precision,
-                                preferred_element_type=jnp.float32) * (d ** -0.5)
-    visible_Bx1xMxS = jnp.tile(mask_Bx1xTxS[:, :, start:end, :s], (1, 1, g, 1))
-    scores_BxKxMxS = jnp.where(visible_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(cfg.compute_dtype)
-    out_BxKxMxD = jnp.einsum("bkms,bksd->bkmd", probs_BxKxMxS, v_BxKxSxD[:, :, :s], precision=cfg.matmul_precision)
-    outs.append(out_BxKxMxD.reshape(b, kv, g, c, d))
-  out_BxKxGxTxD = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-  return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any
@@ -372,7 +312,7 @@ class Attention(nn.Module):
       raise ValueError(f"model: decoding (batch, tokens)={k_BxTxKxD.shape[:2]} into a cache of (batch, slots)="
                        f"{cached_k.value.shape[:2]}; build it with init_cache(cfg, batch_size, max_len).")
     if self.is_initializing():  # shapes only: `init_cache` zeroes what init creates
-      return k_BxTxKxD, v_BxTxKxD, attention_mask(segment_ids_BxT)
+      return k_BxTxKxD, v_BxTxKxD, attention.attention_mask(segment_ids_BxT)
     i = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxKxD, (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxKxD, (0, i, 0, 0))
@@ -431,14 +371,14 @@ class Attention(nn.Module):
       qp, kp, vp = qkv(xp_BxPxD, pos_p)
       qr, kr, vr = qkv(xr_NxRxD, pos_r)
       per_prompt = lambda a: jnp.repeat(a, xr_NxRxD.shape[0] // xp_BxPxD.shape[0], axis=0)  # prompt r // K
-      prefix = Prefix(per_prompt(kp), per_prompt(vp), per_prompt(seg_p > 0))
-      return (out(causal_attention(qp, kp, vp, seg_p, cfg)),
-              out(causal_attention(qr, kr, vr, seg_r, cfg, prefix=prefix)))
+      prefix = attention.Prefix(per_prompt(kp), per_prompt(vp), per_prompt(seg_p > 0))
+      return (out(attention.causal_attention(qp, kp, vp, seg_p, cfg, self.shard)),
+              out(attention.causal_attention(qr, kr, vr, seg_r, cfg, self.shard, prefix=prefix)))
     q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = qkv(x, positions)
     if self.decode:
       k_BxSxKxD, v_BxSxKxD, mask = self._cached_kv_and_mask(k_BxTxKxD, v_BxTxKxD, segment_ids)
-      return out(attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, cfg))
-    return out(causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids, cfg))
+      return out(attention.attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, cfg))
+    return out(attention.causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids, cfg, self.shard))
 
 
 class Mlp(nn.Module):

@@ -21,6 +21,23 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # A rule maps one logical axis name to None (replicated), a mesh axis, or a tuple of mesh axes.
 Rules = tuple[tuple[str, Any], ...]
 
+# The default rules (configs/default.py's `sharding.rules`); the first matching rule wins.
+# Params: FSDP shards the embedding dimension, tensor parallelism shards heads / MLP / vocab.
+# Activations: the batch is split over data and fsdp; 'act_embed' (the residual stream) is replicated.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Sizes for `MESH_AXES` from `sizes` (one of them may be -1 = all remaining devices)."""

@@ -1,4 +1,4 @@
-"""Causal attention forward and forward + backward: `model.causal_attention` per query block size, and torch SDPA.
+"""Causal attention forward and forward + backward: `attention.blocked_attention` per query block size, and torch SDPA.
 
     PYTHONPATH=. python scripts/attention_speed.py [--shapes tiny,small] [--blocks 32,64,128,0] [--repeats 15]
 
@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from dpo_jax import model as model_lib
+from dpo_jax import attention, model as model_lib
 
 SHAPES = {"tiny": (16, 256, 4, 2, 64), "small": (8, 512, 16, 4, 64)}  # rows, T, heads, kv heads, head_dim
 
@@ -43,7 +43,7 @@ def main() -> None:
     segments = np.ones((b, t), np.int32)
     fns = {}
     for block in (int(x) for x in args.blocks.split(",")):
-      attn = lambda q, k, v, block=block: model_lib.causal_attention(q, k, v, segments, cfg, block=block or t)
+      attn = lambda q, k, v, block=block: attention.blocked_attention(q, k, v, segments, cfg, block=block or t)
       fwd = jax.jit(attn)
       bwd = jax.jit(lambda q, k, v, attn=attn: jax.vjp(attn, q, k, v)[1](g))
       fns[f"block {block or t}"] = (lambda fwd=fwd: jax.block_until_ready(fwd(q, kk, v)),
