@@ -30,7 +30,6 @@ fused kernels keep their own fp32 accumulators); the output is in the compute dt
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, NamedTuple
 
@@ -181,9 +180,11 @@ def splash_block(length: int) -> int | None:
   return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, t: int, s: int, offset: int, interpret: bool) -> Any:
-  """A splash kernel for `heads` query heads, T queries over S keys, causal with query i at key i + offset."""
+  """A splash kernel for `heads` query heads, T queries over S keys, causal with query i at key i + offset.
+
+  Built anew in every trace, not cached: the kernel holds its mask tables as jax arrays, and one made inside a
+  trace (under jit) would leak that trace's values into the next."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
   bq, bkv = splash_block(t), splash_block(s)
