@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpo_jax import checkpoint, config_checks, evaluate, logprobs as logprobs_lib, losses, metrics as metrics_lib
+from dpo_jax import checkpoint, config_checks, evaluate, flops, logprobs as logprobs_lib, losses, metrics as metrics_lib
 from dpo_jax import hf, model as model_lib, optim, reference_update, sharding, step, workdir as workdir_lib
 from dpo_jax.data import packing, preference, schemas, synthetic
 
@@ -199,6 +199,7 @@ class Runtime:
   plain_model: Any  # unconstrained, for evaluation helpers that run on whatever sharding params have
   writer: metrics_lib.MetricsWriter
   compiled: dict = dataclasses.field(default_factory=dict)  # eval functions, jitted once per run
+  peak: tuple[float, str] | None = None  # (peak FLOP/s per device, its source): `device_peak`, once per run
 
   def jitted(self, key: str, make: Callable) -> Callable:
     if key not in self.compiled:
@@ -210,6 +211,15 @@ class Runtime:
 
   def batch_shardings(self, local: dict) -> dict:
     return sharding.batch_shardings(self.mesh, self.rules, local)
+
+
+def device_peak(rt: Runtime) -> tuple[float, str]:
+  """(peak FLOP/s of one device, its source) that perf/mfu divides by: config.perf.peak_flops, else `flops.peak_flops`
+  of device 0 (all devices of a mesh are one kind). Looked up once per run: on CPU it is a timed matmul."""
+  if rt.peak is None:
+    perf = rt.config.get("perf")  # configs from before perf.peak_flops existed have no `perf` section
+    rt.peak = flops.peak_flops(jax.devices()[0], perf.get("peak_flops", 0.0) if perf is not None else 0.0)
+  return rt.peak
 
 
 def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
@@ -231,7 +241,7 @@ def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
 
 # What config.model still decides when the architecture comes from an HF checkpoint.
 NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size",
-                   "weight_grad_gemm", "attention_impl")
+                   "weight_grad_gemm", "attention_impl", "platform")
 
 
 def model_config(config: Any) -> model_lib.ModelConfig:
@@ -347,10 +357,14 @@ def preemption_requested(step_num: int) -> bool:
 
 def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainState,
                tokenized: preference.TokenizedPairs, kind: str, num_steps: int, batch_size: int, seed: int,
-               mngr: Any, eval_fn: Callable | None = None, eval_every: int = 0) -> step.TrainState:
+               mngr: Any, eval_fn: Callable | None = None, eval_every: int = 0,
+               step_flops: float | None = None) -> step.TrainState:
   """Run `step_fn(state, batch)` from `state.step` to `num_steps`, checkpointing, logging and evaluating.
 
   Step N is dispatched before step N - 1's metrics are read, so the host never stalls the device on a log.
+  Every log line carries perf/step_time (s per step), perf/tokens_per_sec and, given `step_flops` (model FLOPs of
+  one optimizer step, `flops.train_step_flops`), perf/mfu against `device_peak` of all devices; all over the
+  logging window, training time only (the first step's compile, evaluations and checkpoint saves are left out).
   """
   config = rt.config
   start = int(jax.device_get(state.step))
@@ -368,22 +382,34 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
     from tqdm import tqdm
     bar = tqdm(total=num_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
   pending = None
-  window = {"tokens": 0.0, "start": time.perf_counter()}  # throughput over the logging window
+  window = {"tokens": 0.0, "steps": 0, "start": time.perf_counter()}  # throughput over the logging window
+  peak = math.nan
+  if step_flops is not None and num_steps > start:
+    peak, source = device_peak(rt)
+    if jax.process_index() == 0:
+      print(f"{name}: {step_flops / 1e9:.4g} GFLOP per step (model FLOPs); peak {peak:.3g} FLOP/s per device "
+            f"({source}) x {jax.device_count()} device(s)")
 
   def finish(item):
     step_num, m, row_ids = item
     values = metrics_lib.to_python(m)  # blocks on this step only; the next one is already queued
     _check_finite(name, step_num, values, row_ids, mngr.directory)
     window["tokens"] += values["num_tokens"]
+    window["steps"] += 1
     if bar is not None:
       bar.update(1)
     if (step_num + 1) % config.log_every_steps == 0 or step_num + 1 == num_steps:
       now = time.perf_counter()
-      values["tokens_per_sec"] = window["tokens"] / max(now - window["start"], 1e-9)
-      window.update(tokens=0.0, start=now)
+      elapsed = max(now - window["start"], 1e-9)
+      values["tokens_per_sec"] = values["perf/tokens_per_sec"] = window["tokens"] / elapsed
+      values["perf/step_time"] = elapsed / max(window["steps"], 1)
+      if step_flops is not None:
+        values["perf/mfu"] = flops.mfu(step_flops, values["perf/step_time"], peak, jax.device_count())
+      window.update(tokens=0.0, steps=0, start=now)
       rt.writer.write(step_num + 1, values, stage=name)
       line = metrics_lib.format_line(name, step_num + 1, values, ("loss", "rewards/accuracies", "rewards/margins",
-                                                                  "grad_norm", "learning_rate", "tokens_per_sec"))
+                                                                  "grad_norm", "learning_rate", "tokens_per_sec",
+                                                                  "perf/mfu"))
       if bar is not None:
         post = {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_sec']:.0f}"}
         if "rewards/accuracies" in values:
@@ -398,6 +424,8 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       break
     row_ids = local.pop("row_ids")
     state, m = step_fn(state, rt.to_global(local))
+    if step_num == start:  # the first call compiled the step (synchronously, before dispatch): not step time
+      window["start"] = time.perf_counter()
     if pending is not None:
       finish(pending)
     pending = (step_num, m, row_ids)
@@ -405,7 +433,9 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
     if done % config.checkpoint_every_steps == 0 and done < num_steps:
       finish(pending)
       pending = None
+      save_start = time.perf_counter()
       checkpoint.save(mngr, done, state, {"stage": name, "data_step": done, "seed": seed})
+      window["start"] += time.perf_counter() - save_start  # a synchronous save: not step time, like eval below
     if preemption_requested(done):
       if pending is not None:
         finish(pending)
@@ -478,7 +508,8 @@ def run_sft(rt: Runtime, params: Any, train: preference.TokenizedPairs, test: pr
   eval_fn = lambda s: sft_eval(rt, s.params, test)
   state = train_loop(rt, name="sft", step_fn=sft_step, state=state, tokenized=train, kind="sft",
                      num_steps=config.sft.steps, batch_size=config.sft.batch_size, seed=config.seed, mngr=mngr,
-                     eval_fn=eval_fn, eval_every=config.eval.every_steps)
+                     eval_fn=eval_fn, eval_every=config.eval.every_steps,
+                     step_flops=flops.train_step_flops(rt.model_cfg, example, reference=False))
   return state.params
 
 
@@ -532,7 +563,8 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
   state = train_loop(rt, name="dpo", step_fn=step_fn, state=state, tokenized=train,
                      kind=kind, num_steps=config.optim.total_steps, batch_size=config.batch_size,
                      seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, s.params, reference, test),
-                     eval_every=config.eval.every_steps)
+                     eval_every=config.eval.every_steps,
+                     step_flops=flops.train_step_flops(rt.model_cfg, example, reference=reference is not None))
   return state.params
 
 

@@ -46,6 +46,11 @@ def test_dpo_raises_held_out_preference_accuracy(pipeline):
   logged = read_metrics(workdir, "dpo")
   assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30, 35, 40]
   assert all(np.isfinite(r["loss"]) for r in logged)
+  for stage in ("sft", "dpo"):  # throughput and MFU (dpo_jax/flops.py) on every log line; on CPU a measured peak
+    for key in ("perf/mfu", "perf/step_time", "perf/tokens_per_sec"):
+      values = [r.get(key, math.nan) for r in read_metrics(workdir, stage)]
+      assert all(np.isfinite(v) and v > 0 for v in values), (stage, key, values)
+  assert all(0 < r["perf/mfu"] < 1 for r in logged), [r["perf/mfu"] for r in logged]
   assert os.path.isdir(os.path.join(workdir, "tensorboard"))
   assert json.load(open(os.path.join(workdir, "summary.json")))["pi_theta"]["accuracy"] == theta["accuracy"]
 
