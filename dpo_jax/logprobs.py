@@ -31,8 +31,11 @@ import jax.numpy as jnp
 
 
 # bf16 compute (`model.compute_dtype='bfloat16'`, fp32 params, fp32 log-softmax) against fp32: the largest relative
-# error of a sequence log-prob allowed, |logp_bf16 - logp_fp32| <= BF16_LOGPS_RTOL * |logp_fp32|. Checked on the
-# tiny model by tests/test_mixed_precision.py and on a GPU by benchmarks/device_check.py.
+# error of a sequence log-prob allowed, |logp_bf16 - logp_fp32| <= BF16_LOGPS_RTOL * |logp_fp32|. Measured on the
+# `tiny` model (configs/default.py, init std 0.3 so logits are as large as a trained model's) over the 1000
+# held-out sequences of the embedded task, seeds 0-4, row and shared-prompt layouts: worst relative error 7.1e-3
+# (worst absolute 0.49 nats, mean |logp| 86 nats); after 300-1800 SFT steps (seeds 0-2) 6.2e-3. The bound is ~3x.
+# Checked by tests/test_mixed_precision.py and on a GPU by benchmarks/device_check.py.
 BF16_LOGPS_RTOL = 2e-2
 
 
