@@ -41,7 +41,7 @@ policy and reference params + the peak rise of the process RSS during the first 
 millisecond after `malloc_trim`, which holds AdamW's new moments, the gradients and the activations.
 
 `--full_attention` adds `jax-fullattn`: the jax step with attention as one block per head (the program
-before `model.causal_attention` split queries into blocks). `--xla_weight_grad` adds `jax-xlawgrad`: the jax
+before `attention.blocked_attention` split queries into blocks). `--xla_weight_grad` adds `jax-xlawgrad`: the jax
 step with `model.weight_grad_gemm='xla'` (XLA's own layout for the projections' weight gradients; on CPU the
 default is 'row_major'). `--breakdown` times pieces of the jax step instead;
 `--profile` traces it (`jax.profiler`) and prints the XLA op time summed by op kind instead.
@@ -100,7 +100,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import hf, model as model_lib, optim, sharding, step  # noqa: E402
+from dpo_jax import attention, hf, model as model_lib, optim, sharding, step  # noqa: E402
 from dpo_jax.data import preference  # noqa: E402
 
 CONFIGS = {
@@ -114,16 +114,11 @@ CONFIGS = {
                 num_kv_heads=4), 8, 2048),
 }
 BETA = 0.1
+# configs/default.py's `loss` as a plain dict (no ml_collections: benchmarks/device_check.py runs this file's steps
+# on a GPU image without it); `losses.from_config` and `step.train_step` read these fields.
+LOSS = dict(type="sigmoid", beta=BETA, label_smoothing=0.0, types=(), weights=(), options={})
 OPTIM = dict(learning_rate=1e-6, schedule="constant", warmup_steps=0, total_steps=1000, end_lr_ratio=1.0, b1=0.9,
              b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
-
-
-def _default_config() -> Any:
-  spec = importlib.util.spec_from_file_location(
-      "dpo_default_config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def model_config(name: str, dtype: str, remat: str) -> model_lib.ModelConfig:
@@ -213,14 +208,12 @@ class JaxStep:
 
   def __init__(self, cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.ndarray], *,
                precomputed_reference: bool, devices: int = 1):
-    defaults = _default_config()
     mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:devices])
-    rules = defaults.SHARDING_RULES
+    rules = sharding.DEFAULT_RULES  # configs/default.py's SHARDING_RULES
     shard = sharding.ShardingContext(mesh, rules)
     model = model_lib.make_model(cfg, shard)
     optimizer, schedule = optim.make_optimizer(OPTIM)
-    loss_cfg = defaults.get_config().loss.to_dict()
-    loss_cfg["beta"] = BETA
+    loss_cfg = dict(LOSS)
     shardings = step.state_shardings(cfg, optimizer, mesh, rules)
     batch = dict(batch)
     reference = None if precomputed_reference else self._reference(params, shardings.params, devices)
@@ -250,6 +243,11 @@ class JaxStep:
       cls._references[key] = jax.device_put(params, shardings)
     return cls._references[key]
 
+  @classmethod
+  def clear_references(cls) -> None:
+    """Drop the shared reference copies (their device memory is freed once no step holds them)."""
+    cls._references.clear()
+
   def __call__(self) -> float:
     self.state, metrics = self.compiled(self.state, self.reference, self.batch)
     return float(metrics["loss"])  # blocks until the step is done
@@ -266,8 +264,9 @@ class JaxStep:
 
 # ---- PyTorch ----
 
-def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str):
-  """(policy, reference) HF LlamaForCausalLM with `params`' weights (fp32 params; bf16 runs under autocast)."""
+def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str, device: str = "cpu"):
+  """(policy, reference) HF LlamaForCausalLM with `params`' weights (fp32 params; bf16 runs under autocast), on
+  torch `device` ('cpu', 'cuda')."""
   import torch
   import transformers
   hf_config = hf.hf_config_from_model_config(cfg)
@@ -277,7 +276,8 @@ def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str):
       jax.device_get(params), cfg).items()}
   models = []
   for _ in range(2):
-    m = transformers.LlamaForCausalLM(hf_config).to(torch.float32)
+    with torch.device(device):  # built where it runs: a random init of 1B params on the host takes seconds
+      m = transformers.LlamaForCausalLM(hf_config).to(torch.float32)
     missing, unexpected = m.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
       raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
@@ -288,21 +288,23 @@ def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str):
   return policy, reference
 
 
-def _autocast(dtype: str):
+def _autocast(dtype: str, device_type: str = "cpu"):
   import contextlib
   import torch
-  return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+  return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
 
 class TorchStep:
-  """Plain PyTorch DPO step (the formula of `dpo_jax.compare_torch.torch_dpo_step`, tensors prepared once)."""
+  """Plain PyTorch DPO step (the formula of `dpo_jax.compare_torch.torch_dpo_step`, tensors prepared once) on
+  torch `device`: 'cpu', or 'cuda' (bf16 then autocasts on the GPU; each step ends with a synchronize)."""
 
-  def __init__(self, cfg, params, batch, dtype: str):
+  def __init__(self, cfg, params, batch, dtype: str, device: str = "cpu"):
     import torch
-    self.policy, self.reference = torch_models(cfg, params, dtype)
-    self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-    self.attention = torch.as_tensor(batch["attention_mask"], dtype=torch.long)
-    self.mask = torch.as_tensor(batch["loss_mask"][:, 1:], dtype=torch.float32)
+    self.device = torch.device(device)
+    self.policy, self.reference = torch_models(cfg, params, dtype, device)
+    self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
+    self.attention = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=self.device)
+    self.mask = torch.as_tensor(batch["loss_mask"][:, 1:], dtype=torch.float32, device=self.device)
     decay = [p for p in self.policy.parameters() if p.ndim >= 2]
     no_decay = [p for p in self.policy.parameters() if p.ndim < 2]
     self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
@@ -318,7 +320,7 @@ class TorchStep:
   def __call__(self) -> float:
     import torch
     import torch.nn.functional as F
-    with _autocast(self.dtype):
+    with _autocast(self.dtype, self.device.type):
       logps = self._logps(self.policy(input_ids=self.ids, attention_mask=self.attention, use_cache=False).logits)
       with torch.no_grad():
         ref = self._logps(self.reference(input_ids=self.ids, attention_mask=self.attention, use_cache=False).logits)
@@ -328,6 +330,8 @@ class TorchStep:
     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), OPTIM["max_grad_norm"])
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
+    if self.device.type == "cuda":  # kernels run asynchronously: the step ends when the optimizer's kernels do
+      torch.cuda.synchronize(self.device)
     return float(loss.detach())
 
   def persistent_bytes(self) -> int:
@@ -535,11 +539,11 @@ def build_impl(key: str, name: str, cfg: model_lib.ModelConfig, params: Any, bat
   if key.startswith("jax-dp"):  # e.g. --cpu_devices 2: the batch split over a data axis, one part per core
     return JaxStep(cfg, params, shared, precomputed_reference=False, devices=jax.local_device_count())
   if key == "jax-fullattn":  # the step as it was before query-blocked attention: one block of every query
-    block, model_lib.ATTENTION_QUERY_BLOCK = model_lib.ATTENTION_QUERY_BLOCK, length
+    block, attention.ATTENTION_QUERY_BLOCK = attention.ATTENTION_QUERY_BLOCK, length
     try:
       return JaxStep(cfg, params, shared, precomputed_reference=False)
     finally:
-      model_lib.ATTENTION_QUERY_BLOCK = block
+      attention.ATTENTION_QUERY_BLOCK = block
   if key == "jax-xlawgrad":  # the step before `model.matmul` computed weight gradients as row-major GEMMs
     return JaxStep(dataclasses.replace(cfg, weight_grad_gemm="xla"), params, shared, precomputed_reference=False)
   if key == "torch":
@@ -687,7 +691,7 @@ def main(argv=None) -> None:
   parser.add_argument("--skip", default="", help="comma-separated rows to skip: torch,trl,jax-rows,jax-preref "
                       "(each jax row holds its own state: the small config with every row needs > 24 GB of RAM)")
   parser.add_argument("--full_attention", action="store_true",
-                      help="also time the jax step with attention in one [T, T] block (model.ATTENTION_QUERY_BLOCK)")
+                      help="also time the jax step with attention in one [T, T] block (attention's query block)")
   parser.add_argument("--xla_weight_grad", action="store_true",
                       help="also time the jax step with model.weight_grad_gemm='xla' (XLA's weight-gradient layout)")
   parser.add_argument("--breakdown", action="store_true",
