@@ -98,7 +98,7 @@ def get_config(arg=None):
       model_path="",  # '' = a random init of config.model; else a local HF checkpoint folder (safetensors) whose
       #                 architecture and weights start the run; config.model then only sets param_dtype,
       #                 compute_dtype, matmul_precision, remat, scan_layers, logits_chunk_size,
-      #                 weight_grad_gemm, attention_impl and platform. Also the tokenizer if data.tokenizer=''.
+      #                 weight_grad_gemm and attention_impl. Also the tokenizer if data.tokenizer=''.
       reference_path="",  # '' = pi_ref is where DPO starts (the SFT result, else hf.model_path); else a separate HF
       #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
       export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that

@@ -241,7 +241,7 @@ def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
 
 # What config.model still decides when the architecture comes from an HF checkpoint.
 NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size",
-                   "weight_grad_gemm", "attention_impl", "platform")
+                   "weight_grad_gemm", "attention_impl")
 
 
 def model_config(config: Any) -> model_lib.ModelConfig:
@@ -256,7 +256,8 @@ def model_config(config: Any) -> model_lib.ModelConfig:
 def load_hf_params(rt: Runtime, field: str) -> Any:
   """Params of the HF checkpoint at `config.<field>`, read tensor by tensor straight into their shardings."""
   path = rt.config[field.split(".")[0]][field.split(".")[1]]
-  numerics = {f: getattr(rt.model_cfg, f) for f in NUMERICS_FIELDS}
+  # platform is not a config field (a trainer runs where it is), but a model_cfg built for another platform keeps it.
+  numerics = {f: getattr(rt.model_cfg, f) for f in NUMERICS_FIELDS + ("platform",)}
   cfg, params = hf.load_hf_checkpoint(path, mesh=rt.mesh, rules=rt.rules, **numerics)
   if cfg != rt.model_cfg:
     diff = {f.name: (getattr(cfg, f.name), getattr(rt.model_cfg, f.name)) for f in dataclasses.fields(cfg)
