@@ -1,7 +1,8 @@
 """Default config: DPO on the embedded synthetic preference task, sized for a laptop CPU.
 
 Variants: `--config configs/default.py:tiny` (a very small model for tests and smoke runs), `:1b` (a ~1.1B Llama
-for a GPU or TPU: bf16 compute on accelerators, fp32 on CPU). The 1b variant needs a tokenizer with >= 201 tokens
+for a GPU or TPU: bf16 compute on accelerators, fp32 on CPU), `:lora` (DPO trains LoRA adapters, rank 8 on every
+projection, instead of all weights). The 1b variant needs a tokenizer with >= 201 tokens
 (the embedded task's fits) and is sized for an accelerator: on CPU it runs, slowly.
 Override any field from the command line, e.g. `--config.loss.beta=0.05 --config.mesh.fsdp=2`.
 """
@@ -108,6 +109,22 @@ def get_config(arg=None):
       #                           safetensors only, never pickle, whatever this says.
   ))
 
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,  # 0 = full fine-tuning. r > 0: the DPO stage trains rank-r LoRA adapters (dpo_jax/lora.py) on the
+      #          frozen pi_ref, and pi_ref is that base with the adapters off (one copy of its weights); only the
+      #          adapters get gradients, AdamW moments and checkpoints. SFT, when it runs, stays full fine-tuning.
+      alpha=16.0,  # the update is scaled by alpha / rank (PEFT's lora_alpha).
+      dropout=0.0,  # dropout on each adapter's input in DPO steps (PEFT's lora_dropout); never in evaluation.
+      targets=("q_proj", "v_proj"),  # projections given adapters, PEFT's names: q_proj, k_proj, v_proj, o_proj,
+      #                                gate_proj, up_proj, down_proj, or ('all-linear',). Default: PEFT's for Llama.
+      adapter_path="",  # '' = fresh adapters (A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, as PEFT); else a PEFT adapter
+      #                   folder (adapter_config.json + adapter_model.safetensors) to continue from; its r, alpha
+      #                   and targets must equal the fields above.
+      export="adapter",  # with hf.export: 'adapter' writes a PEFT folder (PeftModel.from_pretrained(base, folder)
+      #                    loads it; a base that is not hf.model_path is written beside it, to <workdir>/hf_base),
+      #                    'merged' an HF folder of base + (alpha / r) B A, 'both' the two (hf_export, hf_merged).
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # data-parallel replicas; -1 = all devices not used by the other axes.
       fsdp=1,  # params, grads and optimizer state sharded over this axis (ZeRO-3 style).
@@ -199,6 +216,8 @@ def get_config(arg=None):
                    logits_chunk_size=512)
     c.max_length, c.max_prompt_length = 2048, 1024
     c.batch_size = 8
+  elif arg == "lora":  # DPO with rank-8 adapters on every projection of the pi_ref that SFT makes
+    c.lora.update(rank=8, alpha=16.0, targets=("all-linear",))  # same lr as full fine-tuning (README: LoRA DPO)
   elif arg not in (None, ""):
-    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny, 1b.")
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny, 1b, lora.")
   return c

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import logprobs, losses, step
+from dpo_jax import logprobs, losses, model as model_lib, step
 
 MAX_TOKEN_LOGP = -1e-6  # log p is clamped here inside log(1 - p): at p = 1 it is -inf (an infinite gradient).
 
@@ -34,7 +34,7 @@ def unlikelihood_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any
 
   Returns (loss, sums): the chosen NLL and unlikelihood sums and their token counts.
   """
-  logits_NxTxV = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"])
+  logits_NxTxV = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"], batch["attention_mask"])
   token_logps_NxS = logprobs.token_logps(logits_NxTxV, batch["input_ids"], batch["loss_mask"])
   mask_NxS = batch["loss_mask"][:, 1:].astype(jnp.float32)
   chosen_rows_N = (jnp.arange(mask_NxS.shape[0]) % 2 == 0).astype(jnp.float32)[:, None]

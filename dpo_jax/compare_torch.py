@@ -154,6 +154,111 @@ def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndar
   return report
 
 
+# ---- LoRA: the same adapters through PEFT + torch and through dpo_jax ----
+
+def torch_lora_dpo_step(peft_model: Any, batch: Mapping[str, np.ndarray], *, beta: float, lr: float,
+                        weight_decay: float, max_grad_norm: float) -> dict:
+  """One plain PyTorch DPO step on a PEFT LoRA model (updated in place), as TRL runs it with a `peft_config`: the
+  policy with adapters, pi_ref the same model under `disable_adapter()`, AdamW over the adapters only. Grads and
+  adapters come back under PEFT's saved names (`...q_proj.lora_A.weight`)."""
+  import torch
+  import torch.nn.functional as F
+
+  ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
+  attention = torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long)
+  mask = torch.as_tensor(np.asarray(batch["loss_mask"])[:, 1:], dtype=torch.float32)
+
+  def sequence_logps(logits):
+    token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (token * mask).sum(-1)
+
+  peft_model.train()
+  logits = peft_model(input_ids=ids, attention_mask=attention).logits
+  logps = sequence_logps(logits)
+  with torch.no_grad(), peft_model.disable_adapter():
+    ref_logps = sequence_logps(peft_model(input_ids=ids, attention_mask=attention).logits)
+  margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])
+  loss = -F.logsigmoid(beta * margin).mean()
+  peft_model.zero_grad()
+  loss.backward()
+  trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+  saved_name = lambda n: n.replace(".default.", ".")
+  grads = {saved_name(n): p.grad.detach().numpy().copy() for n, p in trainable.items()}
+  if max_grad_norm:
+    torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+  torch.optim.AdamW(list(trainable.values()), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay).step()
+  return {"logits": logits.detach().numpy(), "logps": logps.detach().numpy(), "ref_logps": ref_logps.numpy(),
+          "loss": np.float64(loss.item()), "grads": grads,
+          "adapters": {saved_name(n): p.detach().numpy().copy() for n, p in trainable.items()}}
+
+
+def jax_lora_dpo_step(cfg: model_lib.ModelConfig, base: Any, adapters: Any, spec: Any,
+                      batch: Mapping[str, np.ndarray], *, beta: float, lr: float, weight_decay: float,
+                      max_grad_norm: float) -> dict:
+  """The same step with dpo_jax's LoRA: `step.train_step(lora=spec)` over the frozen `base`; grads and adapters
+  under PEFT's names."""
+  from dpo_jax import lora as lora_lib
+  model = model_lib.make_model(cfg)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss_cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.0}
+  policy = lora_lib.LoraParams(base, adapters, spec)
+  logits = model_lib.apply_params(model, policy, batch["input_ids"], batch["positions"], batch["attention_mask"])
+  logps = logprobs.logps_from_logits(logits, batch["input_ids"], batch["loss_mask"]).logps
+  total = jnp.float32(batch["input_ids"].shape[0] // 2)
+  ref = step.reference_logps(model, base, batch)
+  (loss, _), grads = jax.value_and_grad(
+      lambda a: step.dpo_loss(step.lora_policy(a, base, spec), ref, batch, model=model, loss_cfg=loss_cfg,
+                              total_weight=total), has_aux=True)(adapters)
+  optimizer, schedule = optim.make_optimizer(optimizer_config(lr, weight_decay, max_grad_norm))
+  state = step.TrainState(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters))
+  new_state, _ = step.train_step(state, base, batch, model=model, optimizer=optimizer, schedule=schedule,
+                                 loss_cfg=loss_cfg, lora=spec)
+  to_peft = lambda tree: lora_lib.peft_state_dict(jax.device_get(tree), spec, cfg)
+  return {"logits": np.asarray(logits), "logps": np.asarray(logps), "ref_logps": np.asarray(ref).reshape(-1),
+          "loss": np.float64(loss), "grads": to_peft(grads), "adapters": to_peft(new_state.params)}
+
+
+def compare_lora(torch_model: Any, adapters: Any, spec: Any, batch: Mapping[str, np.ndarray], *, beta: float = 0.1,
+                 lr: float = 1e-3, weight_decay: float = 0.0,
+                 max_grad_norm: float = 1.0) -> dict[str, tuple[float, float]]:
+  """{quantity: (max abs diff, max relative diff)} of one LoRA DPO step: `torch_model` (an HF causal LM, left
+  unchanged) wrapped by PEFT with `spec` and our `adapters`, against dpo_jax on the same weights and batch."""
+  import copy
+
+  from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+  from dpo_jax import lora as lora_lib
+  model_type = torch_model.config.model_type
+  cfg = hf.model_config_from_hf(torch_model.config)
+  base = hf.params_from_hf_state_dict(torch_model.state_dict(), cfg, model_type=model_type)
+  peft_model = get_peft_model(copy.deepcopy(torch_model), LoraConfig(
+      r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.targets), bias="none"))
+  import torch
+  tensors = {k: torch.from_numpy(v.copy()) for k, v in lora_lib.peft_state_dict(jax.device_get(adapters), spec,
+                                                                              cfg).items()}
+  result = set_peft_model_state_dict(peft_model, tensors)
+  if result.unexpected_keys:
+    raise ValueError(f"PEFT did not take adapter tensors {result.unexpected_keys[:3]}")
+  ours = jax_lora_dpo_step(cfg, base, adapters, spec, batch, beta=beta, lr=lr, weight_decay=weight_decay,
+                           max_grad_norm=max_grad_norm)
+  theirs = torch_lora_dpo_step(peft_model, batch, beta=beta, lr=lr, weight_decay=weight_decay,
+                               max_grad_norm=max_grad_norm)
+  real = np.asarray(batch["attention_mask"]) > 0
+  report = {"logits": _diff(ours["logits"][real], theirs["logits"][real]),
+            "logps": _diff(ours["logps"], theirs["logps"]),
+            "ref_logps": _diff(ours["ref_logps"], theirs["ref_logps"]),
+            "loss": _diff(ours["loss"], theirs["loss"])}
+  if set(ours["grads"]) != set(theirs["grads"]):
+    raise ValueError(f"adapter names differ: ours only {sorted(set(ours['grads']) - set(theirs['grads']))[:3]}, "
+                     f"PEFT only {sorted(set(theirs['grads']) - set(ours['grads']))[:3]}")
+  for kind in ("grads", "adapters"):
+    for side in ("lora_A", "lora_B"):
+      names = [n for n in theirs[kind] if f".{side}." in n]
+      report[f"{kind}/{side}"] = (max(_diff(ours[kind][n], theirs[kind][n])[0] for n in names),
+                                  max(_diff(ours[kind][n], theirs[kind][n])[1] for n in names))
+  return report
+
+
 def format_report(report: Mapping[str, tuple[float, float]]) -> str:
   width = max(len(k) for k in report)
   lines = [f"{'quantity'.ljust(width)}  max|diff|    max|diff|/max|torch|"]

@@ -6,6 +6,9 @@ without pi_ref: precomputed reference log-probs or a reference-free loss), and t
 temporaries (activations, gradients and workspace: XLA's `memory_analysis().temp_size_in_bytes` of the
 per-device SPMD program, compiled from abstract shapes, so no array is ever allocated).
 
+With LoRA (`config.lora.rank > 0`) it prints both columns, LoRA and full fine-tuning on the same mesh: LoRA holds
+the base once (it is pi_ref too), the adapters and their optimizer moments, and compiles its own step.
+
 The mesh is `config.mesh` over the devices this process sees. To plan for a pod from a CPU machine, emulate
 its device count: `XLA_FLAGS=--xla_force_host_platform_device_count=256 JAX_PLATFORMS=cpu python -m
 dpo_jax.train --dry_run --config.mesh.fsdp=-1 ...`. Static sizes (params, optimizer, reference) are exact
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import losses, model as model_lib, sharding, step
+from dpo_jax import lora as lora_lib, losses, model as model_lib, sharding, step
 
 GiB = 1024 ** 3
 
@@ -91,20 +94,27 @@ def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference:
 
 
 def step_memory(config: Any, rt_model: Any, model_cfg: model_lib.ModelConfig, optimizer: Any, schedule: Any,
-                mesh: Any, rules: Any, *, with_reference: bool) -> Any:
-  """`memory_analysis()` of the compiled DPO train step for `config`'s batch (lowered from abstract args)."""
+                mesh: Any, rules: Any, *, with_reference: bool, lora: lora_lib.LoraSpec | None = None) -> Any:
+  """`memory_analysis()` of the compiled DPO train step for `config`'s batch (lowered from abstract args).
+  `lora`: the LoRA step (the state holds adapters; the frozen base is passed in pi_ref's place)."""
   shard = sharding.ShardingContext(mesh, rules)
-  state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
-  abstract_state = jax.eval_shape(
-      lambda p: step.create_train_state(p, optimizer, state_sh, donate=True), model_lib.abstract_params(model_cfg))
+  if lora is None:
+    state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
+    trainable = model_lib.abstract_params(model_cfg)
+    frozen_sh = state_sh.params if with_reference else None
+  else:
+    state_sh = step.lora_state_shardings(rt_model, lora, optimizer, mesh, rules)
+    trainable = lora_lib.abstract_adapters(rt_model, lora)
+    frozen_sh = step.param_shardings(model_cfg, mesh, rules)
+  abstract_state = jax.eval_shape(lambda p: step.create_train_state(p, optimizer, state_sh, donate=True), trainable)
   batch, batch_sh = abstract_batch(config, mesh, rules, precomputed_reference=bool(config.data.reference_logps))
   fn = step.jit_train_step(
       functools.partial(step.train_step, model=rt_model, optimizer=optimizer, schedule=schedule,
-                        loss_cfg=config.loss, grad_accum_steps=config.optim.grad_accum_steps, shard=shard),
-      state_shardings=state_sh, reference_shardings=state_sh.params if with_reference else None,
-      batch_shardings=batch_sh, mesh=mesh)
-  reference = abstract_state.params if with_reference else None
-  return fn.lower(abstract_state, reference, batch).compile().memory_analysis()
+                        loss_cfg=config.loss, grad_accum_steps=config.optim.grad_accum_steps, shard=shard,
+                        lora=lora),
+      state_shardings=state_sh, reference_shardings=frozen_sh, batch_shardings=batch_sh, mesh=mesh)
+  frozen = None if frozen_sh is None else model_lib.abstract_params(model_cfg)
+  return fn.lower(abstract_state, frozen, batch).compile().memory_analysis()
 
 
 def _fmt_bytes(n: float) -> str:
@@ -121,7 +131,8 @@ def report(config: Any, *, compile_step: bool = True) -> dict:
   """Print the dry-run tables for `config` on the mesh over this process's devices; return the numbers.
 
   Returned keys (per-device bytes unless noted): num_params (count), params, optimizer, reference,
-  activations (compiled temporaries; None if `compile_step=False`), total, mesh (axis sizes).
+  activations (compiled temporaries; None if `compile_step=False`), total, mesh (axis sizes); with LoRA also
+  'lora': {num_adapters (count), params (the frozen base), adapters, optimizer, reference (0), activations, total}.
   """
   from dpo_jax import train  # the trainer's own config checks, model config and optimizer: one definition each
 
@@ -167,7 +178,43 @@ def report(config: Any, *, compile_step: bool = True) -> dict:
                    f"remat={model_cfg.remat}, logits_chunk_size={model_cfg.logits_chunk_size}"))
   total = params_bytes + opt_bytes + ref_bytes + (activations or 0)
   memory.append(("total", _fmt_bytes(total), ""))
-  print("\nper-device memory of the DPO stage:")
-  print(_table(("what", "per device", "note"), memory))
-  return {"num_params": num_params, "params": params_bytes, "optimizer": opt_bytes, "reference": ref_bytes,
-          "activations": activations, "total": total, "mesh": dict(mesh.shape)}
+  out = {"num_params": num_params, "params": params_bytes, "optimizer": opt_bytes, "reference": ref_bytes,
+         "activations": activations, "total": total, "mesh": dict(mesh.shape)}
+  spec = lora_lib.spec_from_config(config.get("lora"))
+  if spec is None:
+    print("\nper-device memory of the DPO stage:")
+    print(_table(("what", "per device", "note"), memory))
+    return out
+  out["lora"] = lora = lora_memory(config, spec, model_cfg, optimizer, schedule, mesh, rules, params_bytes,
+                                   with_reference=with_reference, compile_step=compile_step)
+  print(f"\nper-device memory of the DPO stage: LoRA (rank {spec.rank}, {lora['num_adapters']:,} adapter params on "
+        f"{list(spec.targets)}) against full fine-tuning, same mesh:")
+  fmt = lambda n: "-" if n is None else _fmt_bytes(n)
+  print(_table(("what", "LoRA", "full fine-tuning", "note"), [
+      ("params", fmt(lora["params"]), fmt(params_bytes), "LoRA: the frozen base, also pi_ref"),
+      ("trainable (adapters)", fmt(lora["adapters"]), "-", "LoRA: A and B of every target, sharded like its kernel"),
+      ("optimizer state", fmt(lora["optimizer"]), fmt(opt_bytes), "moments of the trainable params only"),
+      ("reference params", fmt(lora["reference"]), fmt(ref_bytes), "LoRA: none beyond the base; full: " + why_ref),
+      ("activations + grads (step temporaries)", fmt(lora["activations"]), fmt(activations),
+       "compiled train steps"),
+      ("total", fmt(lora["total"]), fmt(total), f"LoRA / full = {lora['total'] / max(total, 1):.2f}")]))
+  return out
+
+
+def lora_memory(config: Any, spec: lora_lib.LoraSpec, model_cfg: model_lib.ModelConfig, optimizer: Any,
+                schedule: Any, mesh: Any, rules: Any, base_bytes: int, *, with_reference: bool,
+                compile_step: bool) -> dict:
+  """Per-device bytes of a LoRA DPO stage: the frozen base (which is pi_ref: no second copy), the adapters, their
+  optimizer moments and the compiled LoRA step's temporaries."""
+  model = model_lib.make_model(model_cfg, sharding.ShardingContext(mesh, rules))
+  abstract = lora_lib.abstract_adapters(model, spec)
+  state_sh = step.lora_state_shardings(model, spec, optimizer, mesh, rules)
+  adapter_bytes = tree_device_bytes(abstract, state_sh.params)
+  opt_bytes = tree_device_bytes(jax.eval_shape(optimizer.init, abstract), state_sh.opt_state)
+  activations = None
+  if compile_step:
+    activations = int(step_memory(config, model, model_cfg, optimizer, schedule, mesh, rules,
+                                  with_reference=with_reference, lora=spec).temp_size_in_bytes)
+  return {"num_adapters": lora_lib.count(abstract), "params": base_bytes, "adapters": adapter_bytes,
+          "optimizer": opt_bytes, "reference": 0, "activations": activations,
+          "total": base_bytes + adapter_bytes + opt_bytes + (activations or 0)}

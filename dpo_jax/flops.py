@@ -127,6 +127,12 @@ def forward_flops(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> float:
   `batch`: rows (`input_ids` `[N, T]`, packed or not) or shared prompts (`prompt_ids` `[B, P]`, `input_ids`
   `[K B, R]`); values are arrays or `jax.ShapeDtypeStruct`s.
   """
+  weights, scores, _ = _forward_parts(cfg, batch)
+  return weights + scores
+
+
+def _forward_parts(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> tuple[float, float, float]:
+  """(projections + MLPs + LM head, attention scores) FLOPs of one forward over `batch`, and its token count."""
   n, t = _shape(batch["input_ids"])
   if "prompt_ids" in batch:
     b, p = _shape(batch["prompt_ids"])
@@ -134,15 +140,33 @@ def forward_flops(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> float:
     pairs = b * causal_pairs(p) + n * (t * p + causal_pairs(t))
   else:
     tokens, head_positions, pairs = n * t, n * t, n * causal_pairs(t)
-  return (dense_flops_per_token(cfg) * tokens + head_flops_per_position(cfg) * head_positions
-          + attention_flops_per_pair(cfg) * pairs)
+  return (dense_flops_per_token(cfg) * tokens + head_flops_per_position(cfg) * head_positions,
+          attention_flops_per_pair(cfg) * pairs, float(tokens))
 
 
-def train_step_flops(cfg: model.ModelConfig, batch: Mapping[str, Any], *, reference: bool) -> float:
+def adapter_flops_per_token(cfg: model.ModelConfig, spec: Any) -> float:
+  """FLOPs of the LoRA updates `x A B` for one token, all layers: 2 r (in + out) per adapted projection."""
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, f),
+          "up_proj": (d, f), "down_proj": (f, d)}
+  return 2.0 * cfg.num_layers * sum(spec.rank * sum(dims[t]) for t in spec.targets)
+
+
+def train_step_flops(cfg: model.ModelConfig, batch: Mapping[str, Any], *, reference: bool,
+                     lora: Any | None = None) -> float:
   """Model FLOPs of one optimizer step over the global `batch`: policy forward + backward (3 forwards), plus one
   reference forward if `reference` (pi_ref runs in the step; not with precomputed log-probs or reference-free
-  losses). The same for any number of gradient-accumulation micro-batches."""
-  return (4.0 if reference else 3.0) * forward_flops(cfg, batch)
+  losses). The same for any number of gradient-accumulation micro-batches.
+
+  LoRA (`lora`: a `lora.LoraSpec`): the frozen weights get no gradient, so the projections and LM head cost a
+  forward and an input gradient (2 forwards, not 3); attention scores still 3 (they hold no weights); the
+  adapters 3 times their forward; the reference forward is the base alone."""
+  if lora is None:
+    return (4.0 if reference else 3.0) * forward_flops(cfg, batch)
+  weights, scores, tokens = _forward_parts(cfg, batch)
+  policy = 2.0 * weights + 3.0 * scores + 3.0 * adapter_flops_per_token(cfg, lora) * tokens
+  return policy + (weights + scores if reference else 0.0)
 
 
 def published_peak(device_kind: str) -> tuple[float, str] | None:

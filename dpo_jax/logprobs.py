@@ -29,6 +29,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dpo_jax import model as model_lib
+
 
 # bf16 compute (`model.compute_dtype='bfloat16'`, fp32 params, fp32 log-softmax) against fp32: the largest relative
 # error of a sequence log-prob allowed, |logp_bf16 - logp_fp32| <= BF16_LOGPS_RTOL * |logp_fp32|. Measured on the
@@ -127,16 +129,16 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> S
   shared-prompt batch per response `[K B]` (module docstring).
   """
   chunk = getattr(getattr(model, "cfg", None), "logits_chunk_size", 0)
-  head = lambda h: model.apply({"params": params}, h, method="logits")
+  head = lambda h: model_lib.apply_params(model, params, h, method="logits")
   if shares_prompts(batch):
     return _shared_prompt_logps(model, params, batch, head, chunk)
   g = num_segments(batch)
   segments = batch["attention_mask"] if g else None
   if chunk:
-    hidden_NxTxD = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
-                               method="hidden")
+    hidden_NxTxD = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"],
+                                          batch["attention_mask"], method="hidden")
     return chunked_logps(head, hidden_NxTxD, batch["input_ids"], batch["loss_mask"], chunk, segments, g)
-  logits_NxTxV = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"])
+  logits_NxTxV = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"], batch["attention_mask"])
   return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"], segments, g)
 
 
@@ -144,8 +146,8 @@ def _shared_prompt_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]
                          chunk: int) -> SequenceLogps:
   """`sequence_logps` of a shared-prompt batch: the LM head runs on response positions only (the scoring
   positions: the prompt's last column for token 0, response position j - 1 for token j)."""
-  hidden_BxPxD, hidden_NxRxD = model.apply(
-      {"params": params}, (batch["prompt_ids"], batch["input_ids"]), (batch["prompt_positions"], batch["positions"]),
+  hidden_BxPxD, hidden_NxRxD = model_lib.apply_params(
+      model, params, (batch["prompt_ids"], batch["input_ids"]), (batch["prompt_positions"], batch["positions"]),
       (batch["prompt_mask"], batch["attention_mask"]), method="hidden")
   last_NxD = jnp.repeat(hidden_BxPxD[:, -1], hidden_NxRxD.shape[0] // hidden_BxPxD.shape[0], axis=0)
   scoring_NxRxD = jnp.concatenate([last_NxD[:, None], hidden_NxRxD[:, :-1]], axis=1)

@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import attention, platforms
+from dpo_jax import attention, lora as lora_lib, platforms
 from dpo_jax.sharding import ShardingContext, constrain
 
 ACTIVATIONS = {
@@ -294,6 +294,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
   shard: ShardingContext | None
   decode: bool = False
+  lora: lora_lib.LoraSpec | None = None  # adapters on the projections it targets (lora.py)
 
   def _cached_kv_and_mask(self, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT):
     """Write this call's keys/values at slots [index, index + T) of the cache; attend every written slot.
@@ -342,6 +343,11 @@ class Attention(nn.Module):
 
     q_proj, k_proj, v_proj = proj("q", h, "heads", cfg.qkv_bias), proj("k", k, "kv_heads", cfg.qkv_bias), proj(
         "v", k, "kv_heads", cfg.qkv_bias)
+    adapter = functools.partial(_adapter, self.lora, cfg, "attn")
+    q_lora, k_lora, v_lora = (adapter(name, (cfg.hidden_size,), (heads, d), ("embed",), (heads_axis, "head_dim"))
+                              for name, heads, heads_axis in (("q", h, "heads"), ("k", k, "kv_heads"),
+                                                              ("v", k, "kv_heads")))
+    o_lora = adapter("o", (h, d), (cfg.hidden_size,), ("heads", "head_dim"), ("embed",))
     if cfg.qk_norm:  # per-head RMSNorm over head_dim, before RoPE (Qwen3)
       head_norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
       q_norm, k_norm = head_norm(name="q_norm"), head_norm(name="k_norm")
@@ -352,7 +358,8 @@ class Attention(nn.Module):
     inv_freq_H2 = rope_inv_freq(cfg)
 
     def qkv(x_BxTxD, positions_BxT):
-      q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = q_proj(x_BxTxD), k_proj(x_BxTxD), v_proj(x_BxTxD)
+      q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = (lora_lib.adapted(p, a, x_BxTxD) for p, a in
+                                         ((q_proj, q_lora), (k_proj, k_lora), (v_proj, v_lora)))
       if cfg.qk_norm:
         q_BxTxHxD, k_BxTxKxD = q_norm(q_BxTxHxD), k_norm(k_BxTxKxD)
       q_BxTxHxD = constrain(rope(q_BxTxHxD, positions_BxT, inv_freq_H2), ("batch", "length", "heads", None),
@@ -362,7 +369,7 @@ class Attention(nn.Module):
       return q_BxTxHxD, k_BxTxKxD, constrain(v_BxTxKxD, ("batch", "length", "kv_heads", None), self.shard)
 
     def out(o_BxTxHxD):
-      return out_proj(constrain(o_BxTxHxD, ("batch", "length", "heads", None), self.shard))
+      return lora_lib.adapted(out_proj, o_lora, constrain(o_BxTxHxD, ("batch", "length", "heads", None), self.shard))
 
     if isinstance(x, tuple):  # (prompts, responses): each prompt computed once for its K responses
       if self.decode:
@@ -384,6 +391,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
   cfg: ModelConfig
   shard: ShardingContext | None
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD):
@@ -394,12 +402,26 @@ class Mlp(nn.Module):
         precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg))
     up_kernel = _partitioned(init, ("embed", "mlp"))
     up_bias = _partitioned(nn.initializers.zeros, ("mlp",))
-    gate_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="gate")(x_BxTxD)
-    up_BxTxF = dense(cfg.intermediate_size, kernel_init=up_kernel, bias_init=up_bias, name="up")(x_BxTxD)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    adapter = functools.partial(_adapter, self.lora, cfg, "mlp")
+    gate_BxTxF = lora_lib.adapted(dense(f, kernel_init=up_kernel, bias_init=up_bias, name="gate"),
+                                  adapter("gate", (d,), (f,), ("embed",), ("mlp",)), x_BxTxD)
+    up_BxTxF = lora_lib.adapted(dense(f, kernel_init=up_kernel, bias_init=up_bias, name="up"),
+                                adapter("up", (d,), (f,), ("embed",), ("mlp",)), x_BxTxD)
     hidden_BxTxF = constrain(ACTIVATIONS[cfg.mlp_activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"),
                              self.shard)
-    return dense(cfg.hidden_size, kernel_init=_partitioned(init, ("mlp", "embed")),
-                 bias_init=_partitioned(nn.initializers.zeros, ("norm",)), name="down")(hidden_BxTxF)
+    down = dense(d, kernel_init=_partitioned(init, ("mlp", "embed")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("norm",)), name="down")
+    return lora_lib.adapted(down, adapter("down", (f,), (d,), ("mlp",), ("embed",)), hidden_BxTxF)
+
+
+def _adapter(spec: lora_lib.LoraSpec | None, cfg: ModelConfig, module: str, projection: str, in_shape, out_shape,
+             in_axes, out_axes) -> lora_lib.Adapter | None:
+  """The LoRA adapter of `module`/`projection` (named `<projection>_lora` beside it) if `spec` targets it."""
+  if spec is None or not spec.adapts(module, projection):
+    return None
+  return lora_lib.Adapter(spec, in_shape, out_shape, in_axes, out_axes, cfg.compute_dtype, cfg.param_dtype,
+                          cfg.matmul_precision, name=f"{projection}_lora")
 
 
 class Block(nn.Module):
@@ -408,17 +430,19 @@ class Block(nn.Module):
   cfg: ModelConfig
   shard: ShardingContext | None
   decode: bool = False
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
-    attn_norm, mlp_norm, mlp = norm(name="attn_norm"), norm(name="mlp_norm"), Mlp(cfg, self.shard, name="mlp")
+    attn_norm, mlp_norm = norm(name="attn_norm"), norm(name="mlp_norm")
+    mlp = Mlp(cfg, self.shard, self.lora, name="mlp")
     streams = isinstance(x, tuple)
     xs = x if streams else (x,)
     attn_in = tuple(attn_norm(x_BxTxD) for x_BxTxD in xs)
-    attn_out = Attention(cfg, self.shard, self.decode, name="attn")(attn_in if streams else attn_in[0], positions,
-                                                                    segment_ids)
+    attn_out = Attention(cfg, self.shard, self.decode, self.lora, name="attn")(attn_in if streams else attn_in[0],
+                                                                              positions, segment_ids)
     xs = tuple(x_BxTxD + a_BxTxD for x_BxTxD, a_BxTxD in zip(xs, attn_out if streams else (attn_out,)))
     xs = tuple(constrain(x_BxTxD + mlp(mlp_norm(x_BxTxD)), ("batch", "length", "act_embed"), self.shard)
                for x_BxTxD in xs)
@@ -430,6 +454,9 @@ class Decoder(nn.Module):
   cfg: ModelConfig
   shard: ShardingContext | None = None
   decode: bool = False  # KV-cached incremental calls (collection 'cache'); see `sample.py`
+  # LoRA adapters (collection 'lora', lora.py); applied only when the variables hold that collection, so the same
+  # module computes the policy (base + adapters) and pi_ref (base alone). `apply_params` sets it from LoraParams.
+  lora: lora_lib.LoraSpec | None = None
 
   def setup(self):
     cfg = self.cfg
@@ -441,12 +468,12 @@ class Decoder(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+          block, variable_axes={"params": 0, "cache": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      self.layers = scanned(cfg, self.shard, self.decode)
+      self.layers = scanned(cfg, self.shard, self.decode, self.lora)
     else:
-      self.layers = [block(cfg, self.shard, self.decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
+      self.layers = [block(cfg, self.shard, self.decode, self.lora, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = self.param(
@@ -495,6 +522,18 @@ def make_model(cfg: ModelConfig, shard: ShardingContext | None = None, decode: b
   """The decoder; pass `shard` to pin activation shardings on a mesh (None: run unsharded), `decode=True`
   for KV-cached incremental calls (`apply(..., mutable=['cache'])`)."""
   return Decoder(cfg, shard, decode)
+
+
+def apply_params(model: Decoder, params: Any, *args: Any, variables: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> Any:
+  """`model.apply` on `params`: a plain param tree, or `lora.LoraParams` (the frozen base plus adapters, with the
+  dropout rng of a train step). Every forward in dpo_jax goes through here, so LoRA needs nothing else.
+  `variables`: more collections (the sampler's 'cache')."""
+  if isinstance(params, lora_lib.LoraParams):
+    rngs = {} if params.rng is None else {"dropout": params.rng}
+    return model.clone(lora=params.spec).apply({"params": params.base, "lora": params.adapters, **(variables or {})},
+                                               *args, rngs=rngs, **kwargs)
+  return model.apply({"params": params, **(variables or {})}, *args, **kwargs)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Any:

@@ -55,8 +55,8 @@ def _generate(params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg, max_new_toke
   model = model_lib.make_model(cfg, decode=True)
   cache = model_lib.init_cache(cfg, b, p + max_new_tokens)
   positions_BxP = prompt_positions(prompt_mask_BxP)
-  logits_BxPxV, mutated = model.apply({"params": params, "cache": cache}, prompt_ids_BxP, positions_BxP,
-                                      prompt_mask_BxP, mutable=["cache"])
+  logits_BxPxV, mutated = model_lib.apply_params(model, params, prompt_ids_BxP, positions_BxP, prompt_mask_BxP,
+                                                 variables={"cache": cache}, mutable=["cache"])
   segment_Bx1 = jnp.ones((b, 1), jnp.int32)  # new tokens join the prompt's segment (real tokens are 1)
 
   def step(carry, key):
@@ -67,8 +67,8 @@ def _generate(params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg, max_new_toke
     token_B = jnp.where(done_B, pad_id, token_B)
     token_logp_B = jnp.where(done_B, 0.0, token_logp_B)
     # Finished rows keep running (static shapes); their pad tokens only feed their own, ignored, logits.
-    logits_Bx1xV, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None], next_pos_B[:, None],
-                                        segment_Bx1, mutable=["cache"])
+    logits_Bx1xV, mutated = model_lib.apply_params(model, params, token_B[:, None], next_pos_B[:, None],
+                                                   segment_Bx1, variables={"cache": cache}, mutable=["cache"])
     carry = (mutated["cache"], logits_Bx1xV[:, 0], next_pos_B + 1, done_B | (token_B == eos_id))
     return carry, (token_B, token_logp_B)
 

@@ -7,6 +7,11 @@ state and never differentiated: the reference forward runs outside `jax.value_an
 `stop_gradient(reference_params)`. Pass `reference_params=None` with `ref_chosen_logps` /
 `ref_rejected_logps` (`[B]`) in the batch to use precomputed reference log-probs instead.
 
+LoRA (`lora=spec`, dpo_jax/lora.py): `state.params` are the adapters alone and `reference_params` the frozen base.
+The policy is `LoraParams(base, adapters)` and pi_ref the base with the adapters off, so one copy of the base
+serves both forwards; only the adapters are differentiated, updated and hold optimizer moments. Precomputed
+`ref_*_logps` in the batch replace the reference forward here too.
+
 Batches (see `logprobs`): `input_ids`, `attention_mask`, `positions`, `loss_mask` `[2B, T]` with pairs
 interleaved, optional `pair_mask` `[B]` (0 = padding pair, ignored in loss and metrics). Metric names follow
 TRL's DPOTrainer so dashboards compare directly. Packed batches (dpo_jax/data/packing.py: `[R, L]` rows of up
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpo_jax import logprobs, losses, model as model_lib, sharding as sharding_lib
+from dpo_jax import logprobs, losses, lora as lora_lib, model as model_lib, sharding as sharding_lib
 
 PAIR_KEYS = ("pair_mask", "row_ids", "ref_chosen_logps", "ref_rejected_logps")  # [B] per-pair fields
 
@@ -182,6 +187,9 @@ def microbatches(batch: Mapping[str, jax.Array], num_micro: int, num_units: int,
   return out
 
 
+MICRO_STEP = "micro_step"  # [] int32 in each micro-batch of an accumulated step: its index
+
+
 def _accumulate_and_update(state: TrainState, batch: Mapping[str, jax.Array], grads_and_sums, *, num_units: int,
                            sum_keys: tuple[str, ...], optimizer: optax.GradientTransformation,
                            grad_accum_steps: int, shard: sharding_lib.ShardingContext | None):
@@ -192,7 +200,9 @@ def _accumulate_and_update(state: TrainState, batch: Mapping[str, jax.Array], gr
     def body(carry, mb):
       return jax.tree.map(jnp.add, carry, grads_and_sums(mb)), None
     zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in sum_keys})
-    (grads, sums), _ = jax.lax.scan(body, zeros, microbatches(batch, grad_accum_steps, num_units, shard))
+    micro = microbatches(batch, grad_accum_steps, num_units, shard)
+    micro[MICRO_STEP] = jnp.arange(grad_accum_steps, dtype=jnp.int32)  # e.g. for a fresh dropout key per micro-batch
+    (grads, sums), _ = jax.lax.scan(body, zeros, micro)
   grad_norm = optax.tree.norm(grads)  # before clipping, as the HF Trainer logs it
   return apply_gradients(state, grads, optimizer), sums, grad_norm
 
@@ -203,18 +213,43 @@ def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTran
   return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
 
 
+def lora_policy(adapters: Any, base: Any, spec: lora_lib.LoraSpec | None, rng: jax.Array | None = None) -> Any:
+  """The policy's params: `adapters` themselves without LoRA (full fine-tuning), else `LoraParams` over the
+  frozen base (`stop_gradient`: no gradient is ever taken through it)."""
+  if spec is None:
+    return adapters
+  return lora_lib.LoraParams(jax.lax.stop_gradient(base), adapters, spec, rng)
+
+
 def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, loss_cfg: Mapping[str, Any],
-               grad_accum_steps: int = 1, shard: sharding_lib.ShardingContext | None = None):
-  """One DPO optimizer update from one global batch (accumulated over `grad_accum_steps` micro-batches)."""
-  total_weight = jnp.maximum(jnp.sum(_pair_weights(batch)), 1.0)
-  loss_and_grad = jax.value_and_grad(
-      functools.partial(dpo_loss, model=model, loss_cfg=loss_cfg, total_weight=total_weight), has_aux=True)
+               grad_accum_steps: int = 1, shard: sharding_lib.ShardingContext | None = None,
+               lora: lora_lib.LoraSpec | None = None, seed: int = 0):
+  """One DPO optimizer update from one global batch (accumulated over `grad_accum_steps` micro-batches).
 
+  `lora`: train adapters (`state.params`) over the frozen base `reference_params` (module docstring); their
+  dropout draws from `seed` folded with the step."""
+  total_weight = jnp.maximum(jnp.sum(_pair_weights(batch)), 1.0)
   needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
+  reference = reference_params
+  rng = None
+  if lora is not None:
+    if reference_params is None:
+      raise ValueError("train_step(lora=...): pass the frozen base params as reference_params.")
+    if "ref_chosen_logps" in batch:  # precomputed pi_ref log-probs: no reference forward
+      reference = None
+    if lora.dropout:
+      rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def loss(trainable, ref_BxK, mb):
+    mb_rng = None if rng is None else jax.random.fold_in(rng, mb.get(MICRO_STEP, 0))
+    return dpo_loss(lora_policy(trainable, reference_params, lora, mb_rng), ref_BxK, mb, model=model,
+                    loss_cfg=loss_cfg, total_weight=total_weight)
+
+  loss_and_grad = jax.value_and_grad(loss, has_aux=True)
 
   def grads_and_sums(mb):
-    (_, sums), grads = loss_and_grad(state.params, reference_logps(model, reference_params, mb, needed=needed), mb)
+    (_, sums), grads = loss_and_grad(state.params, reference_logps(model, reference, mb, needed=needed), mb)
     return grads, sums
 
   new_state, sums, grad_norm = _accumulate_and_update(
@@ -309,9 +344,27 @@ def state_shardings(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientT
                     rules: sharding_lib.Rules) -> TrainState:
   """NamedShardings for every leaf of the TrainState: params by their logical axes, optimizer moments
   like their params, counters replicated."""
+  return _state_shardings(param_shardings(model_cfg, mesh, rules), model_lib.abstract_params(model_cfg), optimizer,
+                          mesh)
+
+
+def adapter_shardings(model: Any, spec: lora_lib.LoraSpec, mesh: Mesh, rules: sharding_lib.Rules) -> Any:
+  """NamedShardings of LoRA adapters: each follows the logical axes of the kernel it adapts (rank replicated)."""
+  return sharding_lib.tree_shardings(mesh, rules, lora_lib.adapter_logical_axes(model, spec),
+                                     lora_lib.abstract_adapters(model, spec))
+
+
+def lora_state_shardings(model: Any, spec: lora_lib.LoraSpec, optimizer: optax.GradientTransformation, mesh: Mesh,
+                         rules: sharding_lib.Rules) -> TrainState:
+  """`state_shardings` of a LoRA run, whose state holds the adapters (and their moments) only."""
+  return _state_shardings(adapter_shardings(model, spec, mesh, rules), lora_lib.abstract_adapters(model, spec),
+                          optimizer, mesh)
+
+
+def _state_shardings(params: Any, abstract_params: Any, optimizer: optax.GradientTransformation,
+                     mesh: Mesh) -> TrainState:
   replicated = NamedSharding(mesh, PartitionSpec())
-  params = param_shardings(model_cfg, mesh, rules)
-  abstract_opt = jax.eval_shape(optimizer.init, model_lib.abstract_params(model_cfg))
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
                                     transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=params, opt_state=opt_state)

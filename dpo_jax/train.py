@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from dpo_jax import checkpoint, config_checks, evaluate, flops, logprobs as logprobs_lib, losses, metrics as metrics_lib
-from dpo_jax import hf, model as model_lib, optim, reference_update, sharding, step, workdir as workdir_lib
+from dpo_jax import hf, lora as lora_lib, model as model_lib, optim, reference_update, sharding, step
+from dpo_jax import workdir as workdir_lib
 from dpo_jax.data import packing, preference, schemas, synthetic
 
 STAGES = ("pipeline", "sft", "dpo", "precompute")
@@ -64,6 +65,7 @@ def validate_config(config: Any, num_devices: int) -> None:
   losses.validate_loss_config(loss_type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
                               **loss_options)
   optim.learning_rate_schedule(config.optim)
+  validate_lora(config)
   if "ref_update" in config:  # TR-DPO: a moving pi_ref needs a reference model in the step
     reference_update.validate_config(config.ref_update, uses_reference=losses.needs_reference(loss_type),
                                      reference_logps=config.data.reference_logps, loss_label=loss_type)
@@ -84,6 +86,30 @@ def validate_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"config.batch_size={config.batch_size} must divide over {jax.process_count()} hosts.")
   if config.data.get("packing", False):
     validate_packing(config, data_parallel)
+
+
+def lora_spec(config: Any) -> lora_lib.LoraSpec | None:
+  """config.lora as a LoraSpec, or None for full fine-tuning (rank 0, or a config without a lora section)."""
+  return lora_lib.spec_from_config(config.get("lora"))
+
+
+def validate_lora(config: Any) -> None:
+  """LoRA's reference is the base with the adapters off, so it cannot be another model or move (TRL refuses a
+  ref_model beside a peft_config for the same reason)."""
+  spec = lora_spec(config)  # raises naming a bad rank / alpha / dropout / target
+  if spec is None:
+    return
+  if config.lora.export not in ("adapter", "merged", "both"):
+    raise ValueError(f"config.lora.export={config.lora.export!r}; choose 'adapter', 'merged' or 'both'.")
+  if config.hf.reference_path:
+    raise ValueError("config.lora.rank > 0 makes pi_ref the base model with the adapters off; config.hf.reference_path="
+                     f"{config.hf.reference_path!r} would be a second reference. Unset one of them (for an SFT "
+                     "reference with LoRA, start DPO from it: --config.hf.model_path=SFT_DIR).")
+  if "ref_update" in config and config.ref_update.mode != "off":
+    raise ValueError(f"config.ref_update.mode={config.ref_update.mode!r} moves pi_ref, but with config.lora.rank > 0 "
+                     "pi_ref is the frozen base. Set --config.ref_update.mode=off or --config.lora.rank=0.")
+  if config.lora.adapter_path:
+    lora_lib.read_peft_spec(config.lora.adapter_path)  # a missing folder or an unsupported adapter, before compute
 
 
 def validate_packing(config: Any, data_parallel: int) -> None:
@@ -296,15 +322,45 @@ def reference_params(rt: Runtime, start: Any | None = None) -> Any:
 
 
 def export_hf(rt: Runtime, params: Any, tokenizer: Any) -> str:
-  """The policy as an HF folder in <workdir>/hf_export, in the family (and config) of `hf.model_path`."""
+  """The policy as an HF folder in <workdir>/hf_export, in the family (and config) of `hf.model_path`.
+
+  A LoRA policy (`lora.LoraParams`) per config.lora.export: 'adapter', a PEFT folder in hf_export (with its base
+  written to <workdir>/hf_base unless the base is hf.model_path itself); 'merged', base + (alpha / r) B A as an HF
+  folder in hf_export; 'both', the PEFT folder in hf_export and the merged model in hf_merged."""
   hf_config = None
   if rt.config.hf.model_path:
     from transformers import AutoConfig
     hf_config = AutoConfig.from_pretrained(rt.config.hf.model_path, trust_remote_code=rt.config.hf.trust_remote_code)
   path = os.path.join(rt.workdir, "hf_export")
-  hf.save_hf_checkpoint(params, rt.model_cfg, path, tokenizer=tokenizer, hf_config=hf_config)
-  print(f"exported the policy to {path} (AutoModelForCausalLM.from_pretrained loads it)")
+  save = functools.partial(hf.save_hf_checkpoint, cfg=rt.model_cfg, tokenizer=tokenizer, hf_config=hf_config)
+  if not isinstance(params, lora_lib.LoraParams):
+    save(params, path=path)
+    print(f"exported the policy to {path} (AutoModelForCausalLM.from_pretrained loads it)")
+    return path
+  mode, spec = rt.config.lora.export, params.spec
+  if mode in ("merged", "both"):
+    merged_path = path if mode == "merged" else os.path.join(rt.workdir, "hf_merged")
+    save(jax.device_get(lora_lib.merge(jax.device_get(params.base), jax.device_get(params.adapters), spec,
+                                       rt.model_cfg)), path=merged_path)
+    print(f"exported the merged policy (base + alpha/r * B A) to {merged_path} (AutoModelForCausalLM loads it)")
+    if mode == "merged":
+      return path
+  base_path = rt.config.hf.model_path if base_is_hf_model(rt) else ""
+  if not base_path:  # the base (an SFT result or a random init) exists nowhere as an HF folder yet
+    base_path = os.path.join(rt.workdir, "hf_base")
+    save(params.base, path=base_path)
+  lora_lib.save_peft_adapter(path, params.adapters, spec, rt.model_cfg,
+                             base_model_name_or_path=os.path.abspath(base_path))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+  print(f"exported the LoRA adapter to {path} (PEFT folder; base {base_path}): "
+        f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_path!r}), {path!r})")
   return path
+
+
+def base_is_hf_model(rt: Runtime) -> bool:
+  """True when DPO started from hf.model_path's weights as they are (no SFT stage ran in this workdir)."""
+  return bool(rt.config.hf.model_path) and not os.path.isdir(os.path.join(rt.workdir, "sft", "checkpoints"))
 
 
 def stage_optimizer(config: Any, stage: str):
@@ -533,7 +589,13 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
   then `start` is donated to the policy (no copy) and deleted. Returns the policy."""
   config = rt.config
   optimizer, schedule = stage_optimizer(config, "dpo")
-  shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
+  spec = lora_spec(config)
+  if spec is None:
+    shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
+    frozen_shardings = None if reference is None else shardings.params
+  else:  # the state holds the adapters; `start` is the frozen base, passed to every step in pi_ref's place
+    shardings = step.lora_state_shardings(rt.model, spec, optimizer, rt.mesh, rt.rules)
+    frozen_shardings = step.param_shardings(rt.model_cfg, rt.mesh, rt.rules)
   if config.data.get("packing", False):  # a batch of the packed shapes: [R, L] rows, [R * P] pair slots
     empty = np.full((config.batch_size // config.data.pairs_per_row, config.data.pairs_per_row), -1)
     example = packing.make_packed_batch(train, empty,
@@ -545,13 +607,18 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
   example.pop("row_ids")
   dpo_step = step.jit_train_step(
       functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
-                        grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard),
-      state_shardings=shardings, reference_shardings=None if reference is None else shardings.params,
+                        grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard, lora=spec,
+                        seed=config.seed + 2),
+      state_shardings=shardings, reference_shardings=frozen_shardings,
       batch_shardings=rt.batch_shardings(example), mesh=rt.mesh)
   mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
   ref_mode = config.ref_update.mode if "ref_update" in config else "off"
   reference_update.check_resume(mngr, ref_mode)
-  if ref_mode == "off":
+  base = start if spec is not None else None  # LoRA keeps the base; otherwise nothing holds it after the state
+  if spec is not None:
+    state = _start_state(rt, mngr, initial_adapters(rt, spec, shardings.params), optimizer, shardings, donate=True)
+    step_fn = lambda s, b: dpo_step(s, base, b)
+  elif ref_mode == "off":
     state = _start_state(rt, mngr, start, optimizer, shardings, donate=reference is None)
     step_fn = lambda s, b: dpo_step(s, reference, b)
   else:  # TR-DPO: a moving reference, checkpointed with the state; `reference` stays the frozen pi_ref for eval
@@ -560,13 +627,30 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
         functools.partial(step.create_train_state, start, optimizer, shardings), reference)
     step_fn = reference_update.tracking_step(dpo_step, reference_update.jit_update(
         reference_update.mixing_weight(config.ref_update), shardings.params), config.ref_update.tau)
-  del start  # without a reference in the step, nothing holds pi_ref's params from here on
+  del start
+  policy = lambda s: s.params if spec is None else lora_lib.LoraParams(base, s.params, spec)
+  eval_reference = base if spec is not None and reference is None else reference
   state = train_loop(rt, name="dpo", step_fn=step_fn, state=state, tokenized=train,
                      kind=kind, num_steps=config.optim.total_steps, batch_size=config.batch_size,
-                     seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, s.params, reference, test),
+                     seed=config.seed + 1, mngr=mngr, eval_fn=lambda s: dpo_eval(rt, policy(s), eval_reference, test),
                      eval_every=config.eval.every_steps,
-                     step_flops=flops.train_step_flops(rt.model_cfg, example, reference=reference is not None))
-  return state.params
+                     step_flops=flops.train_step_flops(rt.model_cfg, example, reference=reference is not None,
+                                                       lora=spec))
+  return policy(state)
+
+
+def initial_adapters(rt: Runtime, spec: lora_lib.LoraSpec, shardings: Any) -> Any:
+  """Where the adapters start: the PEFT folder config.lora.adapter_path, else fresh (A uniform, B zero)."""
+  path = rt.config.lora.adapter_path
+  if path:
+    _, adapters = lora_lib.load_peft_adapter(path, rt.plain_model, rt.model_cfg, shardings, expect=spec)
+    print(f"loaded LoRA adapters from config.lora.adapter_path={path} ({lora_lib.count(adapters):,} params)")
+    return adapters
+  adapters = lora_lib.init_adapters(rt.plain_model, spec, jax.random.fold_in(jax.random.key(rt.config.seed), 7),
+                                    shardings)
+  print(f"LoRA: {lora_lib.count(adapters):,} adapter params (rank {spec.rank}, alpha {spec.alpha}, targets "
+        f"{list(spec.targets)}) over {model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} frozen")
+  return adapters
 
 
 def load_sft_result(rt: Runtime) -> Any:
@@ -699,9 +783,9 @@ def _run_stages(config: Any, workdir: str) -> dict:
     start = run_sft(rt, init, train, test) if config.sft.steps else init
     del init
     if config.stage == "pipeline" and without_reference:
-      policy = run_dpo(rt, start, train, test, reference=None)  # donates `start`
+      policy = run_dpo(rt, start, train, test, reference=None)  # donates `start` (LoRA keeps it as the base)
       del start
-      reference = reference_params(rt)
+      reference = policy.base if isinstance(policy, lora_lib.LoraParams) else reference_params(rt)
     else:
       reference = reference_params(rt, start)
   elif config.stage == "precompute":
@@ -711,7 +795,7 @@ def _run_stages(config: Any, workdir: str) -> dict:
     return summary
   elif without_reference:
     policy = run_dpo(rt, dpo_start(rt), train, test, reference=None)
-    reference = reference_params(rt)
+    reference = policy.base if isinstance(policy, lora_lib.LoraParams) else reference_params(rt)
   else:
     start = dpo_start(rt)
     reference = reference_params(rt, start)

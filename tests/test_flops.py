@@ -54,6 +54,18 @@ def test_a_train_step_is_three_forwards_and_one_more_with_a_reference(batch):
   assert flops.train_step_flops(CFG, batch, reference=True) == 4 * forward
 
 
+def test_a_lora_step_by_hand():
+  # rows [4, 6]: weights (layers + head) 2304 * 24 + 512 * 24 = 67584, attention 64 * 84 = 5376, 24 tokens.
+  # Adapters rank 2 on q_proj (8 -> 8) and down_proj (16 -> 8): 2 * L * r * (16 + 24) = 2 * 2 * 2 * 40 = 320 / token.
+  # Policy: 2 * 67584 + 3 * 5376 + 3 * 320 * 24 = 135168 + 16128 + 23040 = 174336; pi_ref: 67584 + 5376 = 72960.
+  from dpo_jax import lora
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "down_proj"))
+  batch = shapes(input_ids=(4, 6))
+  assert flops.adapter_flops_per_token(CFG, spec) == 320
+  assert flops.train_step_flops(CFG, batch, reference=False, lora=spec) == 174336
+  assert flops.train_step_flops(CFG, batch, reference=True, lora=spec) == 174336 + 72960
+
+
 @pytest.mark.parametrize("micro", [2, 4])
 @pytest.mark.parametrize("batch", [
     {"input_ids": jnp.zeros((8, 6), jnp.int32), "pair_mask": jnp.ones((4,), jnp.int32)},

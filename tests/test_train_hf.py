@@ -58,8 +58,9 @@ def hf_config(model_path, test_file, **overrides):
                  "eval.every_steps": 0, **overrides})
 
 
-def torch_dpo_loss(policy_path, reference_path, test_file, max_length, max_prompt_length):
-  """Held-out DPO loss, mean over pairs, computed by PyTorch from two HF folders (seed eq. 7)."""
+def torch_dpo_loss(policy_path, reference_path, test_file, max_length, max_prompt_length, load_policy=None):
+  """Held-out DPO loss, mean over pairs, computed by PyTorch from two HF folders (seed eq. 7); `load_policy(path)`
+  loads the policy another way (a PEFT adapter folder on its base)."""
   tokenizer = transformers.AutoTokenizer.from_pretrained(policy_path)
   pairs, _ = preference.tokenize_pairs(preference.load_rows(test_file), tokenizer, max_length=max_length,
                                        max_prompt_length=max_prompt_length)
@@ -69,7 +70,9 @@ def torch_dpo_loss(policy_path, reference_path, test_file, max_length, max_promp
   mask = torch.as_tensor(batch["loss_mask"][:, 1:], dtype=torch.float64)
 
   def logps(path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    load = load_policy if load_policy is not None and path == policy_path else (
+        lambda p: transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+    model = load(path).eval()
     with torch.no_grad():
       logits = model(input_ids=ids, attention_mask=attention).logits.double()
     return (torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(-1)
@@ -77,6 +80,28 @@ def torch_dpo_loss(policy_path, reference_path, test_file, max_length, max_promp
   pi, ref = logps(policy_path), logps(reference_path)
   margin = (pi[0::2] - ref[0::2]) - (pi[1::2] - ref[1::2])
   return float(-torch.nn.functional.logsigmoid(BETA * margin).mean())
+
+
+def test_lora_dpo_from_a_checkpoint_exports_a_peft_adapter_that_peft_scores_the_same(checkpoints, test_file,
+                                                                                      tmp_path):
+  """DPO as configs/hf_dpo.py runs it, with --config.lora.rank=16: adapters over hf.model_path (also pi_ref), exported
+  as a PEFT folder
+  whose base is that checkpoint; PEFT + torch give the held-out DPO loss the trainer reported."""
+  from peft import PeftModel
+  workdir = str(tmp_path / "run")
+  config = hf_config(checkpoints["a"], test_file, **{"hf.export": True, "lora.rank": 16, "lora.alpha": 32.0,
+                                                      "optim.learning_rate": 2e-2})
+  summary = train.run(config, workdir)
+  export = summary["hf_export"]
+  assert export == os.path.join(workdir, "hf_export") and not os.path.exists(os.path.join(workdir, "hf_base"))
+  adapter_config = json.load(open(os.path.join(export, "adapter_config.json")))
+  assert adapter_config["base_model_name_or_path"] == os.path.abspath(checkpoints["a"])
+  assert (adapter_config["r"], adapter_config["target_modules"]) == (16, ["q_proj", "v_proj"])
+  base = lambda: transformers.AutoModelForCausalLM.from_pretrained(checkpoints["a"], dtype=torch.float32)
+  theirs = torch_dpo_loss(export, checkpoints["a"], test_file, config.max_length, config.max_prompt_length,
+                          load_policy=lambda path: PeftModel.from_pretrained(base(), path))
+  assert abs(summary["pi_theta"]["dpo_loss"] - math.log(2.0)) > 1e-4  # the adapters moved the policy off pi_ref
+  assert theirs == pytest.approx(summary["pi_theta"]["dpo_loss"], rel=1e-5)
 
 
 def test_dpo_from_a_checkpoint_exports_what_pytorch_scores_the_same(checkpoints, test_file, tmp_path):
