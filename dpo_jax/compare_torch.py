@@ -1,6 +1,7 @@
 """Parity with the PyTorch baseline: the same weights and batch through HF transformers (torch) and dpo_jax.
 
     python -m dpo_jax.compare_torch --model DIR --data pairs.jsonl [--reference DIR] [--beta 0.1]
+    python -m dpo_jax.compare_torch --model BASE_DIR --adapter PEFT_DIR --data pairs.jsonl   # a LoRA step vs PEFT
 
 The torch side is a plain PyTorch DPO step as TRL computes it (one concatenated forward over chosen and
 rejected, the reference under `no_grad`, sigmoid loss of seed eq. (7), global-norm clipping,
@@ -37,12 +38,9 @@ def optimizer_config(lr: float, weight_decay: float, max_grad_norm: float) -> di
               b2=0.999, eps=1e-8, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
 
 
-def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *, beta: float, lr: float,
-                   weight_decay: float, max_grad_norm: float) -> dict:
-  """One plain PyTorch DPO step on `policy` (modified in place). Arrays come back as numpy, HF names."""
+def _torch_scoring(batch: Mapping[str, np.ndarray]):
+  """(input ids, attention mask, logits `[N, T, V]` -> sequence log-probs `[N]`) of a DPO batch, in torch."""
   import torch
-  import torch.nn.functional as F
-
   ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
   attention = torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long)
   mask = torch.as_tensor(np.asarray(batch["loss_mask"])[:, 1:], dtype=torch.float32)
@@ -50,6 +48,16 @@ def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray],
   def sequence_logps(logits):
     token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
     return (token * mask).sum(-1)
+  return ids, attention, sequence_logps
+
+
+def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *, beta: float, lr: float,
+                   weight_decay: float, max_grad_norm: float) -> dict:
+  """One plain PyTorch DPO step on `policy` (modified in place). Arrays come back as numpy, HF names."""
+  import torch
+  import torch.nn.functional as F
+
+  ids, attention, sequence_logps = _torch_scoring(batch)
 
   policy.train()
   logits = policy(input_ids=ids, attention_mask=attention).logits
@@ -164,13 +172,7 @@ def torch_lora_dpo_step(peft_model: Any, batch: Mapping[str, np.ndarray], *, bet
   import torch
   import torch.nn.functional as F
 
-  ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
-  attention = torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long)
-  mask = torch.as_tensor(np.asarray(batch["loss_mask"])[:, 1:], dtype=torch.float32)
-
-  def sequence_logps(logits):
-    token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (token * mask).sum(-1)
+  ids, attention, sequence_logps = _torch_scoring(batch)
 
   peft_model.train()
   logits = peft_model(input_ids=ids, attention_mask=attention).logits
@@ -281,6 +283,8 @@ def main(argv=None) -> None:
   parser.add_argument("--max_prompt_length", type=int, default=64)
   parser.add_argument("--beta", type=float, default=0.1)
   parser.add_argument("--lr", type=float, default=1e-5)
+  parser.add_argument("--adapter", default=None, help="a PEFT LoRA folder on --model: compare a LoRA DPO step "
+                      "(pi_ref = --model with the adapters off) instead of a full one")
   args = parser.parse_args(argv)
   load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                            attn_implementation="eager")
@@ -290,6 +294,12 @@ def main(argv=None) -> None:
                                       max_length=args.max_length, max_prompt_length=args.max_prompt_length)
   batch = preference.make_batch(tokenized, np.arange(min(args.pairs, tokenized.num_pairs)), kind="dpo")
   batch.pop("row_ids")
+  if args.adapter:
+    from dpo_jax import lora as lora_lib
+    cfg = hf.model_config_from_hf(policy.config)
+    spec, adapters = lora_lib.load_peft_adapter(args.adapter, model_lib.make_model(cfg), cfg)
+    print(format_report(compare_lora(policy, adapters, spec, batch, beta=args.beta, lr=args.lr)))
+    return
   print(format_report(compare(policy, reference, batch, beta=args.beta, lr=args.lr)))
   padding_idx = policy.get_input_embeddings().padding_idx
   if padding_idx is not None:

@@ -67,6 +67,9 @@ def check_config(config: Any) -> None:
     raise ValueError("the frontier needs the ground-truth reward r* of the embedded synthetic task: leave "
                      f"config.data.train empty (it is {config.data.train!r}) and config.data.reward 'auto' or "
                      "'synthetic'.")
+  if config.lora.rank:
+    raise ValueError(f"config.lora.rank={config.lora.rank}: the frontier compares full fine-tuning methods (its DPO "
+                     "sweep stacks whole policies); set --config.lora.rank=0.")
   if f.sft_data not in ("both", "chosen"):
     raise ValueError(f"config.frontier.sft_data={f.sft_data!r}; use 'both' or 'chosen'.")
   steps = config.optim.total_steps
