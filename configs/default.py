@@ -117,7 +117,9 @@ def get_config(arg=None):
       dropout=0.0,  # dropout on each adapter's input in DPO steps (PEFT's lora_dropout); never in evaluation.
       targets=("q_proj", "v_proj"),  # projections given adapters, PEFT's names: q_proj, k_proj, v_proj, o_proj,
       #                                gate_proj, up_proj, down_proj, or ('all-linear',). Default: PEFT's for Llama.
-      adapter_path="",  # '' = fresh adapters (A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, as PEFT); else a PEFT adapter
+      init="peft",  # how fresh adapters start, B = 0 always: 'peft' draws A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's
+      #               init_lora_weights=True), 'gaussian' A ~ N(0, 1/r) (PEFT's 'gaussian'). At step 0 pi == pi_ref.
+      adapter_path="",  # '' = fresh adapters (config.lora.init); else a PEFT adapter
       #                   folder (adapter_config.json + adapter_model.safetensors) to continue from; its r, alpha
       #                   and targets must equal the fields above.
       export="adapter",  # with hf.export: 'adapter' writes a PEFT folder (PeftModel.from_pretrained(base, folder)

@@ -45,6 +45,9 @@ TARGETS = {
 # (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every projection of every layer (not the LM head)
+# How A starts (B is always 0): PEFT's `init_lora_weights=True` ('peft': kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)))
+# or 'gaussian' (N(0, 1/r), PEFT's init_lora_weights='gaussian').
+INITS = ("peft", "gaussian")
 
 _PEFT_PREFIX = "base_model.model.model.layers.{i}."
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
@@ -59,6 +62,7 @@ class LoraSpec:
   alpha: float
   dropout: float = 0.0
   targets: tuple[str, ...] = PEFT_DEFAULT_TARGETS
+  init: str = "peft"  # one of INITS
 
   def __post_init__(self):
     targets = tuple(self.targets)
@@ -75,6 +79,8 @@ class LoraSpec:
       raise ValueError(f"config.lora.alpha={self.alpha} must be > 0 (the update is scaled by alpha / rank).")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"config.lora.dropout={self.dropout} must be in [0, 1).")
+    if self.init not in INITS:
+      raise ValueError(f"config.lora.init={self.init!r}; choose one of {list(INITS)}.")
 
   @property
   def scale(self) -> float:
@@ -90,7 +96,7 @@ def spec_from_config(lora_cfg: Mapping[str, Any] | None) -> LoraSpec | None:
   if lora_cfg is None or not lora_cfg["rank"]:
     return None
   return LoraSpec(rank=int(lora_cfg["rank"]), alpha=float(lora_cfg["alpha"]), dropout=float(lora_cfg["dropout"]),
-                  targets=tuple(lora_cfg["targets"]))
+                  targets=tuple(lora_cfg["targets"]), init=str(lora_cfg.get("init", "peft")))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -130,8 +136,11 @@ class Adapter(nn.Module):
     if not (self.has_variable("lora", "a") or self.is_mutable_collection("lora")):
       return None
     r, n_in = self.spec.rank, len(self.in_shape)
-    bound = 1.0 / math.sqrt(math.prod(self.in_shape))  # PEFT: kaiming_uniform_(a=sqrt(5)) over fan_in
-    a_init = nn.with_logical_partitioning(_uniform(bound), self.in_axes + (None,))
+    if self.spec.init == "gaussian":  # PEFT: normal_(std=1 / r)
+      a_draw = nn.initializers.normal(1.0 / r)
+    else:  # PEFT: kaiming_uniform_(a=sqrt(5)) over fan_in = U(-1/sqrt(in), 1/sqrt(in))
+      a_draw = _uniform(1.0 / math.sqrt(math.prod(self.in_shape)))
+    a_init = nn.with_logical_partitioning(a_draw, self.in_axes + (None,))
     b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.out_axes)
     a = self.variable("lora", "a", lambda: a_init(self.make_rng("params"), self.in_shape + (r,), self.param_dtype))
     b = self.variable("lora", "b", lambda: b_init(self.make_rng("params"), (r,) + self.out_shape, self.param_dtype))
@@ -282,9 +291,9 @@ def peft_config(spec: LoraSpec, base_model_name_or_path: str | None) -> dict[str
   return {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
       "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": list(spec.targets),
-      "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+      "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
       "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-      "inference_mode": True,
+      "inference_mode": True, "init_lora_weights": True if spec.init == "peft" else spec.init,
   }
 
 
@@ -338,6 +347,7 @@ def load_peft_adapter(path: str, model: Any, cfg: Any, shardings: Any | None = N
   from safetensors.numpy import load_file
   spec = read_peft_spec(path)
   if expect is not None:
+    spec = dataclasses.replace(spec, init=expect.init)  # how A started is history, not part of the adapter
     for field in ("rank", "alpha", "targets"):
       if getattr(spec, field) != getattr(expect, field):
         raise ValueError(f"config.lora.adapter_path={path!r} has {field}={getattr(spec, field)!r} but "

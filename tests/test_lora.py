@@ -56,6 +56,19 @@ def test_spec_checks_name_the_field():
       lora.LoraSpec(**{"rank": 4, "alpha": 8.0, **kwargs})
 
 
+@pytest.mark.parametrize("init", ["peft", "gaussian"])
+def test_fresh_adapters_start_as_peft_draws_them(init):
+  spec = lora.LoraSpec(rank=8, alpha=16.0, targets=("all-linear",), init=init)
+  adapters = lora.init_adapters(MODEL, spec, jax.random.key(0))
+  gate = np.asarray(adapters["layers_0"]["mlp"]["gate_lora"]["a"])  # [in = 32, r]
+  if init == "peft":  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
+    assert 0.9 / math.sqrt(32) < np.abs(gate).max() <= 1 / math.sqrt(32)
+  else:  # normal_(std=1/r)
+    assert gate.std() == pytest.approx(1 / 8, rel=0.2)
+  for leaf in jax.tree.leaves(jax.tree.map(lambda d: d["b"], adapters, is_leaf=lambda d: "b" in d)):
+    assert not np.asarray(leaf).any()
+
+
 def test_adapters_shard_like_their_kernels():
   axes = lora.adapter_logical_axes(MODEL, ALL)["layers_0"]
   assert axes["attn"]["q_lora"] == {"a": ("embed", None), "b": (None, "heads", "head_dim")}
