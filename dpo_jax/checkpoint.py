@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 
 def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -75,8 +76,13 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int, err: Exception) -> None:
   """Report an unreadable step and move it to `<step>.corrupt-<unix time>`, out of the manager's sight."""
   bad = os.path.join(str(mngr.directory), str(step))
   aside = f"{bad}.corrupt-{int(time.time())}"
-  print(f"WARNING: checkpoint step {step} in {mngr.directory} is unreadable ({type(err).__name__}: "
-        f"{str(err)[:300]}); moved it to {aside} and trying the previous step.", flush=True)
+  # One line: TensorStore's errors carry a multi-line JSON spec of the array; the whole text goes to the log
+  # (python -m dpo_jax.train --verbosity=0 shows it).
+  reason = (str(err).strip().splitlines() or [""])[0]
+  reason = reason if len(reason) <= 200 else reason[:197] + "..."
+  print(f"WARNING: checkpoint step {step} in {mngr.directory} is unreadable ({type(err).__name__}: {reason}); "
+        f"moved it to {aside} and trying the previous step.", flush=True)
+  absl_logging.info("checkpoint step %d in %s is unreadable: %r", step, mngr.directory, err)
   if jax.process_index() == 0 and os.path.isdir(bad):
     os.replace(bad, aside)
   if jax.process_count() > 1:  # every host sees the step gone before any of them lists the steps again
@@ -94,7 +100,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
   can be saved again) and the previous step is tried. A readable step whose arrays do not fit `abstract_state`
   (the config changed) is a ValueError naming the first param that differs; nothing is moved.
   """
-  for step in sorted(mngr.all_steps(read=True), reverse=True):
+  mngr.reload()  # the steps on disk now (another process may have written them)
+  for step in sorted(mngr.all_steps(), reverse=True):
     try:
       stored = stored_arrays(mngr, step)
       if not stored:

@@ -113,6 +113,30 @@ def load_config_file(spec: str) -> Any:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _paths(node: Any, prefix: str = "config") -> list[str]:
+  """Every dotted field path of a ConfigDict, groups and values alike."""
+  out = []
+  for key in node.keys():
+    out.append(f"{prefix}.{key}")
+    if hasattr(node[key], "keys"):
+      out += _paths(node[key], f"{prefix}.{key}")
+  return out
+
+
+def elsewhere(config: Any, name: str) -> str:
+  """" Did you mean config.batch_size (or config.sft.batch_size)?" for fields of that name, or the closest name,
+  in other blocks of the config; '' if none is close."""
+  paths = _paths(config)
+  last = {p: p.rsplit(".", 1)[1] for p in paths}
+  exact = [p for p in paths if last[p] == name]
+  if not exact:
+    close = difflib.get_close_matches(name, sorted(set(last.values())), n=1, cutoff=0.75)
+    exact = [p for p in paths if close and last[p] == close[0]]
+  if not exact:
+    return ""
+  return f" Did you mean {exact[0]}" + (f" (or {', '.join(exact[1:])})" if exact[1:] else "") + "?"
+
+
 def unknown_field(config: Any, path: str) -> str | None:
   """None when `config` has the dotted field `path`, else a message naming the first unknown part and the
   closest existing name at that level."""
@@ -121,7 +145,7 @@ def unknown_field(config: Any, path: str) -> str | None:
     if not hasattr(node, "keys"):
       return f"{seen} is a value ({node!r}), not a group of fields, so --config.{path} names nothing."
     if part not in node:
-      hint = closest(part, node.keys())
+      hint = closest(part, node.keys()) or elsewhere(config, part)
       fields = ", ".join(sorted(node.keys()))
       return (f"--config.{path}: {seen} has no field '{part}'.{hint} Its fields: {fields}. "
               "See configs/default.py for every field and its meaning.")

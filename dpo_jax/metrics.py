@@ -75,3 +75,17 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+# absl's own record prefix: severity letter, MMDD, time (`I1204 21:39:39.296374 ...`).
+ABSL_RECORD = r"^[IWEF]\d{4} \d\d:\d\d:\d\d"
+
+
+def quiet_library_logs() -> None:
+  """Call at an entry point once flags are parsed. Library records below WARNING (absl, orbax, jax, datasets) are
+  then dropped unless the command line asked for them (`--verbosity=0`: INFO, `1`: DEBUG). absl's `app.run` raises
+  an unset --verbosity to INFO, which buried the progress bar under ~190 orbax lines a run; what a run reports goes
+  to stdout, metrics.jsonl and TensorBoard instead. Warnings still show."""
+  from absl import flags, logging as absl_logging
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)

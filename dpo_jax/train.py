@@ -851,6 +851,7 @@ def main(argv=None) -> None:
 
   def _main(_):
     from dpo_jax import distributed
+    metrics_lib.quiet_library_logs()
     f = flags.FLAGS
     distributed.maybe_initialize(distributed=f.distributed, coordinator_address=f.coordinator_address,
                                  num_processes=f.num_processes, process_id=f.process_id,

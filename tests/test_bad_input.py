@@ -125,6 +125,18 @@ def test_malformed_json_line(tmp_path, tok):
   assert stats["skipped"] == {"malformed_json": 1} and tokenized.num_pairs == 2
 
 
+@pytest.mark.parametrize("name, text", [
+    ("data.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n"),
+    ("data.json", json.dumps([GOOD, GOOD])),
+    ("lines.json", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n"),  # datasets' to_json: lines under .json
+])
+def test_a_utf8_byte_order_mark_is_not_row_0(tmp_path, tok, name, text):
+  """Windows editors and spreadsheet exports start UTF-8 files with a BOM; every row still loads."""
+  path = write(tmp_path, b"\xef\xbb\xbf" + text.encode(), name=name)
+  tokenized, stats = load_and_tokenize(path, tok)
+  assert tokenized.num_pairs == 2 and not stats.get("skipped"), stats
+
+
 def test_invalid_utf8_names_the_line(tmp_path, tok):
   path = write(tmp_path, json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
   for mode in ("error", "skip"):  # a wrong encoding is a file problem: never skipped
@@ -137,7 +149,9 @@ def test_invalid_utf8_names_the_line(tmp_path, tok):
      r"row 0 has no \['chosen'\].*'choosen' looks like a misspelling of 'chosen'"),
     ([{"promt": "a", "chosen": "b", "rejected": "c"}] * 2,
      r"row 0 has no 'prompt'.*'promt' looks like a misspelling of 'prompt'"),
-], ids=["choosen", "promt"])
+    ([{"prompt": "a", "chosen": "b", "rejected_reward": 0.5}] * 2,
+     r"row 0 has no \['rejected'\] \(it has \['chosen', 'prompt', 'rejected_reward'\]\)(?!.*misspelling)"),
+], ids=["choosen", "promt", "rejected_reward is its own column"])
 def test_misspelled_column_suggests_the_name(tmp_path, tok, rows, pattern):
   path = write(tmp_path, rows)
   for mode in ("error", "skip"):  # no row fits: an error even when skipping
@@ -217,6 +231,9 @@ def test_tokenizer_without_pad_pads_with_eos_and_says_so(tmp_path, capsys):
     ("--config.data.on_bad_rows=skip", r"config.data has no field 'on_bad_rows'\. Did you mean 'on_bad_row'\?"),
     ("--noconfig.progres_bar", r"Did you mean 'progress_bar'\?"),
     ("--config.seed.x=1", r"config.seed is a value \(0\), not a group"),
+    ("--config.data.batch_size=0", r"config.data has no field 'batch_size'\. Did you mean config\.batch_size "
+                                   r"\(or config\.eval\.batch_size, config\.sft\.batch_size\)\?"),
+    ("--config.optim.beta=0.5", r"config.optim has no field 'beta'\. Did you mean config\.loss\.beta\?"),
 ])
 def test_unknown_config_field_suggests_the_closest_name(flag, pattern):
   with pytest.raises(SystemExit, match=pattern):

@@ -3,12 +3,13 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 
 from configs.default import get_config
-from dpo_jax import step, train
+from dpo_jax import metrics, step, train
 from config_overrides import override
 
 
@@ -146,12 +147,18 @@ def test_the_command_line_runs_the_pipeline_with_sampling(tmp_path):
   out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "held-out evaluation" in out.stdout and "pi_theta" in out.stdout
+  # a clean console: no absl / orbax / jax record lines unless --verbosity asks for them (issue 18)
+  records = lambda text: [line for line in text.splitlines() if re.match(metrics.ABSL_RECORD, line)]
+  assert not records(out.stdout + out.stderr), records(out.stdout + out.stderr)[:5]
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["config"]["loss"]["beta"] == 0.2
   assert summary["pi_ref"]["kl"] == pytest.approx(0.0, abs=1e-5)  # pi_ref scored against itself
   assert np.isfinite(summary["pi_theta"]["reward"]) and summary["pi_theta"]["num_samples"] == 16
   bad = subprocess.run(cmd + ["--config.loss.bta=0.1"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "bta" in bad.stderr  # a misspelled field is refused (locked config)
+  verbose = subprocess.run(cmd[:6] + [str(tmp_path / "verbose"), "--verbosity=0"] + cmd[7:], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)  # --verbosity=0: the library INFO records
+  assert verbose.returncode == 0 and any("checkpoint" in line for line in records(verbose.stderr)), verbose.stderr[-2000:]
 
 
 def test_every_config_field_is_documented_in_the_readme():

@@ -75,7 +75,8 @@ def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_used(tmp
   abstract = {"w": jax.ShapeDtypeStruct((256,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
   state, meta = checkpoint.restore_latest(checkpoint.manager(str(tmp_path / "ckpt"), max_to_keep=3), abstract)
   assert meta["data_step"] == 10 and float(state["w"][0]) == 1.0
-  assert "checkpoint step 20" in capsys.readouterr().out
+  report = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+  assert len(report) == 1 and "checkpoint step 20" in report[0] and ".corrupt-" in report[0], report  # one line
   aside = [d for d in os.listdir(tmp_path / "ckpt") if d.startswith("20.corrupt-")]
   assert aside, os.listdir(tmp_path / "ckpt")
   mngr = checkpoint.manager(str(tmp_path / "ckpt"), max_to_keep=3)

@@ -123,10 +123,20 @@ def check_on_bad_row(on_bad_row: str) -> None:
                      "or 'skip' (drop bad rows, counted per reason in the data report).")
 
 
+# Columns of the public preference schemas that sit beside prompt/chosen/rejected: never a misspelling of them.
+KNOWN_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "responses", "ranking", "scores", "messages", "prompt_id",
+                 "score_chosen", "score_rejected", "chosen_rating", "rejected_rating", "chosen_model", "rejected_model",
+                 "chosen_reward", "rejected_reward", "system", "id", "source")
+
+
 def misspelling(field: str, present: Any) -> str:
   """" 'choosen' looks like a misspelling of 'chosen': rename it." when a present field is close to the
-  missing `field`, else ''."""
-  match = difflib.get_close_matches(field, [str(n) for n in present if n not in REQUIRED_FIELDS], n=1, cutoff=0.6)
+  missing `field`, else ''. Known columns (`KNOWN_COLUMNS`) and `<required field>_<suffix>` columns such as
+  `rejected_reward` are real columns of their own, never suggested."""
+  def candidate(name: str) -> bool:
+    return (name not in REQUIRED_FIELDS and name not in KNOWN_COLUMNS
+            and not any(name.startswith(f + "_") for f in REQUIRED_FIELDS))
+  match = difflib.get_close_matches(field, [str(n) for n in present if candidate(str(n))], n=1, cutoff=0.6)
   return f" '{match[0]}' looks like a misspelling of '{field}': rename it." if match else ""
 
 
@@ -293,10 +303,11 @@ def _read_file(path: Path, split: str, on_bad_row: str = "error") -> list[dict]:
 
 def _read_text(path: Path) -> str:
   """The file as text; ValueError naming the line and byte of the first invalid UTF-8 sequence. Not skippable:
-  a wrong encoding (latin-1, UTF-16) usually garbles far more than the one line where decoding first fails."""
+  a wrong encoding (latin-1, UTF-16) usually garbles far more than the one line where decoding first fails.
+  A UTF-8 byte-order mark (Windows editors, Excel exports) is dropped, not read as part of row 0."""
   data = path.read_bytes()
   try:
-    return data.decode("utf-8")
+    return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
     raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
