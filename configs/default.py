@@ -199,6 +199,9 @@ def get_config(arg=None):
       #                  device kind (dpo_jax/flops.py), or on CPU a matmul measured at start-up.
   ))
 
+  c.resume_with_changes = False  # True: resume a stage although fields that change its math or data order (loss,
+  #                                optimizer, batch, data, model, seed, lora, ...) differ from its checkpoint's; off,
+  #                                such a resume is an error listing them (logging, eval and checkpoint fields are free).
   c.log_every_steps = 20  # metrics to stdout / metrics.jsonl / TensorBoard.
   c.checkpoint_every_steps = 200  # orbax checkpoint of state + data position (and one at each stage's end).
   c.max_checkpoints = 2  # checkpoints kept per stage.

@@ -130,14 +130,17 @@ def check_resume(mngr: Any, mode: str) -> None:
 
 
 def start_state(mngr: Any, abstract_state: step_lib.TrainState, fresh: Callable[[], step_lib.TrainState],
-                reference: Any) -> TrackedState:
+                reference: Any, check_meta: Callable[[dict], None] | None = None) -> TrackedState:
   """The newest checkpoint of the stage, its moving reference included (resume), else `fresh()` with `reference`
-  (the frozen pi_ref's arrays: never donated by the step, replaced by new buffers at the first update)."""
+  (the frozen pi_ref's arrays: never donated by the step, replaced by new buffers at the first update).
+  `check_meta(meta)` vets a checkpoint's meta before it is resumed (the trainer's changed-config check)."""
   abstract = TrackedState(*abstract_state, reference=abstract_state.params)  # the reference is laid out like params
   restored = checkpoint.restore_latest(mngr, abstract)
   if restored is None:
     return TrackedState(*fresh(), reference=reference)
   state, meta = restored
+  if check_meta is not None:
+    check_meta(meta)
   print(f"{meta.get('stage', '?')}: resuming from step {int(jax.device_get(state.step))} (data position "
         f"{meta.get('data_step')}) with its moving reference in {mngr.directory}")
   return TrackedState(*state)

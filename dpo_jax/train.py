@@ -28,7 +28,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpo_jax import checkpoint, config_checks, evaluate, flops, logprobs as logprobs_lib, losses, metrics as metrics_lib
+from dpo_jax import checkpoint, config_checks, errors, evaluate, flops, logprobs as logprobs_lib, losses
+from dpo_jax import metrics as metrics_lib
 from dpo_jax import hf, lora as lora_lib, model as model_lib, optim, reference_update, sharding, step
 from dpo_jax import workdir as workdir_lib
 from dpo_jax.data import packing, preference, schemas, synthetic
@@ -491,13 +492,13 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       finish(pending)
       pending = None
       save_start = time.perf_counter()
-      checkpoint.save(mngr, done, state, {"stage": name, "data_step": done, "seed": seed})
+      checkpoint.save(mngr, done, state, checkpoint_meta(config, name, done, seed))
       window["start"] += time.perf_counter() - save_start  # a synchronous save: not step time, like eval below
     if preemption_requested(done):
       if pending is not None:
         finish(pending)
       if mngr.latest_step() != done:
-        checkpoint.save(mngr, done, state, {"stage": name, "data_step": done, "seed": seed})
+        checkpoint.save(mngr, done, state, checkpoint_meta(config, name, done, seed))
       if bar is not None:
         bar.close()
       raise Preempted(name, done, str(mngr.directory))
@@ -511,7 +512,7 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
     bar.close()
   final = int(jax.device_get(state.step))
   if mngr.latest_step() != final:
-    checkpoint.save(mngr, final, state, {"stage": name, "data_step": final, "seed": seed})
+    checkpoint.save(mngr, final, state, checkpoint_meta(config, name, final, seed))
   return state
 
 
@@ -521,13 +522,70 @@ def _abstract_state(params: Any, optimizer: Any, shardings: step.TrainState) -> 
                                   shardings)
 
 
+# What a resumed stage must share with the run that wrote its checkpoint: every field that changes the stage's math
+# or data order. Logging, evaluation, checkpoint intervals, the mesh, exports and numerics-only model fields (remat,
+# chunking, kernels, scan) never do; gradient accumulation changes only the summation order.
+_RESUME_COMMON = ("seed", "max_length", "max_prompt_length", "data.train", "data.train_split", "data.tokenizer",
+                  "data.on_bad_row", "model", "hf.model_path")
+RESUME_FIELDS = {
+    "sft": _RESUME_COMMON + ("sft", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.max_grad_norm",
+                             "optim.schedule", "optim.end_lr_ratio"),
+    "dpo": _RESUME_COMMON + ("batch_size", "loss", "optim", "data.packing", "data.pairs_per_row", "data.pack_length",
+                             "data.prompt_sharing", "data.reference_logps", "hf.reference_path", "lora", "ref_update"),
+}
+RESUME_SAFE = ("optim.grad_accum_steps", "model.remat", "model.logits_chunk_size", "model.attention_impl",
+               "model.weight_grad_gemm", "model.scan_layers", "lora.export")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if hasattr(tree, "items"):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: json.loads(json.dumps(tree, default=str))}  # tuples -> lists, as stored
+
+
+def resume_fields(config: Any, stage: str) -> dict[str, Any]:
+  """{dotted field: value} of the fields a resumed `stage` must not change (RESUME_FIELDS)."""
+  fields = RESUME_FIELDS.get(stage, ())
+  # A constant schedule is the same whatever the step count, so a run may be extended (or chunked: ablation.py).
+  free = ("optim.total_steps", "sft.steps") if config.optim.schedule == "constant" else ()
+  return {k: v for k, v in _flat(config.to_dict()).items()
+          if any(k == f or k.startswith(f + ".") for f in fields) and k not in RESUME_SAFE + free}
+
+
+def checkpoint_meta(config: Any, stage: str, data_step: int, seed: int) -> dict:
+  """What each checkpoint carries besides the state: the stage, the data position and its resume fields."""
+  return {"stage": stage, "data_step": data_step, "seed": seed, "config": resume_fields(config, stage)}
+
+
+def check_resume(config: Any, stage: str, meta: dict, directory: str) -> None:
+  """Refuse to resume `stage` from a checkpoint written under other values of fields that change its math or data
+  order (the first steps and the rest would be two different runs), unless config.resume_with_changes; then say
+  what changed. Checkpoints from before this check carry no config and are not checked."""
+  stored = meta.get("config")
+  if not stored:
+    return
+  now = resume_fields(config, stage)
+  changed = {k: (stored[k], now[k]) for k in sorted(set(stored) & set(now)) if stored[k] != now[k]}
+  if not changed:
+    return
+  listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+  if config.get("resume_with_changes", False):
+    print(f"WARNING: resuming {stage} in {directory} with changed fields ({listing}), as "
+          "config.resume_with_changes=True asks; its first steps ran under the old values.")
+    return
+  raise ValueError(f"the {stage} checkpoint in {directory} was written with other values of fields that change the "
+                   f"run ({listing}). Use a new --workdir for the new settings, put the old values back, or set "
+                   "--config.resume_with_changes=True to continue anyway.")
+
+
 def _start_state(rt: Runtime, mngr: Any, params: Any, optimizer: Any, shardings: step.TrainState, *,
-                 donate: bool = False) -> step.TrainState:
+                 donate: bool = False, stage: str = "dpo") -> step.TrainState:
   """The newest checkpoint of this stage if there is one (resume), else a fresh state from `params`."""
   restored = checkpoint.restore_latest(mngr, _abstract_state(params, optimizer, shardings))
   if restored is None:
     return step.create_train_state(params, optimizer, shardings, donate=donate)
   state, meta = restored
+  check_resume(rt.config, stage, meta, str(mngr.directory))
   print(f"{meta.get('stage', '?')}: resuming from step {int(jax.device_get(state.step))} (data position "
         f"{meta.get('data_step')}) in {mngr.directory}")
   return state
@@ -561,7 +619,7 @@ def run_sft(rt: Runtime, params: Any, train: preference.TokenizedPairs, test: pr
       in_shardings=(shardings, rt.batch_shardings(example)), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
   mngr = checkpoint.manager(os.path.join(rt.workdir, "sft", "checkpoints"), max_to_keep=config.max_checkpoints)
-  state = _start_state(rt, mngr, params, optimizer, shardings)
+  state = _start_state(rt, mngr, params, optimizer, shardings, stage="sft")
   eval_fn = lambda s: sft_eval(rt, s.params, test)
   state = train_loop(rt, name="sft", step_fn=sft_step, state=state, tokenized=train, kind="sft",
                      num_steps=config.sft.steps, batch_size=config.sft.batch_size, seed=config.seed, mngr=mngr,
@@ -624,7 +682,8 @@ def run_dpo(rt: Runtime, start: Any, train: preference.TokenizedPairs, test: pre
   else:  # TR-DPO: a moving reference, checkpointed with the state; `reference` stays the frozen pi_ref for eval
     state = reference_update.start_state(
         mngr, _abstract_state(start, optimizer, shardings),
-        functools.partial(step.create_train_state, start, optimizer, shardings), reference)
+        functools.partial(step.create_train_state, start, optimizer, shardings), reference,
+        check_meta=lambda meta: check_resume(config, "dpo", meta, str(mngr.directory)))
     step_fn = reference_update.tracking_step(dpo_step, reference_update.jit_update(
         reference_update.mixing_weight(config.ref_update), shardings.params), config.ref_update.tau)
   del start
@@ -858,10 +917,10 @@ def main(argv=None) -> None:
                                  local_device_ids=f.local_device_ids)  # before anything touches a device
     if f.dry_run:
       from dpo_jax import dry_run
-      dry_run.report(f.config)
+      errors.exit_on_purpose_errors(dry_run.report, f.config)
       return
     try:
-      run(f.config, f.workdir)
+      errors.exit_on_purpose_errors(run, f.config, f.workdir)  # a bad config / row / path: one line, exit 2
     except Preempted as done:  # checkpointed: a clean exit, so the scheduler reschedules rather than fails it
       print(done, flush=True)
 

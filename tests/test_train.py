@@ -65,6 +65,22 @@ def test_rerun_of_a_finished_run_does_not_retrain(pipeline, capsys):
   assert again["pi_theta"]["accuracy"] == summary["pi_theta"]["accuracy"]
 
 
+def test_resuming_with_changed_math_is_refused_unless_asked(pipeline, tmp_path, capsys):
+  """A stage resumed under another beta would mix two runs: refused, listing old and new values; logging and eval
+  fields are free; config.resume_with_changes=True resumes and says what changed."""
+  import shutil
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(pipeline[0], workdir)
+  same = {"sft.steps": 40, "optim.total_steps": 40, "sft.learning_rate": 3e-3, "optim.learning_rate": 2e-3}
+  with pytest.raises(ValueError, match=r"dpo checkpoint in .* other values .*loss\.beta: 0\.1 -> 0\.5.*"
+                                       r"new --workdir.*resume_with_changes=True"):
+    train.run(tiny(**same, **{"loss.beta": 0.5}), workdir)
+  train.run(tiny(**same, **{"log_every_steps": 2, "eval.batch_size": 16, "checkpoint_every_steps": 7}), workdir)
+  capsys.readouterr()
+  train.run(tiny(**same, **{"loss.beta": 0.5, "resume_with_changes": True}), workdir)
+  assert "WARNING: resuming dpo" in capsys.readouterr().out
+
+
 def test_stage_sft_alone_then_dpo_alone(tmp_path):
   workdir = str(tmp_path)
   sft = train.run(tiny(stage="sft", **{"sft.steps": 10}), workdir)

@@ -44,8 +44,8 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from dpo_jax import baselines, config_checks, evaluate, metrics as metrics_lib, optim, reward_model, step, sweep, train
-from dpo_jax import workdir as workdir_lib
+from dpo_jax import baselines, config_checks, errors, evaluate, metrics as metrics_lib, optim, reward_model, step
+from dpo_jax import sweep, train, workdir as workdir_lib
 from dpo_jax.data import preference, synthetic
 
 FIELDS = ("method", "setting", "step", "reward", "reward_stderr", "kl", "kl_stderr", "length", "num_samples")
@@ -374,7 +374,7 @@ def main(argv=None) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     metrics_lib.quiet_library_logs()
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
+    errors.exit_on_purpose_errors(run, flags.FLAGS.config, flags.FLAGS.workdir)
 
   config_checks.check_override_flags((sys.argv if argv is None else argv)[1:], default_config)  # one line
   app.run(_main, argv=argv)
