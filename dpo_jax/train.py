@@ -435,18 +435,24 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
   else:
     batches = preference.iterate_batches(tokenized, global_batch=batch_size, seed=seed, start_step=start, kind=kind,
                                          process_index=jax.process_index(), process_count=jax.process_count())
-  bar = None
-  if config.progress_bar and jax.process_index() == 0 and num_steps > start:
-    from tqdm import tqdm
-    bar = tqdm(total=num_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
   pending = None
   window = {"tokens": 0.0, "steps": 0, "start": time.perf_counter()}  # throughput over the logging window
   peak = math.nan
   if step_flops is not None and num_steps > start:
     peak, source = device_peak(rt)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # before the bar, so the bar keeps its own line
       print(f"{name}: {step_flops / 1e9:.4g} GFLOP per step (model FLOPs); peak {peak:.3g} FLOP/s per device "
             f"({source}) x {jax.device_count()} device(s)")
+  bar = None
+  if config.progress_bar and jax.process_index() == 0 and num_steps > start:
+    from tqdm import tqdm
+    bar = tqdm(total=num_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+
+  def say(line: str) -> None:  # one line above the bar (or plain, without one), from process 0
+    if bar is not None:
+      bar.write(line)
+    elif jax.process_index() == 0:
+      print(line, flush=True)
 
   def finish(item):
     step_num, m, row_ids = item
@@ -493,6 +499,7 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       pending = None
       save_start = time.perf_counter()
       checkpoint.save(mngr, done, state, checkpoint_meta(config, name, done, seed))
+      say(f"{name}: saved step {done} to {mngr.directory}")
       window["start"] += time.perf_counter() - save_start  # a synchronous save: not step time, like eval below
     if preemption_requested(done):
       if pending is not None:
@@ -504,7 +511,10 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
       raise Preempted(name, done, str(mngr.directory))
     if eval_fn is not None and eval_every and done % eval_every == 0 and done < num_steps:
       eval_start = time.perf_counter()
-      rt.writer.write(done, eval_fn(state), stage=name, split="test")
+      held_out = eval_fn(state)
+      rt.writer.write(done, held_out, stage=name, split="test")
+      say(metrics_lib.format_line(f"{name} held-out", done, metrics_lib.to_python(held_out),
+                                  ("loss", "rewards/accuracies", "rewards/margins", "perplexity")))
       window["start"] += time.perf_counter() - eval_start  # tokens/s counts training time only
   if pending is not None:
     finish(pending)
