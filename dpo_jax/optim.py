@@ -8,6 +8,8 @@ optimizer is one optimizer step and the schedule counts optimizer steps.
 
 from __future__ import annotations
 
+import collections
+import difflib
 from typing import Any, Mapping
 
 import jax
@@ -41,8 +43,36 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: Mapping[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule) from `config.optim`; see configs/default.py for every field."""
+# configs/default.py's `optim` block (tests/test_batch_from_tokens.py checks they agree): what
+# make_optimizer(**fields) starts from, so a notebook needs no ml_collections config.
+DEFAULTS = dict(learning_rate=1e-3, schedule="cosine", warmup_steps=10, total_steps=400, end_lr_ratio=0.1, b1=0.9,
+                b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1)
+
+
+def make_optimizer(cfg: Mapping[str, Any] | None = None,
+                   **fields: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) from `config.optim`; see configs/default.py for every field.
+
+  Keywords override fields of `cfg`, or of `DEFAULTS` when `cfg` is None:
+  `make_optimizer(learning_rate=1e-6, schedule="constant", warmup_steps=0)`. An unknown keyword is a ValueError.
+  `grad_accum_steps` belongs to the train step (`step.train_step(grad_accum_steps=...)`), so a keyword other
+  than 1 is refused here rather than silently ignored.
+  """
+  unknown = sorted(set(fields) - set(DEFAULTS))
+  if unknown:
+    hints = ""
+    for name in unknown:
+      close = difflib.get_close_matches(name, list(DEFAULTS), n=1)
+      hints += f" {name!r}: did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"make_optimizer: unknown field(s) {unknown}.{hints} The fields are {sorted(DEFAULTS)}.")
+  if fields.get("grad_accum_steps", 1) != 1:
+    raise ValueError(f"make_optimizer(grad_accum_steps={fields['grad_accum_steps']}): accumulation happens in the "
+                     "train step; pass grad_accum_steps to step.train_step (one optimizer call is one optimizer "
+                     "step).")
+  if fields:
+    cfg = collections.ChainMap(fields, DEFAULTS if cfg is None else cfg)
+  elif cfg is None:
+    cfg = DEFAULTS
   schedule = learning_rate_schedule(cfg)
   parts = []
   if cfg["max_grad_norm"]:

@@ -370,16 +370,24 @@ def _state_shardings(params: Any, abstract_params: Any, optimizer: optax.Gradien
   return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState, *,
+def create_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: TrainState | None = None, *,
                        donate: bool = False) -> TrainState:
   """A fresh state whose params are a COPY of `params` (the reference keeps its own buffers: the train
   step donates the state, and must never free the reference). `donate=True` hands `params` over instead (no
-  copy; the caller's arrays are deleted): for runs that keep no reference (reference-free losses)."""
+  copy; the caller's arrays are deleted): for runs that keep no reference (reference-free losses).
+
+  `shardings=None`: every leaf whole on the first device (a 1-device mesh), for a notebook or a single-device
+  script that has no mesh; otherwise the state is created straight into `shardings` (`state_shardings`)."""
   def init(p):
     if not donate:
       p = jax.tree.map(lambda x: jnp.array(x, copy=True), p)
     return TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
-  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings,
+  if shardings is None:  # one NamedSharding serves as the prefix of every leaf, in and out
+    params_shardings = out_shardings = NamedSharding(sharding_lib.make_mesh({"data": 1}, jax.devices()[:1]),
+                                                     PartitionSpec())
+  else:
+    params_shardings, out_shardings = shardings.params, shardings
+  return jax.jit(init, in_shardings=(params_shardings,), out_shardings=out_shardings,
                  donate_argnums=(0,) if donate else ())(params)
 
 

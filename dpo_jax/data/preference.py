@@ -610,6 +610,125 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
   return batch
 
 
+# ------------------------------------------------------------------------------------------ batches from tokens
+
+LAYOUTS = ("chosen_then_rejected", "interleaved")  # batch_from_tokens: where pair i's two rows sit among N rows
+MAX_TOKEN_ID = np.iinfo(np.int32).max  # batches are int32
+
+
+def batch_from_tokens(input_ids: Any, attention_mask: Any, completion_mask: Any, *,
+                      layout: str = "chosen_then_rejected") -> dict[str, np.ndarray]:
+  """The DPO batch (module docstring) of rows tokenized elsewhere, e.g. the tensors TRL's DPOTrainer feeds its
+  model, so a run can be reproduced on exactly the tokens another trainer saw.
+
+  Args:
+    input_ids: `[N, T]` integer token ids, N = 2B rows of B pairs: a numpy array or nested lists (a torch tensor
+      via `.numpy()`). Padding ids are never attended to nor scored, whatever they are.
+    attention_mask: `[N, T]` 1 on real tokens (prompt, response, EOS), 0 on padding; right or left padding.
+    completion_mask: `[N, T]` 1 on the tokens whose log-probs are summed (the response and its EOS, TRL's
+      completion mask), 0 on prompt and padding. Inside attention_mask, at least one token per row, and never a
+      row's first real token: token t is scored by the logits at t - 1, so it needs a real token before it.
+    layout: 'chosen_then_rejected' (TRL's concatenated forward): rows 0 .. B - 1 are the chosen responses and
+      rows B .. 2B - 1 the rejected ones, pair i = rows (i, i + B). 'interleaved': pair i = rows (2i, 2i + 1).
+
+  Returns:
+    int32 numpy arrays: `input_ids`, `attention_mask`, `positions` (0, 1, ... over the real tokens only, 0 on
+    padding, so left-padded rows get the positions of their unpadded tokens), `loss_mask` (= completion_mask),
+    all `[2B, T]` with pairs interleaved (row 2i chosen, 2i + 1 rejected), and `pair_mask` `[B]` of ones.
+
+  Raises ValueError naming the row (as numbered in the input), the field and the fix for anything the train step
+  would silently mis-score: mismatched shapes, an odd N, non-integer or out-of-range ids, masks other than 0/1,
+  scored padding, a row with no scored token, a scored first token.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"batch_from_tokens: layout={layout!r}; use 'chosen_then_rejected' (the first N/2 rows chosen, "
+                     "the last N/2 rejected, as TRL concatenates them) or 'interleaved' (rows 2i, 2i + 1).")
+  ids = _token_field(input_ids, "input_ids")
+  attention = _token_field(attention_mask, "attention_mask")
+  completion = _token_field(completion_mask, "completion_mask")
+  for field, x in (("attention_mask", attention), ("completion_mask", completion)):
+    if x.shape != ids.shape:
+      raise ValueError(f"batch_from_tokens: field '{field}' has shape {list(x.shape)} but 'input_ids' has "
+                       f"{list(ids.shape)}; pass the three [N, T] arrays of the same collated batch.")
+  n = ids.shape[0]
+  if n == 0 or n % 2:
+    raise ValueError(f"batch_from_tokens: field 'input_ids' has {n} rows; DPO rows come in (chosen, rejected) "
+                     "pairs, so N must be even and > 0. Pass both responses of every pair.")
+  if ids.shape[1] < 2:
+    raise ValueError(f"batch_from_tokens: field 'input_ids' has {ids.shape[1]} columns; a row needs at least a "
+                     "prompt token and a scored token after it (T >= 2).")
+  if ids.dtype.kind not in "iu":
+    raise ValueError(f"batch_from_tokens: field 'input_ids' has dtype {ids.dtype}; token ids must be integers. "
+                     "Pass the tokenizer's ids unconverted (e.g. tensor.numpy(), int64).")
+  out_of_range = (ids < 0) | (ids > MAX_TOKEN_ID)
+  if out_of_range.any():
+    r, t = np.argwhere(out_of_range)[0]
+    raise ValueError(f"batch_from_tokens: {_row_name(r, n, layout)}, field 'input_ids': column {t} holds "
+                     f"{ids[r, t]}, not a token id in [0, {MAX_TOKEN_ID}]. Pad input_ids with the tokenizer's pad "
+                     "id (labels use -100, input_ids never do).")
+  masks = {}
+  for field, x in (("attention_mask", attention), ("completion_mask", completion)):
+    if x.dtype.kind not in "biuf":
+      raise ValueError(f"batch_from_tokens: field '{field}' has dtype {x.dtype}; it must be numbers 0 / 1.")
+    not_binary = (x != 0) & (x != 1)
+    if not_binary.any():
+      r, t = np.argwhere(not_binary)[0]
+      raise ValueError(f"batch_from_tokens: {_row_name(r, n, layout)}, field '{field}': column {t} holds "
+                       f"{x[r, t]}; a mask holds 0 or 1 only. Pass the 0/1 mask itself, not ids or weights.")
+    masks[field] = x.astype(np.int32)
+  attention, completion = masks["attention_mask"], masks["completion_mask"]
+  padding_scored = (completion == 1) & (attention == 0)
+  if padding_scored.any():
+    r, t = np.argwhere(padding_scored)[0]
+    raise ValueError(f"batch_from_tokens: {_row_name(r, n, layout)}, field 'completion_mask': column {t} is 1 but "
+                     "attention_mask is 0 there (a padding token would be scored). completion_mask must lie inside "
+                     "attention_mask: multiply it by attention_mask, or check the two come from the same batch.")
+  unscored = completion.sum(axis=1) == 0
+  if unscored.any():
+    r = int(np.argmax(unscored))
+    raise ValueError(f"batch_from_tokens: {_row_name(r, n, layout)}, field 'completion_mask' is all 0: the row has "
+                     "no scored token, so its log-prob would be 0 and its pair's loss meaningless. Mark the "
+                     "response tokens (and EOS) with 1, or drop the pair.")
+  first_real_N = np.argmax(attention, axis=1)  # every row has a real token: it has a scored one inside attention
+  first_scored = completion[np.arange(n), first_real_N] == 1
+  if first_scored.any():
+    r = int(np.argmax(first_scored))
+    t = int(first_real_N[r])
+    where = "the first token" if t == 0 else "the row's first real token (left padding before it)"
+    raise ValueError(f"batch_from_tokens: {_row_name(r, n, layout)}, field 'completion_mask': column {t}, {where}, "
+                     "is marked scored, but token t is scored by the logits at t - 1 and nothing comes before it. "
+                     "The prompt must be non-empty: set completion_mask to 0 on the prompt, 1 on the response only.")
+  positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0) * attention
+  b = n // 2
+  if layout == "chosen_then_rejected":
+    order = np.stack([np.arange(b), np.arange(b) + b], axis=1).reshape(-1)  # [2B]: i, i + B, ...
+  else:
+    order = np.arange(n)
+  return dict(input_ids=ids[order].astype(np.int32), attention_mask=attention[order],
+              positions=positions[order].astype(np.int32), loss_mask=completion[order],
+              pair_mask=np.ones((b,), np.int32))
+
+
+def _token_field(x: Any, field: str) -> np.ndarray:
+  """`x` as a 2-D numpy array; ValueError naming `field` for ragged rows or another rank."""
+  try:
+    array = np.asarray(x)
+  except ValueError:  # numpy refuses nested lists of unequal lengths
+    raise ValueError(f"batch_from_tokens: field '{field}' has rows of different lengths; pad every row to the same "
+                     "length T (a collated [N, T] batch).") from None
+  if array.ndim != 2:
+    raise ValueError(f"batch_from_tokens: field '{field}' has shape {list(array.shape)}; expected [N, T] (rows, "
+                     "tokens): one collated batch; for [S, N, T] arrays call once per step.")
+  return array
+
+
+def _row_name(r: int, n: int, layout: str) -> str:
+  """'row 3 (pair 1, rejected)': row r of N input rows in `layout`, with the pair and side it belongs to."""
+  b = n // 2
+  pair, rejected = (r % b, r >= b) if layout == "chosen_then_rejected" else (r // 2, r % 2 == 1)
+  return f"row {r} (pair {pair}, {'rejected' if rejected else 'chosen'})"
+
+
 def check_kind(kind: str) -> None:
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r}: use 'dpo' (interleaved chosen/rejected rows), 'dpo_shared' (each prompt once, "
