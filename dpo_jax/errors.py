@@ -32,12 +32,15 @@ def raised_on_purpose(err: BaseException) -> bool:
   return linecache.getline(path, last.tb_lineno).strip().startswith("raise ")
 
 
-def exit_on_purpose_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-  """`fn(*args, **kwargs)`; an error raised on purpose becomes one `error: ...` line on stderr and exit code 2."""
+def exit_on_purpose_errors(fn: Callable[..., Any], *args: Any, passthrough: tuple[type, ...] = (),
+                           **kwargs: Any) -> Any:
+  """`fn(*args, **kwargs)`; an error raised on purpose becomes one `error: ...` line on stderr and exit code 2.
+  `passthrough`: exception types the caller handles itself (the trainer's `Preempted`, a clean exit)."""
   try:
     return fn(*args, **kwargs)
   except Exception as err:  # noqa: BLE001  (re-raised unless it is one of ours)
-    if os.environ.get("DPO_JAX_TRACEBACK") == "1" or not raised_on_purpose(err):
+    if (isinstance(err, passthrough) or os.environ.get("DPO_JAX_TRACEBACK") == "1"
+        or not raised_on_purpose(err)):
       raise
     print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
     sys.exit(EXIT_CODE)

@@ -930,7 +930,7 @@ def main(argv=None) -> None:
       errors.exit_on_purpose_errors(dry_run.report, f.config)
       return
     try:
-      errors.exit_on_purpose_errors(run, f.config, f.workdir)  # a bad config / row / path: one line, exit 2
+      errors.exit_on_purpose_errors(run, f.config, f.workdir, passthrough=(Preempted,))  # bad input: one line
     except Preempted as done:  # checkpointed: a clean exit, so the scheduler reschedules rather than fails it
       print(done, flush=True)
 

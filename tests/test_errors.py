@@ -55,6 +55,10 @@ def test_each_kind_of_user_error_is_one_line_and_exit_code_2(tmp_path):
     assert lines[-1].startswith("error: ") and cases[kind][1] in lines[-1], (kind, lines[-3:])
 
 
+# A SIGTERM preemption (train.Preempted, raised on purpose in train_loop) is passed through to the trainer's own
+# handler and exits 0: tests/test_preemption.py runs it.
+
+
 def test_the_traceback_is_there_when_asked(monkeypatch):
   monkeypatch.setenv("DPO_JAX_TRACEBACK", "1")
   config = get_config("tiny")

@@ -374,7 +374,10 @@ def main(argv=None) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     metrics_lib.quiet_library_logs()
-    errors.exit_on_purpose_errors(run, flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+      errors.exit_on_purpose_errors(run, flags.FLAGS.config, flags.FLAGS.workdir, passthrough=(train.Preempted,))
+    except train.Preempted as done:  # checkpointed: a clean exit, as the trainer's
+      print(done, flush=True)
 
   config_checks.check_override_flags((sys.argv if argv is None else argv)[1:], default_config)  # one line
   app.run(_main, argv=argv)
