@@ -157,6 +157,24 @@ def test_peft_folders_both_ways_and_the_merge(tmp_path, base):
     np.testing.assert_allclose(value, peft_merged[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_precomputed_reference_logps_equal_the_base_forward(base):
+  """With ref_*_logps in the batch (stage 'precompute'), a LoRA step skips pi_ref's forward and updates the same."""
+  adapters = perturbed(lora.init_adapters(MODEL, ALL, jax.random.key(4)))
+  batch = random_dpo_batch(2, 6, 24, MODEL_CFG.vocab_size)
+  batch.pop("row_ids")
+  ref = np.asarray(logprobs.sequence_logps(MODEL, base, batch).logps)
+  with_columns = dict(batch, ref_chosen_logps=ref[0::2], ref_rejected_logps=ref[1::2])
+  optimizer, schedule = optim.make_optimizer(CONFIG.optim)
+  state = step.TrainState(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters))
+  run = jax.jit(functools.partial(step.train_step, model=MODEL, optimizer=optimizer, schedule=schedule,
+                                  loss_cfg=CONFIG.loss, lora=ALL))
+  (a1, m1), (a2, m2) = run(state, base, batch), run(state, base, with_columns)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  assert _adapter_diff(a1.params, a2.params).max() <= 1e-6
+  shifted = dict(with_columns, ref_chosen_logps=ref[0::2] + 1.0)  # the columns, not a forward, are what it reads
+  assert float(run(state, base, shifted)[1]["loss"]) > float(m1["loss"]) + 1e-3
+
+
 def test_the_kv_cached_sampler_runs_the_adapters(base):
   """Sampling a LoRA policy: the cached decode applies the adapters, so the log-probs it reports are what the
   scorer gives the samples under the policy (and not under the base)."""
