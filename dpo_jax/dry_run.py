@@ -215,6 +215,6 @@ def lora_memory(config: Any, spec: lora_lib.LoraSpec, model_cfg: model_lib.Model
   if compile_step:
     activations = int(step_memory(config, model, model_cfg, optimizer, schedule, mesh, rules,
                                   with_reference=with_reference, lora=spec).temp_size_in_bytes)
-  return {"num_adapters": lora_lib.count(abstract), "params": base_bytes, "adapters": adapter_bytes,
+  return {"num_adapters": model_lib.count_params(abstract), "params": base_bytes, "adapters": adapter_bytes,
           "optimizer": opt_bytes, "reference": 0, "activations": activations,
           "total": base_bytes + adapter_bytes + opt_bytes + (activations or 0)}

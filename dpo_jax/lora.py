@@ -198,17 +198,13 @@ def init_adapters(model: Any, spec: LoraSpec, rng: jax.Array, shardings: Any | N
   return jax.jit(lambda r: nn.meta.unbox(m.init(r, *_dummy_inputs())["lora"]), out_shardings=shardings)(rng)
 
 
-def count(adapters: Any) -> int:
-  return sum(x.size for x in jax.tree.leaves(adapters))
-
-
 # ---- walking adapters against the base params ----
 
 def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], spec: LoraSpec, cfg: Any) -> dict[str, Any]:
   """Base params with every adapted kernel replaced by `W + (alpha / r) * A B` (PEFT's `merge_and_unload`); the
   merged model computes the adapted policy with no adapters (same numbers up to fp32 summation order)."""
-  out = jax.tree.map(lambda x: x, dict(base))  # a new tree; untouched leaves are shared
-  for _, layer_key in _layer_keys(cfg):
+  out = dict(base)  # a new tree along the adapted paths; untouched leaves are shared
+  for layer_key in ["layers"] if cfg.scan_layers else [f"layers_{i}" for i in range(cfg.num_layers)]:
     for target in spec.targets:
       module, proj = TARGETS[target]
       ad = adapters[layer_key][module][f"{proj}_lora"]
@@ -225,24 +221,19 @@ def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], spec: LoraSpec, 
   return out
 
 
-def _layer_keys(cfg: Any) -> list[tuple[int, str]]:
-  return [(-1, "layers")] if cfg.scan_layers else [(i, f"layers_{i}") for i in range(cfg.num_layers)]
-
-
 # ---- PEFT's format ----
 
 def peft_state_dict(adapters: Mapping[str, Any], spec: LoraSpec, cfg: Any) -> dict[str, np.ndarray]:
   """PEFT `adapter_model.safetensors` tensors from our adapters: lora_A `[r, in]`, lora_B `[out, r]` per layer and
   target, `in` / `out` flattened as torch's Linear sees them (heads-major, as `hf.py` lays out q/k/v/o)."""
+  from dpo_jax import hf  # here: hf imports model, which imports this module
   out = {}
   for i in range(cfg.num_layers):
-    layer_key = "layers" if cfg.scan_layers else f"layers_{i}"
+    layer, _ = hf._layer_params(adapters, cfg, i)  # layer i's subtree in either layout
     for target in spec.targets:
       module, proj = TARGETS[target]
-      ad = adapters[layer_key][module][f"{proj}_lora"]
+      ad = layer[module][f"{proj}_lora"]
       a, b = np.asarray(ad["a"]), np.asarray(ad["b"])
-      if cfg.scan_layers:
-        a, b = a[i], b[i]
       name = _PEFT_PREFIX.format(i=i) + f"{_HF_MODULE[module]}.{target}"
       out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
       out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
@@ -252,7 +243,8 @@ def peft_state_dict(adapters: Mapping[str, Any], spec: LoraSpec, cfg: Any) -> di
 def adapters_from_peft(state_dict: Mapping[str, Any], spec: LoraSpec, like: Any, cfg: Any, source: str) -> Any:
   """Our adapters (numpy, shaped as `like`: `abstract_adapters`) from PEFT tensors; raises naming a missing,
   unexpected or misshapen tensor."""
-  expected, out = set(), {}
+  from dpo_jax import hf  # here: hf imports model, which imports this module
+  expected = set()
   per_layer: dict[int, dict] = {}
   for i in range(cfg.num_layers):
     layer_like = like["layers" if cfg.scan_layers else f"layers_{i}"]
@@ -280,10 +272,8 @@ def adapters_from_peft(state_dict: Mapping[str, Any], spec: LoraSpec, like: Any,
     raise ValueError(f"{source}: tensors this model has no adapter for: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                      f"(config.lora.targets={list(spec.targets)}).")
   if cfg.scan_layers:
-    out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(cfg.num_layers)])
-  else:
-    out = {f"layers_{i}": per_layer[i] for i in range(cfg.num_layers)}
-  return out
+    return {"layers": hf._stack_layers([per_layer[i] for i in range(cfg.num_layers)])}
+  return {f"layers_{i}": per_layer[i] for i in range(cfg.num_layers)}
 
 
 def peft_config(spec: LoraSpec, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -347,7 +337,6 @@ def load_peft_adapter(path: str, model: Any, cfg: Any, shardings: Any | None = N
   from safetensors.numpy import load_file
   spec = read_peft_spec(path)
   if expect is not None:
-    spec = dataclasses.replace(spec, init=expect.init)  # how A started is history, not part of the adapter
     for field in ("rank", "alpha", "targets"):
       if getattr(spec, field) != getattr(expect, field):
         raise ValueError(f"config.lora.adapter_path={path!r} has {field}={getattr(spec, field)!r} but "
@@ -359,7 +348,7 @@ def load_peft_adapter(path: str, model: Any, cfg: Any, shardings: Any | None = N
   tensors = {k.replace(".default.", "."): v for k, v in load_file(weights).items()}
   adapters = adapters_from_peft(tensors, spec, abstract_adapters(model, spec), cfg, weights)
   if shardings is not None:
-    adapters = jax.tree.map(lambda x, s: jax.device_put(x, s), adapters, shardings)
-  if expect is not None:  # dropout is a training choice, not part of the adapter
+    adapters = jax.device_put(adapters, shardings)
+  if expect is not None:  # dropout and how A started are training choices, not part of the adapter
     spec = expect
   return spec, adapters

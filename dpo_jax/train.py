@@ -479,9 +479,7 @@ def train_loop(rt: Runtime, *, name: str, step_fn: Callable, state: step.TrainSt
         if "rewards/accuracies" in values:
           post["acc"] = f"{values['rewards/accuracies']:.2f}"
         bar.set_postfix(post, refresh=False)
-        bar.write(line)  # above the bar, so the bar stays on the last line
-      elif jax.process_index() == 0:
-        print(line)
+      say(line)
 
   for step_num, local in batches:
     if step_num >= num_steps:
@@ -713,11 +711,11 @@ def initial_adapters(rt: Runtime, spec: lora_lib.LoraSpec, shardings: Any) -> An
   path = rt.config.lora.adapter_path
   if path:
     _, adapters = lora_lib.load_peft_adapter(path, rt.plain_model, rt.model_cfg, shardings, expect=spec)
-    print(f"loaded LoRA adapters from config.lora.adapter_path={path} ({lora_lib.count(adapters):,} params)")
+    print(f"loaded LoRA adapters from config.lora.adapter_path={path} ({model_lib.count_params(adapters):,} params)")
     return adapters
   adapters = lora_lib.init_adapters(rt.plain_model, spec, jax.random.fold_in(jax.random.key(rt.config.seed), 7),
                                     shardings)
-  print(f"LoRA: {lora_lib.count(adapters):,} adapter params (rank {spec.rank}, alpha {spec.alpha}, targets "
+  print(f"LoRA: {model_lib.count_params(adapters):,} adapter params (rank {spec.rank}, alpha {spec.alpha}, targets "
         f"{list(spec.targets)}) over {model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} frozen")
   return adapters
 

@@ -288,7 +288,7 @@ def test_the_trainer_runs_lora_dpo_resumes_exactly_and_exports(tmp_path):
   abstract = checkpoint.abstract_like(jax.eval_shape(
       lambda: step.create_train_state(lora.abstract_adapters(MODEL, spec), optimizer, shardings)), shardings)
   state, _ = checkpoint.restore_latest(mngr, abstract)
-  assert lora.count(state.params) == lora.count(lora.abstract_adapters(MODEL, spec))
+  assert model_lib.count_params(state.params) == model_lib.count_params(lora.abstract_adapters(MODEL, spec))
 
   # the exported PEFT folder and merged folder: both give the policy's log-probs
   exported = lora.load_peft_adapter(os.path.join(workdir, "hf_export"), MODEL, MODEL_CFG, expect=spec)[1]
