@@ -144,3 +144,43 @@ def test_chunked_log_probs_do_not_hold_the_full_logits():
   chunked_growth = temp_bytes(8192, 16) - temp_bytes(4096, 16)
   assert full_growth >= 2 * logits_bytes, full_growth
   assert chunked_growth <= logits_bytes / 4, chunked_growth
+
+
+def test_token_log_prob_gradient_is_cross_entropy():
+  """The custom VJP of `target_logps` equals autodiff of log_softmax + gather, masked, for any cotangent."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 4.0, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, size=(3, 5)), jnp.int32)
+  mask = jnp.asarray(rng.integers(0, 2, size=(3, 5)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  plain = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, -1), targets[..., None], -1)[..., 0] * mask
+  ours = lambda x: logprobs.target_logps(x, targets, mask)
+  np.testing.assert_allclose(ours(logits), plain(logits), rtol=1e-6, atol=1e-6)
+  grad_ours = jax.vjp(ours, logits)[1](cotangent)[0]
+  grad_plain = jax.vjp(plain, logits)[1](cotangent)[0]
+  np.testing.assert_allclose(grad_ours, grad_plain, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(grad_ours)[np.asarray(mask) == 0] == 0)  # masked positions get no gradient
+  from jax.test_util import check_grads
+  check_grads(ours, (logits,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+  # bf16 logits: the cotangent comes back in the logits' dtype.
+  assert jax.grad(lambda x: ours(x).sum())(logits.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("vocab", [50, 8192])
+def test_the_differentiated_forward_equals_the_plain_one(vocab):
+  """pi_theta == pi_ref gives the same log-probs bit for bit although only the policy is differentiated (so the
+  step-0 DPO loss is exactly ln 2); tests/test_smollm2.py checks the loss on real weights."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, vocab_size=vocab)
+  params = model_lib.init_params(cfg, jax.random.key(5))
+  b = random_sequences(np.random.default_rng(4), 8, 24, vocab)
+  model = model_lib.make_model(cfg)
+
+  def policy_and_reference(p, r):
+    ref = logprobs.sequence_logps(model, jax.lax.stop_gradient(r), b).logps
+    (_, pol), grads = jax.value_and_grad(lambda q: (lambda s: (jnp.sum(s * ref), s))(
+        logprobs.sequence_logps(model, q, b).logps), has_aux=True)(p)
+    return pol, ref, grads  # the grads are outputs, so the backward is compiled in
+
+  pol, ref, _ = jax.jit(policy_and_reference)(params, params)
+  np.testing.assert_array_equal(pol, ref)

@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import itertools  # noqa: E402
 import math  # noqa: E402
 
 import jax  # noqa: E402
@@ -100,6 +101,32 @@ def test_a_dpo_step_matches_pytorch_on_real_weights(smollm2, chat_batch):
       assert rel <= 1e-3, (name, rel)
     if name.startswith("params/"):  # where |g| >= 100 Adam eps (below, fp32 noise flips steps: see compare):
       assert rel <= 1e-6, (name, rel)  # equal up to the fp32 rounding of the params themselves (~1e-7 rel)
+
+
+def test_the_first_dpo_step_on_real_weights_is_exactly_ln2(smollm2):
+  """pi_theta == pi_ref at step 0: the jitted train step (differentiated policy forward, plain reference forward
+  in one program) sees equal log-probs bit for bit, so the loss is ln 2 in fp32 and every margin is 0, on the
+  trainer's own first batches of the embedded task. Before `logprobs.target_logps` had its custom VJP, XLA summed
+  the policy's log Z in another order: 0.69314736 on the rows batch of step 0, 0.69314712 on the
+  shared-prompt one."""
+  import functools
+
+  from configs.default import get_config
+  from dpo_jax import optim, step, train
+  config = get_config()
+  config.max_length, config.max_prompt_length = 64, 24
+  pairs = train.load_pairs(config, transformers.AutoTokenizer.from_pretrained(smollm2))[0]
+  cfg, params = hf.load_hf_checkpoint(smollm2, scan_layers=True)
+  optimizer, schedule = optim.make_optimizer(config.optim)
+  train_step = jax.jit(functools.partial(step.train_step, model=make_model(cfg), optimizer=optimizer,
+                                         schedule=schedule, loss_cfg=config.loss))
+  for kind in ("dpo", "dpo_shared"):  # rows prompt + response, and each prompt once per pair
+    for _, batch in itertools.islice(preference.iterate_batches(pairs, global_batch=4, seed=config.seed + 1,
+                                                                kind=kind), 2):
+      batch.pop("row_ids")
+      _, metrics = train_step(step.create_train_state(params, optimizer), params, batch)
+      assert float(metrics["loss"]) == float(np.float32(math.log(2.0))), kind
+      assert float(metrics["rewards/margins"]) == 0.0, kind
 
 
 def test_the_trainer_runs_dpo_on_smollm2(smollm2, tmp_path):
