@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging as absl_logging
 
 
@@ -49,8 +50,9 @@ def leaf_name(path: tuple) -> str:
 
 def stored_arrays(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
   """{leaf name: (global shape, dtype)} of a step's state, read from its metadata (no array data)."""
-  metadata = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(step), "state"))
-  tree = getattr(metadata, "item_metadata", metadata)
+  # The handler reads the item folder itself; `StandardCheckpointer().metadata` also looked for a step-level
+  # metadata file there (it sits one folder up) and logged a warning at every resume.
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(str(mngr.directory)) / str(step) / "state")
   return {leaf_name(path): (tuple(m.shape), str(m.dtype)) for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -2,19 +2,27 @@
 
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
 from configs.default import get_config
+from dpo_jax import metrics
 from dpo_jax.ablation import run_ablation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "loss_ablation.ipynb")
 
 
-def test_run_ablation_tiny(tmp_path):
+def _library_records(text):
+  """Lines a library logged rather than the project printed: absl-format records, or Python logging's
+  `WARNING:absl:` form (no absl handler in a notebook kernel)."""
+  return [line for line in text.splitlines() if re.match(metrics.ABSL_RECORD, line) or ":absl:" in line]
+
+
+def test_run_ablation_tiny(tmp_path, capfd):
   config = get_config("tiny")
   config.optim.total_steps, config.sft.steps, config.eval.num_prompts = 4, 4, 8
   before = config.to_dict()
@@ -30,6 +38,9 @@ def test_run_ablation_tiny(tmp_path):
   assert records[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)  # sigmoid at pi = pi_ref
   assert any(r["kl"] != 0.0 for r in records if r["step"] == 4)  # DPO moved the policy
   assert os.path.isdir(tmp_path / "dpo" / "dpo" / "checkpoints") and os.path.isdir(tmp_path / "sft" / "checkpoints")
+  out, err = capfd.readouterr()
+  assert "resuming from step 2" in out  # each segment resumes the variant's checkpoint ...
+  assert not _library_records(out + err), _library_records(out + err)  # ... without orbax's metadata warning
 
 
 @pytest.mark.slow
@@ -48,6 +59,10 @@ def test_notebook_runs(tmp_path):
   os.environ["HF_HUB_OFFLINE"] = "1"  # the kernel inherits it
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}})
   client.execute()  # raises CellExecutionError naming the cell if any cell errors
+  streams = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
+  assert "ablation:" in streams and "final step per variant" in streams
+  assert not _library_records(streams), _library_records(streams)
+  assert "Warning" not in streams, streams  # e.g. tqdm's IProgress warning when ipywidgets is not installed
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "final step per variant" in text and "simpo" in text
   assert os.path.isfile(tmp_path / "ablation" / "loss_ablation.png")
