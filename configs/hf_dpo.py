@@ -1,6 +1,6 @@
 """DPO on a real Hugging Face checkpoint: pi and pi_ref start from `hf.model_path` (an SFT / instruct model).
 
-    python -m dpo_jax.gguf --smollm2 --out checkpoints/smollm2-135m      # a real model, offline (see README)
+    python -m dpo_jax.interop.gguf --smollm2 --out checkpoints/smollm2-135m      # a real model, offline (see README)
     python -m dpo_jax.train --config configs/hf_dpo.py --workdir runs/smollm2 \\
         --config.data.train=ultrafeedback_train.jsonl --config.data.test=ultrafeedback_test.jsonl
 

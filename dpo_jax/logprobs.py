@@ -37,7 +37,7 @@ from dpo_jax import model as model_lib
 # `tiny` model (configs/default.py, init std 0.3 so logits are as large as a trained model's) over the 1000
 # held-out sequences of the embedded task, seeds 0-4, row and shared-prompt layouts: worst relative error 7.1e-3
 # (worst absolute 0.49 nats, mean |logp| 86 nats); after 300-1800 SFT steps (seeds 0-2) 6.2e-3. The bound is ~3x.
-# Checked by tests/test_mixed_precision.py and on a GPU by benchmarks/device_check.py.
+# Checked by tests/core/test_mixed_precision.py and on a GPU by benchmarks/device_check.py.
 BF16_LOGPS_RTOL = 2e-2
 
 
@@ -119,7 +119,7 @@ def target_logps(logits_NxSxV: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.
   differentiated: pi_theta's log-probs equal pi_ref's bit for bit when their params do. Under plain autodiff XLA
   kept `exp(logits - max)` `[N, S, V]` for the backward and fused the log Z reduction with that store, which
   summed in another order: on SmolLM2 weights the policy's log-probs differed from the reference forward's by up
-  to 7.6e-6 nats at pi == pi_ref, and the step-0 DPO loss was 0.69314712 rather than ln 2 (tests/test_smollm2.py).
+  to 7.6e-6 nats at pi == pi_ref, and the step-0 DPO loss was 0.69314712 rather than ln 2 (tests/interop/test_smollm2.py).
   """
   logits_NxSxV = logits_NxSxV.astype(jnp.float32)
   return _token_logps(logits_NxSxV, targets_NxS) * mask_NxS.astype(jnp.float32)

@@ -43,7 +43,7 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-# configs/default.py's `optim` block (tests/test_batch_from_tokens.py checks they agree): what
+# configs/default.py's `optim` block (tests/data/test_batch_from_tokens.py checks they agree): what
 # make_optimizer(**fields) starts from, so a notebook needs no ml_collections config.
 DEFAULTS = dict(learning_rate=1e-3, schedule="cosine", warmup_steps=10, total_steps=400, end_lr_ratio=0.1, b1=0.9,
                 b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1)

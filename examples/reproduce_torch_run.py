@@ -27,7 +27,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dpo_jax import errors, hf, model as model_lib, optim, step
+from dpo_jax import model as model_lib, optim, step
+from dpo_jax.train import errors
+from dpo_jax.interop import hf
 from dpo_jax.data import preference
 
 FIELDS = ("input_ids", "attention_mask", "completion_mask")  # the arrays of batches.npz, each [S, N, T]

@@ -1,4 +1,4 @@
-"""Time an S-way beta sweep in one compiled program (dpo_jax/sweep.py) against S runs of the plain jitted step.
+"""Time an S-way beta sweep in one compiled program (dpo_jax/experiments/sweep.py) against S runs of the plain jitted step.
 
     PYTHONPATH=. python scripts/sweep_speed.py                      # default model, S = 4, 10 timed steps
     PYTHONPATH=. python scripts/sweep_speed.py --variant tiny --sweep 8 --steps 20
@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from configs.default import get_config
-from dpo_jax import model as model_lib, optim, sharding, step, sweep
+from dpo_jax import model as model_lib, optim, sharding, step
+from dpo_jax.experiments import sweep
 
 
 def random_batch(rng: np.random.Generator, num_pairs: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 test build 1-device and (data=2, fsdp=2, tensor=2) meshes in the same process."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,6 +12,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Trainer subprocesses leave glibc at its defaults: with freed memory kept, CI workers grew until OOM-killed.
 os.environ.setdefault("DPO_JAX_HOST_MALLOC", "system")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests live in folders that mirror dpo_jax's wings (core, data, train, interop, experiments, benchmarks); their
+# shared helpers (batches.py, trainer_runs.py, paths.py, ...) stay here, importable from every folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402

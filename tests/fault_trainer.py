@@ -1,4 +1,4 @@
-"""`python -m dpo_jax.train` with faults injected from the environment, for tests/test_preemption.py.
+"""`python -m dpo_jax.train` with faults injected from the environment, for tests/train/test_preemption.py.
 
     DPO_JAX_TEST_STEP_DELAY=0.05      sleep this many seconds before each batch (host side; numbers unchanged),
                                       so a test can signal the process mid-training
@@ -44,5 +44,5 @@ def _install_faults():
 
 if __name__ == "__main__":
   _install_faults()
-  from dpo_jax import train
-  train.main(sys.argv)
+  from dpo_jax.train import __main__ as train_main
+  train_main.main(sys.argv)

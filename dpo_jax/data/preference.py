@@ -582,9 +582,8 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
   attends to real tokens, so no softmax sees a fully masked row (which would give NaN).
   """
   check_kind(kind)
-  if not isinstance(tokenized, TokenizedPairs):  # ranked sets (K responses per prompt)
-    from dpo_jax.data import rankings
-    return rankings.make_ranking_batch(tokenized, pair_indices, kind=kind)
+  if not isinstance(tokenized, TokenizedPairs):  # ranked sets (rankings.TokenizedRankings) lay out their own
+    return tokenized.make_batch(pair_indices, kind=kind)
   idx = np.asarray(pair_indices, dtype=np.int64)
   real = idx >= 0
   src = np.where(real, idx, 0)

@@ -42,6 +42,10 @@ class TokenizedRankings:
   def num_pairs(self) -> int:  # "units" for batching: one ranked set each
     return int(self.row_ids.shape[0])
 
+  def make_batch(self, pair_indices: np.ndarray, *, kind: str = "dpo") -> dict[str, np.ndarray]:
+    """`preference.make_batch` of ranked sets: `make_ranking_batch`."""
+    return make_ranking_batch(self, pair_indices, kind=kind)
+
   @property
   def chosen_ids(self) -> tuple[np.ndarray, ...]:  # the best responses: what SFT fits
     return tuple(r[0] for r in self.response_ids)

@@ -28,7 +28,7 @@ and frontier.png (reward against KL, a curve per method and setting).
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before jax and numpy start threads: on CPU glibc keeps freed memory
-  from dpo_jax import host_memory
+  from dpo_jax.train import host_memory
   host_memory.configure_at_startup()
 
 import csv
@@ -44,8 +44,11 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from dpo_jax import baselines, config_checks, errors, evaluate, metrics as metrics_lib, optim, reward_model, step
-from dpo_jax import sweep, train, workdir as workdir_lib
+from dpo_jax import evaluate, optim, step
+from dpo_jax.train import config_checks, errors, metrics as metrics_lib
+from dpo_jax.train import config_checks, loop, pipeline, runtime
+from dpo_jax.train import workdir as workdir_lib
+from dpo_jax.experiments import baselines, reward_model, sweep
 from dpo_jax.data import preference, synthetic
 
 FIELDS = ("method", "setting", "step", "reward", "reward_stderr", "kl", "kl_stderr", "length", "num_samples")
@@ -92,7 +95,7 @@ def check_config(config: Any) -> None:
 @dataclasses.dataclass
 class Experiment:
   """What every stage shares: the runtime, the held-out prompts, pi_ref, and the points measured so far."""
-  rt: train.Runtime
+  rt: runtime.Runtime
   tokenizer: Any
   prompts: list  # (text, token ids) of the held-out prompts sampled at every point
   reference: Any = None
@@ -163,7 +166,7 @@ def run_dpo_sweep(exp: Experiment, train_pairs: preference.TokenizedPairs) -> No
   """Every beta of frontier.betas at once, one vmapped program; each member is measured at the eval steps."""
   rt, config = exp.rt, exp.rt.config
   betas = tuple(float(b) for b in config.frontier.betas)
-  optimizer, schedule = train.stage_optimizer(config, "dpo")
+  optimizer, schedule = runtime.stage_optimizer(config, "dpo")
   shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
   sweep_step = sweep.jit_sweep_step(
       sweep.make_sweep_step(rt.model, optimizer, schedule, config.loss, betas, shard=rt.shard),
@@ -184,7 +187,7 @@ def run_policy_baseline(exp: Experiment, train_pairs: preference.TokenizedPairs,
                         make_step: Callable, kind: str) -> None:
   """One baseline trained from pi_ref: `make_step(optimizer, schedule)` is its unjitted train step."""
   rt, config = exp.rt, exp.rt.config
-  optimizer, schedule = train.stage_optimizer(config, "dpo")
+  optimizer, schedule = runtime.stage_optimizer(config, "dpo")
   shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
   example = _example_batch(train_pairs, config.batch_size, kind)
   replicated = jax.sharding.NamedSharding(rt.mesh, jax.sharding.PartitionSpec())
@@ -302,26 +305,26 @@ def plot(points: list[dict], path: str, title: str = "") -> None:
 def run(config: Any, workdir: str) -> dict:
   """The whole experiment; returns the summary also written to <workdir>/frontier.json."""
   check_config(config)
-  train.validate_config(config, jax.device_count())
+  config_checks.validate_config(config, jax.device_count())
   with workdir_lib.held(workdir, claimant=jax.process_index() == 0):
     return _run_experiment(config, workdir)
 
 
 def _run_experiment(config: Any, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  tokenizer = train.load_tokenizer(config.data.tokenizer)
-  train_pairs, test_pairs, _, stats = train.load_pairs(config, tokenizer)
-  train.report_data(stats)
-  rt = train.build_runtime(config, workdir, len(tokenizer))
-  prompts = train.unique_prompts(test_pairs, tokenizer)[:config.eval.num_prompts]
+  tokenizer = runtime.load_tokenizer(config.data.tokenizer)
+  train_pairs, test_pairs, _, stats = runtime.load_pairs(config, tokenizer)
+  runtime.report_data(stats)
+  rt = runtime.build_runtime(config, workdir, len(tokenizer))
+  prompts = pipeline.unique_prompts(test_pairs, tokenizer)[:config.eval.num_prompts]
   exp = Experiment(rt, tokenizer, prompts)
   f = config.frontier
   print(f"frontier: {len(prompts)} held-out prompts x {config.eval.samples_per_prompt} samples per point; "
         f"{config.optim.total_steps} steps per trained method, measured at steps {tuple(f.eval_steps)}", flush=True)
 
   sft_pairs = both_responses(train_pairs) if f.sft_data == "both" else train_pairs
-  init = train.initial_params(rt)
-  exp.reference = exp.timed("sft", train.run_sft, rt, init, sft_pairs, test_pairs) if config.sft.steps else init
+  init = runtime.initial_params(rt)
+  exp.reference = exp.timed("sft", pipeline.run_sft, rt, init, sft_pairs, test_pairs) if config.sft.steps else init
   del init
   exp.measure("SFT", "", 0, exp.reference)
 
@@ -364,7 +367,7 @@ def main(argv=None) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  default_config = os.path.join(train.CONFIG_DIR, "frontier.py")
+  default_config = os.path.join(runtime.CONFIG_DIR, "frontier.py")
   config_flags.DEFINE_config_file("config", default_config,
                                   "Config file[:variant]; fields are overridable as --config.a.b=value.",
                                   lock_config=True)
@@ -375,8 +378,8 @@ def main(argv=None) -> None:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     metrics_lib.quiet_library_logs()
     try:
-      errors.exit_on_purpose_errors(run, flags.FLAGS.config, flags.FLAGS.workdir, passthrough=(train.Preempted,))
-    except train.Preempted as done:  # checkpointed: a clean exit, as the trainer's
+      errors.exit_on_purpose_errors(run, flags.FLAGS.config, flags.FLAGS.workdir, passthrough=(loop.Preempted,))
+    except loop.Preempted as done:  # checkpointed: a clean exit, as the trainer's
       print(done, flush=True)
 
   config_checks.check_override_flags((sys.argv if argv is None else argv)[1:], default_config)  # one line

@@ -1,0 +1,220 @@
+"""`python -m dpo_jax.train --dry_run`: what a config costs on a mesh, without running a step.
+
+Prints the parameter count, every param's logical axes, PartitionSpec and per-device shape, and the
+per-device memory of the DPO stage: params, optimizer state, reference params (0 when the step runs
+without pi_ref: precomputed reference log-probs or a reference-free loss), and the compiled train step's
+temporaries (activations, gradients and workspace: XLA's `memory_analysis().temp_size_in_bytes` of the
+per-device SPMD program, compiled from abstract shapes, so no array is ever allocated).
+
+With LoRA (`config.lora.rank > 0`) it prints both columns, LoRA and full fine-tuning on the same mesh: LoRA holds
+the base once (it is pi_ref too), the adapters and their optimizer moments, and compiles its own step.
+
+The mesh is `config.mesh` over the devices this process sees. To plan for a pod from a CPU machine, emulate
+its device count: `XLA_FLAGS=--xla_force_host_platform_device_count=256 JAX_PLATFORMS=cpu python -m
+dpo_jax.train --dry_run --config.mesh.fsdp=-1 ...`. Static sizes (params, optimizer, reference) are exact
+for any backend; the temporaries are those of the backend that compiled them (CPU's layouts and fusion
+differ from a TPU's or GPU's, so treat them as an estimate there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax import lora as lora_lib, losses, model as model_lib, sharding, step
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass
+class ParamRow:
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  logical_axes: tuple
+  spec: str
+  device_shape: tuple[int, ...]
+  device_bytes: int
+
+
+def per_device_bytes(shape: tuple[int, ...], dtype: Any, named_sharding: jax.sharding.Sharding) -> int:
+  """Bytes one device holds of an array of `shape` laid out by `named_sharding` (replicas count in full)."""
+  return math.prod(named_sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
+
+
+def tree_device_bytes(abstract_tree: Any, sharding_tree: Any) -> int:
+  """Per-device bytes of a pytree of ShapeDtypeStructs under a matching pytree of shardings."""
+  shapes = jax.tree.leaves(abstract_tree)
+  shardings = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  return sum(per_device_bytes(s.shape, s.dtype, sh) for s, sh in zip(shapes, shardings))
+
+
+def param_rows(model_cfg: model_lib.ModelConfig, mesh: Any, rules: Any) -> list[ParamRow]:
+  abstract = model_lib.abstract_params(model_cfg)
+  shardings = step.param_shardings(model_cfg, mesh, rules)
+  logical = jax.tree.leaves(model_lib.param_logical_axes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
+  rows = []
+  for (path, leaf), axes, sh in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], logical,
+                                    jax.tree.leaves(shardings)):
+    rows.append(ParamRow(
+        path="/".join(str(getattr(k, "key", k)) for k in path), shape=tuple(leaf.shape), dtype=str(leaf.dtype),
+        logical_axes=tuple(axes), spec=str(tuple(sh.spec)), device_shape=tuple(sh.shard_shape(tuple(leaf.shape))),
+        device_bytes=per_device_bytes(leaf.shape, leaf.dtype, sh)))
+  return rows
+
+
+def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference: bool) -> tuple[dict, dict]:
+  """ShapeDtypeStructs and shardings of one global DPO batch, as the trainer builds it (`dpo_jax/data`).
+
+  Unpacked: `[2B, T]` int32 rows (+ `[B]` reference columns). Packed (`data.packing`): R = B / pairs_per_row rows
+  of `pack_length` tokens, `pack_slots` `[R, P]`, and `[R * P]` pair fields. Shared prompts (`data.prompt_sharing`)
+  take their shapes from the data, which a dry run does not read; 'auto' picks them only when they hold fewer
+  tokens than these rows, so the rows bound the trainer's batch.
+  """
+  if config.data.packing:
+    from dpo_jax.data import packing
+    pairs_per_row = config.data.pairs_per_row
+    rows, length = config.batch_size // pairs_per_row, packing.row_length(config.data.pack_length, config.max_length)
+    batch = {"pack_slots": jax.ShapeDtypeStruct((rows, pairs_per_row), jnp.int32),
+             "pair_mask": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  else:
+    rows, length, batch = 2 * config.batch_size, config.max_length, {}
+  batch.update({k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
+                for k in ("input_ids", "attention_mask", "positions", "loss_mask")})
+  if precomputed_reference:
+    batch.update({k: jax.ShapeDtypeStruct((config.batch_size,), jnp.float32)
+                  for k in ("ref_chosen_logps", "ref_rejected_logps")})
+  return batch, sharding.batch_shardings(mesh, rules, batch)
+
+
+def step_memory(config: Any, rt_model: Any, model_cfg: model_lib.ModelConfig, optimizer: Any, schedule: Any,
+                mesh: Any, rules: Any, *, with_reference: bool, lora: lora_lib.LoraSpec | None = None) -> Any:
+  """`memory_analysis()` of the compiled DPO train step for `config`'s batch (lowered from abstract args).
+  `lora`: the LoRA step (the state holds adapters; the frozen base is passed in pi_ref's place)."""
+  shard = sharding.ShardingContext(mesh, rules)
+  if lora is None:
+    state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
+    trainable = model_lib.abstract_params(model_cfg)
+    frozen_sh = state_sh.params if with_reference else None
+  else:
+    state_sh = step.lora_state_shardings(rt_model, lora, optimizer, mesh, rules)
+    trainable = lora_lib.abstract_adapters(rt_model, lora)
+    frozen_sh = step.param_shardings(model_cfg, mesh, rules)
+  abstract_state = jax.eval_shape(lambda p: step.create_train_state(p, optimizer, state_sh, donate=True), trainable)
+  batch, batch_sh = abstract_batch(config, mesh, rules, precomputed_reference=bool(config.data.reference_logps))
+  fn = step.jit_train_step(
+      functools.partial(step.train_step, model=rt_model, optimizer=optimizer, schedule=schedule,
+                        loss_cfg=config.loss, grad_accum_steps=config.optim.grad_accum_steps, shard=shard,
+                        lora=lora),
+      state_shardings=state_sh, reference_shardings=frozen_sh, batch_shardings=batch_sh, mesh=mesh)
+  frozen = None if frozen_sh is None else model_lib.abstract_params(model_cfg)
+  return fn.lower(abstract_state, frozen, batch).compile().memory_analysis()
+
+
+def _fmt_bytes(n: float) -> str:
+  return f"{n / GiB:.3f} GiB" if n >= GiB / 10 else f"{n / 1024 ** 2:.2f} MiB"
+
+
+def _table(header: tuple, rows: list[tuple]) -> str:
+  widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+  line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+  return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def report(config: Any, *, compile_step: bool = True) -> dict:
+  """Print the dry-run tables for `config` on the mesh over this process's devices; return the numbers.
+
+  Returned keys (per-device bytes unless noted): num_params (count), params, optimizer, reference,
+  activations (compiled temporaries; None if `compile_step=False`), total, mesh (axis sizes); with LoRA also
+  'lora': {num_adapters (count), params (the frozen base), adapters, optimizer, reference (0), activations, total}.
+  """
+  from dpo_jax.train import config_checks, runtime
+
+  config_checks.validate_config(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  model_cfg = runtime.model_config(config)
+  optimizer, schedule = runtime.stage_optimizer(config, "dpo")
+  loss_type = losses.from_config(config.loss)[0]
+  with_reference = losses.needs_reference(loss_type) and not config.data.reference_logps
+
+  rows = param_rows(model_cfg, mesh, rules)
+  num_params = sum(math.prod(r.shape) for r in rows)
+  params_bytes = sum(r.device_bytes for r in rows)
+  state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, model_lib.abstract_params(model_cfg))
+  opt_bytes = tree_device_bytes(abstract_opt, state_sh.opt_state)
+  moving_reference = with_reference and config.ref_update.mode != "off"  # TR-DPO keeps pi_ref and a moving copy
+  ref_bytes = params_bytes * (2 if moving_reference else 1) if with_reference else 0
+
+  print(f"dry run: {num_params:,} params ({model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab "
+        f"{model_cfg.vocab_size}); mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s); batch {config.batch_size} pairs x {config.max_length} tokens"
+        f"{' (packed, ' + str(config.data.pairs_per_row) + ' pairs per row)' if config.data.packing else ''}; loss {loss_type}")
+  print(_table(("param", "shape", "dtype", "logical axes", "spec", "per-device shape", "per device"),
+               [(r.path, r.shape, r.dtype, r.logical_axes, r.spec, r.device_shape, _fmt_bytes(r.device_bytes))
+                for r in rows]))
+
+  activations = None
+  if compile_step:
+    mem = step_memory(config, model_lib.make_model(model_cfg, sharding.ShardingContext(mesh, rules)), model_cfg,
+                      optimizer, schedule, mesh, rules, with_reference=with_reference)
+    activations = int(mem.temp_size_in_bytes)
+  why_ref = ("pi_ref and its moving copy (ref_update)" if moving_reference else
+             "pi_ref held beside the policy" if with_reference else
+             "none: precomputed reference log-probs" if config.data.reference_logps else "none: reference-free loss")
+  memory = [("params", _fmt_bytes(params_bytes), str(model_cfg.param_dtype)),
+            ("optimizer state", _fmt_bytes(opt_bytes), "config.optim's moments, sharded like the params"),
+            ("reference params", _fmt_bytes(ref_bytes), why_ref)]
+  if activations is not None:
+    memory.append(("activations + grads (step temporaries)", _fmt_bytes(activations),
+                   f"compiled train step, grad_accum_steps={config.optim.grad_accum_steps}, "
+                   f"remat={model_cfg.remat}, logits_chunk_size={model_cfg.logits_chunk_size}"))
+  total = params_bytes + opt_bytes + ref_bytes + (activations or 0)
+  memory.append(("total", _fmt_bytes(total), ""))
+  out = {"num_params": num_params, "params": params_bytes, "optimizer": opt_bytes, "reference": ref_bytes,
+         "activations": activations, "total": total, "mesh": dict(mesh.shape)}
+  spec = lora_lib.spec_from_config(config.get("lora"))
+  if spec is None:
+    print("\nper-device memory of the DPO stage:")
+    print(_table(("what", "per device", "note"), memory))
+    return out
+  out["lora"] = lora = lora_memory(config, spec, model_cfg, optimizer, schedule, mesh, rules, params_bytes,
+                                   with_reference=with_reference, compile_step=compile_step)
+  print(f"\nper-device memory of the DPO stage: LoRA (rank {spec.rank}, {lora['num_adapters']:,} adapter params on "
+        f"{list(spec.targets)}) against full fine-tuning, same mesh:")
+  fmt = lambda n: "-" if n is None else _fmt_bytes(n)
+  print(_table(("what", "LoRA", "full fine-tuning", "note"), [
+      ("params", fmt(lora["params"]), fmt(params_bytes), "LoRA: the frozen base, also pi_ref"),
+      ("trainable (adapters)", fmt(lora["adapters"]), "-", "LoRA: A and B of every target, sharded like its kernel"),
+      ("optimizer state", fmt(lora["optimizer"]), fmt(opt_bytes), "moments of the trainable params only"),
+      ("reference params", fmt(lora["reference"]), fmt(ref_bytes), "LoRA: none beyond the base; full: " + why_ref),
+      ("activations + grads (step temporaries)", fmt(lora["activations"]), fmt(activations),
+       "compiled train steps"),
+      ("total", fmt(lora["total"]), fmt(total), f"LoRA / full = {lora['total'] / max(total, 1):.2f}")]))
+  return out
+
+
+def lora_memory(config: Any, spec: lora_lib.LoraSpec, model_cfg: model_lib.ModelConfig, optimizer: Any,
+                schedule: Any, mesh: Any, rules: Any, base_bytes: int, *, with_reference: bool,
+                compile_step: bool) -> dict:
+  """Per-device bytes of a LoRA DPO stage: the frozen base (which is pi_ref: no second copy), the adapters, their
+  optimizer moments and the compiled LoRA step's temporaries."""
+  model = model_lib.make_model(model_cfg, sharding.ShardingContext(mesh, rules))
+  abstract = lora_lib.abstract_adapters(model, spec)
+  state_sh = step.lora_state_shardings(model, spec, optimizer, mesh, rules)
+  adapter_bytes = tree_device_bytes(abstract, state_sh.params)
+  opt_bytes = tree_device_bytes(jax.eval_shape(optimizer.init, abstract), state_sh.opt_state)
+  activations = None
+  if compile_step:
+    activations = int(step_memory(config, model, model_cfg, optimizer, schedule, mesh, rules,
+                                  with_reference=with_reference, lora=spec).temp_size_in_bytes)
+  return {"num_adapters": model_lib.count_params(abstract), "params": base_bytes, "adapters": adapter_bytes,
+          "optimizer": opt_bytes, "reference": 0, "activations": activations,
+          "total": base_bytes + adapter_bytes + opt_bytes + (activations or 0)}

@@ -1,0 +1,238 @@
+"""What the stages share, built once per run: the tokenizer and tokenized pairs, the mesh and models (`Runtime`),
+the params a stage starts from (a random init, HF checkpoints, this workdir's SFT result) and each stage's optimizer.
+
+Used by the pipeline and by `--dry_run`, which sizes the same model and optimizer without running a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+
+from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, optim, sharding, step
+from dpo_jax.data import preference, schemas, synthetic
+from dpo_jax.interop import hf
+from dpo_jax.train import checkpoint, metrics as metrics_lib
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def lora_spec(config: Any) -> lora_lib.LoraSpec | None:
+  """config.lora as a LoraSpec, or None for full fine-tuning (rank 0, or a config without a lora section)."""
+  return lora_lib.spec_from_config(config.get("lora"))
+
+
+def load_tokenizer(path: str, model_path: str = "", trust_remote_code: bool = False) -> Any:
+  """`path`, else the HF checkpoint's own tokenizer, else the embedded task's.
+
+  Runs no code from the folder unless `trust_remote_code` (config.hf.trust_remote_code): a tokenizer that needs
+  custom code is then an error from transformers. A tokenizer without an EOS token is an error naming the fix (EOS ends every response);
+  one without a pad token pads with EOS, reported here (padding positions are masked out, so any id works).
+  """
+  from transformers import AutoTokenizer
+  path = path or model_path or str(synthetic.TOKENIZER_DIR)
+  if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.sep in path.strip(os.sep)):
+    raise FileNotFoundError(f"config.data.tokenizer={path!r} does not exist. Point it at a local tokenizer folder "
+                            f"(tokenizer.json + tokenizer_config.json) or leave it '' for the embedded one.")
+  tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f"tokenizer {path!r} has no eos_token; every response ends with EOS. Set one and save it: "
+                     "tok = AutoTokenizer.from_pretrained(path); tok.eos_token = '</s>' (a token in its vocabulary); "
+                     "tok.save_pretrained(path).")
+  if tokenizer.pad_token_id is None:
+    print(f"note: tokenizer {path!r} has no pad token; padding with EOS ({tokenizer.eos_token!r}, id "
+          f"{tokenizer.eos_token_id}); padding positions are masked out of attention and loss.")
+  return tokenizer
+
+
+def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, preference.TokenizedPairs, dict, dict]:
+  """(train, test) tokenized pairs, the raw rows {'train', 'test'} (prompts, r*, precompute), and data stats."""
+  train_source = config.data.train or str(synthetic.train_path())
+  test_source = config.data.test or (str(synthetic.test_path()) if not config.data.train else config.data.train)
+  if config.data.train and not config.data.test and os.path.isfile(config.data.train):
+    print(f"WARNING: config.data.test is not set, so held-out metrics are computed on the training file "
+          f"{config.data.train}. Set --config.data.test=FILE for a real held-out estimate.")
+  # Any of the public schemas: explicit prompt, conversational messages (chat template), implicit (HH).
+  # Bad rows (null fields, bad roles, chosen == rejected, ...) stop the run, or are skipped and counted.
+  on_bad_row = config.data.get("on_bad_row", "error")
+  train_rows = schemas.load_any_rows(train_source, split=config.data.train_split, on_bad_row=on_bad_row)
+  test_rows = schemas.load_any_rows(test_source, split=config.data.test_split, on_bad_row=on_bad_row)
+  kw = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+            reference_logps=config.data.reference_logps, on_bad_row=on_bad_row)
+  train, train_stats = schemas.tokenize_any(train_rows, tokenizer, source=train_source, **kw)
+  test, test_stats = schemas.tokenize_any(test_rows, tokenizer, source=test_source, **kw)
+  for source, s in ((train_source, train_stats), (test_source, test_stats)):
+    if s["num_pairs"] == 0:
+      raise ValueError(f"{source}: no usable pairs in {s['num_rows']} rows (skipped: {s.get('skipped', {})}, "
+                       f"dropped for an empty response: {s['num_dropped_empty_response']}); fix the data.")
+  return train, test, {"train": train_rows, "test": test_rows}, {"train": train_stats, "test": test_stats}
+
+
+def check_data_fits_loss(config: Any, stats: dict) -> None:
+  """Ranked data (K responses per prompt) trains with Plackett-Luce, and Plackett-Luce needs ranked data."""
+  ranked = {split: s["schema"] == "ranked" for split, s in stats.items()}
+  plackett_luce = config.loss.type == losses.RANKING_LOSS and not config.loss.types
+  if len(set(ranked.values())) > 1:
+    raise ValueError(f"config.data: train and test must both be ranked or both pairs; got ranked={ranked}.")
+  if ranked["train"] and not plackett_luce:
+    raise ValueError(f"config.data.train is ranked data (responses + ranking/scores): set "
+                     f"--config.loss.type={losses.RANKING_LOSS} (the seed's K-response generalisation of DPO).")
+  if plackett_luce and not ranked["train"]:
+    raise ValueError(f"config.loss.type={losses.RANKING_LOSS!r} needs ranked data (rows with 'responses' and "
+                     f"'ranking' or 'scores'); for pairs use 'sigmoid', its K = 2 case.")
+  if ranked["train"] and config.stage == "precompute":
+    raise ValueError("config.stage='precompute' writes pair columns (ref_chosen_logps, ref_rejected_logps); ranked "
+                     "data always runs pi_ref in the step.")
+
+
+def report_data(stats: dict) -> None:
+  """One line per split: pairs kept of rows read, rows dropped (empty response) or skipped (per reason, with
+  data.on_bad_row='skip'), and pairs truncated; nothing is dropped without being counted here."""
+  for split, s in stats.items():
+    note = f" ({s['num_dropped_empty_response']} dropped: empty response)" if s["num_dropped_empty_response"] else ""
+    skipped = s.get("skipped") or {}
+    if skipped:
+      note += (f" ({sum(skipped.values())} skipped: "
+               + ", ".join(f"{n} {reason}" for reason, n in skipped.items()) + ")")
+    print(f"data/{split}: {s['num_pairs']} pairs of {s['num_rows']} rows{note}; {s['num_truncated']} truncated")
+
+
+@dataclasses.dataclass
+class Runtime:
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: Any
+  shard: sharding.ShardingContext
+  model_cfg: model_lib.ModelConfig
+  model: Any  # sharded (activation constraints) model for the steps
+  plain_model: Any  # unconstrained, for evaluation helpers that run on whatever sharding params have
+  writer: metrics_lib.MetricsWriter
+  compiled: dict = dataclasses.field(default_factory=dict)  # eval functions, jitted once per run
+  peak: tuple[float, str] | None = None  # (peak FLOP/s per device, its source): `device_peak`, once per run
+
+  def jitted(self, key: str, make: Callable) -> Callable:
+    if key not in self.compiled:
+      self.compiled[key] = make()
+    return self.compiled[key]
+
+  def to_global(self, local: dict) -> dict:
+    return sharding.global_batch(self.mesh, self.rules, local)
+
+  def batch_shardings(self, local: dict) -> dict:
+    return sharding.batch_shardings(self.mesh, self.rules, local)
+
+
+def device_peak(rt: Runtime) -> tuple[float, str]:
+  """(peak FLOP/s of one device, its source) that perf/mfu divides by: config.perf.peak_flops, else `flops.peak_flops`
+  of device 0 (all devices of a mesh are one kind). Looked up once per run: on CPU it is a timed matmul."""
+  if rt.peak is None:
+    perf = rt.config.get("perf")  # configs from before perf.peak_flops existed have no `perf` section
+    rt.peak = flops.peak_flops(jax.devices()[0], perf.get("peak_flops", 0.0) if perf is not None else 0.0)
+  return rt.peak
+
+
+def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  model_cfg = model_config(config)
+  if model_cfg.vocab_size < vocab_needed:
+    where = (f"the checkpoint config.hf.model_path={config.hf.model_path!r}" if config.hf.model_path
+             else f"config.model.vocab_size={model_cfg.vocab_size}; set --config.model.vocab_size={vocab_needed}")
+    raise ValueError(f"the model has {model_cfg.vocab_size} embedding rows, fewer than the tokenizer's {vocab_needed} "
+                     f"tokens ({where}). Use the tokenizer that belongs to the model.")
+  shard = sharding.ShardingContext(mesh, rules)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  return Runtime(config, workdir, mesh, rules, shard, model_cfg, model_lib.make_model(model_cfg, shard),
+                 model_lib.make_model(model_cfg), writer)
+
+
+# What config.model still decides when the architecture comes from an HF checkpoint.
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size",
+                   "weight_grad_gemm", "attention_impl")
+
+
+def model_config(config: Any) -> model_lib.ModelConfig:
+  if not config.hf.model_path:
+    return model_lib.ModelConfig.from_dict(config.model)
+  from transformers import AutoConfig
+  numerics = {f: config.model[f] for f in NUMERICS_FIELDS}
+  return hf.model_config_from_hf(
+      AutoConfig.from_pretrained(config.hf.model_path, trust_remote_code=config.hf.trust_remote_code), **numerics)
+
+
+def load_hf_params(rt: Runtime, field: str) -> Any:
+  """Params of the HF checkpoint at `config.<field>`, read tensor by tensor straight into their shardings."""
+  path = rt.config[field.split(".")[0]][field.split(".")[1]]
+  # platform is not a config field (a trainer runs where it is), but a model_cfg built for another platform keeps it.
+  numerics = {f: getattr(rt.model_cfg, f) for f in NUMERICS_FIELDS + ("platform",)}
+  cfg, params = hf.load_hf_checkpoint(path, mesh=rt.mesh, rules=rt.rules, **numerics)
+  if cfg != rt.model_cfg:
+    diff = {f.name: (getattr(cfg, f.name), getattr(rt.model_cfg, f.name)) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(rt.model_cfg, f.name)}
+    raise ValueError(f"config.{field}={path!r} is a different architecture from the policy's: {{field: (checkpoint, "
+                     f"policy)}} = {diff}. pi_ref and pi must share the architecture and the tokenizer.")
+  print(f"loaded config.{field}={path} ({model_lib.count_params(params):,} params)")
+  return params
+
+
+def initial_params(rt: Runtime) -> Any:
+  """Where the pipeline starts: the HF checkpoint `hf.model_path`, else a random init of `config.model`."""
+  if rt.config.hf.model_path:
+    return load_hf_params(rt, "hf.model_path")
+  return model_lib.init_params(rt.model_cfg, jax.random.key(rt.config.seed),
+                               step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
+
+
+def dpo_start(rt: Runtime) -> Any:
+  """Where DPO starts: this workdir's SFT result if the SFT stage ran here, else `hf.model_path`, else (the
+  pipeline with sft.steps=0) the seeded random init, regenerated."""
+  if os.path.isdir(os.path.join(rt.workdir, "sft", "checkpoints")):
+    return load_sft_result(rt)
+  if rt.config.hf.model_path:
+    return load_hf_params(rt, "hf.model_path")
+  if rt.config.stage == "pipeline" and not rt.config.sft.steps:
+    return initial_params(rt)
+  return load_sft_result(rt)  # raises, saying how to make one
+
+
+def reference_params(rt: Runtime, start: Any | None = None) -> Any:
+  """pi_ref: the checkpoint `hf.reference_path` when set, else where DPO starts (`start`, or `dpo_start`)."""
+  if rt.config.hf.reference_path:
+    return load_hf_params(rt, "hf.reference_path")
+  return dpo_start(rt) if start is None else start
+
+
+def stage_optimizer(config: Any, stage: str):
+  cfg = dict(config.optim)
+  if stage == "sft":
+    cfg.update(learning_rate=config.sft.learning_rate, warmup_steps=min(config.sft.warmup_steps, config.sft.steps),
+               total_steps=max(config.sft.steps, 1))
+  return optim.make_optimizer(cfg)
+
+
+def abstract_state(params: Any, optimizer: Any, shardings: step.TrainState) -> step.TrainState:
+  """Shapes, dtypes and target shardings of a train state (what a checkpoint restores into)."""
+  return checkpoint.abstract_like(jax.eval_shape(lambda: step.create_train_state(params, optimizer, shardings)),
+                                  shardings)
+
+
+def load_sft_result(rt: Runtime) -> Any:
+  """The finished SFT stage's params from this workdir (for `--config.stage=dpo`)."""
+  params_like = model_lib.abstract_params(rt.model_cfg)
+  optimizer, _ = stage_optimizer(rt.config, "sft")
+  shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
+  directory = os.path.join(rt.workdir, "sft", "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.stage={rt.config.stage!r} needs a starting point: the SFT result in {directory} "
+                            f"(run --config.stage=sft, or the default pipeline, with this --workdir first) or an HF "
+                            f"checkpoint (--config.hf.model_path=DIR).")
+  mngr = checkpoint.manager(directory, max_to_keep=rt.config.max_checkpoints)
+  restored = checkpoint.restore_latest(mngr, abstract_state(params_like, optimizer, shardings))
+  if restored is None:
+    raise FileNotFoundError(f"no SFT checkpoint in {directory}; run --config.stage=sft first.")
+  return restored[0].params

@@ -1,0 +1,92 @@
+"""benchmarks/device_check.py --smoke end to end on the CPU, in a child that cannot import ml_collections, datasets
+or tensorboardX and has no pip-installed dpo_jax: the GPU image has none of them, so a passing run here says the
+script will start there."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from paths import REPO_ROOT
+
+ROOT = REPO_ROOT
+MISSING = ("ml_collections", "datasets", "tensorboardX")
+
+# Put first on sys.path (PYTHONPATH), it hides MISSING as if they were not installed: every meta-path finder answers
+# None for them, so `import` raises ModuleNotFoundError and `importlib.util.find_spec` returns None (transformers
+# probes optional packages that way: a stub package that raised on import would break its import instead). It also
+# drops the editable install's finder: dpo_jax then imports only through the repo root the script puts on sys.path.
+SITECUSTOMIZE = textwrap.dedent(f"""\
+    import sys
+    HIDDEN = {MISSING!r}
+
+    class _Hide:
+      def __init__(self, finder):
+        self.finder = finder
+
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+          return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find else None
+
+      def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+    sys.meta_path[:] = [_Hide(f) for f in sys.meta_path
+                        if not (getattr(f, "__module__", "") or "").startswith("__editable__")]
+""")
+
+
+def _child_env(tmp_path) -> dict:
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", DPO_JAX_HOST_MALLOC="system",
+             PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)  # conftest's 8 emulated devices: the check runs on one, as on the GPU machine
+  return env
+
+
+def test_hidden_packages_are_unimportable(tmp_path):
+  env = _child_env(tmp_path)
+  for name in MISSING:
+    probe = (f"import importlib.util, sys\nassert importlib.util.find_spec({name!r}) is None\n"
+             f"try:\n  import {name}\nexcept ModuleNotFoundError:\n  sys.exit(0)\nsys.exit(1)")
+    assert subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT).returncode == 0, (
+        f"the sitecustomize in this test no longer hides {name}: test_smoke_run would not prove the script runs "
+        "without it")
+  outside = subprocess.run([sys.executable, "-c", "import dpo_jax"], env=env, cwd=tmp_path, capture_output=True)
+  assert outside.returncode != 0, "dpo_jax still imports from outside the repo: hide its pip install in SITECUSTOMIZE"
+
+
+@pytest.mark.slow  # ~50 s on a 2-core CPU
+def test_smoke_run(tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "benchmarks/device_check.py", "--smoke", "--out", str(out)],
+                        env=_child_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  log = proc.stdout[-4000:] + proc.stderr[-4000:]
+  assert proc.returncode == 0, f"device_check.py --smoke failed (rc {proc.returncode}):\n{log}"
+  results = json.loads((out / "results.json").read_text())
+  assert results["complete"] and not results["errors"], log
+
+  checks = results["correctness"]["rows"]
+  assert len(checks) == 5, checks
+  failed = [r for r in checks if not r["passed"]]
+  assert not failed, f"correctness rows failed on the CPU, where both sides are the same backend: {failed}"
+
+  rows = {r["key"]: r for r in results["speed"]["rows"]}
+  assert set(rows) == {"jax", "jax-remat", "jax-preref", "jax-xla", "torch"}, rows.keys()
+  for key, r in rows.items():
+    assert r["status"] == "ok", f"speed row {key}: {r['status']} {r['note']}"
+    for column in ("step_s", "tokens_per_s", "mfu"):
+      assert r[column] is not None and math.isfinite(r[column]) and r[column] > 0, (key, column, r[column])
+  assert rows["jax"]["attention"] == "cpu_blocked" and rows["jax-xla"]["attention"] == "xla"
+
+  tables = (out / "tables.md").read_text()
+  for heading in ("# Device check", "## 1. Correctness", "## 2. Speed"):
+    assert heading in tables, f"{heading!r} missing from tables.md:\n{tables}"
+  assert "no accelerator in this run" in tables  # a CPU-only run says its first comparison is trivial
