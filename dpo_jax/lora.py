@@ -18,7 +18,7 @@ Projections are named as in PEFT's `target_modules` for Llama-family models: q_p
 gate_proj, up_proj, down_proj. Adapters keep the logical axes of the kernel they adapt on their outer side
 ('embed', 'heads', 'mlp', ...) and replicate the rank axis, so they shard with their projection on any mesh.
 
-PEFT adapter folders in and out: dpo_jax/interop/peft.py.
+PEFT adapter folders in and out: dpo_jax/interop/hf/peft.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax import logprobs, model as model_lib, optim, step
-from dpo_jax.interop import hf, peft as peft_io
+from dpo_jax.interop import hf
+from dpo_jax.interop.hf import peft as peft_io
 
 GROUPS = (("embed", r"embed_tokens"), ("attention", r"self_attn\."), ("mlp", r"\.mlp\."), ("norms", r"norm"),
           ("lm_head", r"lm_head"))

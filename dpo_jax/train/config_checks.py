@@ -20,7 +20,7 @@ import jax
 
 from dpo_jax import lora as lora_lib, losses, optim, sharding
 from dpo_jax.data import packing, preference
-from dpo_jax.interop import peft as peft_io
+from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import reference_update
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")

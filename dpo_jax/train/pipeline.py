@@ -22,7 +22,8 @@ import numpy as np
 
 from dpo_jax import evaluate, flops, logprobs as logprobs_lib, lora as lora_lib, losses, model as model_lib, step
 from dpo_jax.data import packing, preference, synthetic
-from dpo_jax.interop import hf, peft as peft_io
+from dpo_jax.interop import hf
+from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import checkpoint, config_checks, loop, reference_update, runtime, workdir as workdir_lib
 
 

@@ -19,7 +19,8 @@ from configs.default import get_config
 from dpo_jax import logprobs, lora, losses, model as model_lib, optim, step
 from dpo_jax.train import config_checks, pipeline, runtime
 from dpo_jax.train import checkpoint
-from dpo_jax.interop import compare_torch, hf, peft as peft_io
+from dpo_jax.interop import compare_torch, hf
+from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.data import packing, preference
 from train_steps import run_steps
 

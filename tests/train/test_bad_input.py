@@ -287,12 +287,13 @@ def test_mesh_that_does_not_match_the_device_count(mesh, pattern):
 def test_checkpoints_load_without_executing_code(tmp_path):
   """Only safetensors (HF) and orbax (ours) are read: a pickle-based weights file is refused, never unpickled,
   and no module calls torch.load / pickle or turns trust_remote_code on."""
-  from dpo_jax.interop import hf
+  import dpo_jax
+  from dpo_jax.interop.hf import checkpoints
   (tmp_path / "config.json").write_text("{}")
   (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
   with pytest.raises(FileNotFoundError, match=r"no weights; expected model.safetensors.*pytorch_model.bin"):
-    hf._weight_map(str(tmp_path))
-  package = Path(hf.__file__).parent
+    checkpoints.weight_map(str(tmp_path))
+  package = Path(dpo_jax.__file__).parent
   for path in package.rglob("*.py"):
     text = path.read_text(encoding="utf-8")
     for banned in ("import pickle", "torch.load(", "trust_remote_code=True", "allow_pickle=True"):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from dpo_jax import lora as lora_lib
-from dpo_jax.interop import hf
+from dpo_jax.interop.hf import layouts
 
 _PEFT_PREFIX = "base_model.model.model.layers.{i}."
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
@@ -29,7 +29,7 @@ def peft_state_dict(adapters: Mapping[str, Any], spec: lora_lib.LoraSpec, cfg: A
   target, `in` / `out` flattened as torch's Linear sees them (heads-major, as `hf.py` lays out q/k/v/o)."""
   out = {}
   for i in range(cfg.num_layers):
-    layer, _ = hf._layer_params(adapters, cfg, i)  # layer i's subtree in either layout
+    layer, _ = layouts.layer_params(adapters, cfg, i)  # layer i's subtree in either layout
     for target in spec.targets:
       module, proj = lora_lib.TARGETS[target]
       ad = layer[module][f"{proj}_lora"]
@@ -71,7 +71,7 @@ def adapters_from_peft(state_dict: Mapping[str, Any], spec: lora_lib.LoraSpec, l
     raise ValueError(f"{source}: tensors this model has no adapter for: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                      f"(config.lora.targets={list(spec.targets)}).")
   if cfg.scan_layers:
-    return {"layers": hf._stack_layers([per_layer[i] for i in range(cfg.num_layers)])}
+    return {"layers": layouts.stack_layers([per_layer[i] for i in range(cfg.num_layers)])}
   return {f"layers_{i}": per_layer[i] for i in range(cfg.num_layers)}
 
 

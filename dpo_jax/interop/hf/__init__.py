@@ -1,0 +1,17 @@
+"""Hugging Face interop: `ModelConfig` from/to HF configs (families.py), params from/to HF state dicts
+(layouts.py), checkpoint folders in and out (checkpoints.py), PEFT adapter folders (peft.py).
+
+The names a user calls are re-exported here, so `from dpo_jax.interop import hf` gives the whole API:
+
+    cfg = hf.model_config_from_hf(hf_model.config, param_dtype="bfloat16")
+    params = hf.params_from_hf_state_dict(hf_model.state_dict(), cfg)
+    cfg, params = hf.load_hf_checkpoint("ckpt_dir", mesh=mesh, rules=rules)
+    hf.save_hf_checkpoint(params, cfg, "out_dir", model_type="llama", tokenizer=tok)
+"""
+
+from dpo_jax.interop.hf.checkpoints import load_hf_checkpoint, save_hf_checkpoint
+from dpo_jax.interop.hf.families import SUPPORTED_MODEL_TYPES, hf_config_from_model_config, model_config_from_hf
+from dpo_jax.interop.hf.layouts import hf_state_dict_from_params, params_from_hf_state_dict
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "hf_config_from_model_config", "hf_state_dict_from_params", "load_hf_checkpoint",
+           "model_config_from_hf", "params_from_hf_state_dict", "save_hf_checkpoint"]

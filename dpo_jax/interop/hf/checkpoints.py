@@ -1,0 +1,230 @@
+"""HF checkpoint folders (`save_pretrained` layout: config.json + model.safetensors, or a sharded index):
+loaded tensor by tensor straight into the params' shardings, and written (sharded above `max_shard_bytes`).
+
+    cfg, params = load_hf_checkpoint("ckpt_dir", mesh=mesh, rules=rules)   # sharded straight onto the mesh
+    save_hf_checkpoint(params, cfg, "out_dir", model_type="llama", tokenizer=tok)
+
+Only safetensors are read (never a pickle); transformers and safetensors are imported when called.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from dpo_jax import sharding
+from dpo_jax.model import ModelConfig, param_logical_axes
+from dpo_jax.interop.hf import families, layouts
+
+
+_CONFIG_FILE = "config.json"
+
+
+_SINGLE_FILE = "model.safetensors"
+
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_map(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file (absolute) of a checkpoint folder; raises FileNotFoundError."""
+  from safetensors import safe_open
+
+  index = os.path.join(path, _INDEX_FILE)
+  single = os.path.join(path, _SINGLE_FILE)
+  if os.path.isfile(index):  # transformers prefers the index too when both exist
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+    absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+    if absent:
+      raise FileNotFoundError(f"hf checkpoint {path}: {_INDEX_FILE} lists shards that do not exist: {absent}. "
+                              "Copy the whole checkpoint folder.")
+    return files
+  if os.path.isfile(single):
+    with safe_open(single, framework="numpy") as f:
+      return {name: single for name in f.keys()}
+  others = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack")))
+  hint = (f" It has {others}, which this loader does not read: load it with transformers "
+          "(AutoModelForCausalLM.from_pretrained) and re-save it with `save_pretrained(new_path)`, which writes "
+          "safetensors (always in transformers 5; pass safe_serialization=True in 4.x)." if others else "")
+  raise FileNotFoundError(
+      f"hf checkpoint {path}: no weights; expected {_SINGLE_FILE} or {_INDEX_FILE} with its shards.{hint}")
+
+
+class _TensorReader:
+  """Reads one tensor at a time from safetensors files, keeping each file open once.
+
+  numpy has no bfloat16 in safetensors' numpy backend, so BF16 tensors are read through torch (exact: `to_numpy`
+  upcasts to fp32 and the param dtype cast restores bf16 bit-for-bit). safetensors' flax backend would work too,
+  but it puts the whole tensor on the default device, the unsharded copy this loader exists to avoid.
+  """
+
+  def __init__(self, files: Mapping[str, str]):
+    self._files = dict(files)
+    self._handles: dict[tuple[str, str], Any] = {}
+
+  def _handle(self, file: str, framework: str) -> Any:
+    from safetensors import safe_open
+    key = (file, framework)
+    if key not in self._handles:
+      self._handles[key] = safe_open(file, framework=framework)
+    return self._handles[key]
+
+  def get(self, name: str) -> Any:
+    file = self._files[name]
+    handle = self._handle(file, "numpy")
+    if handle.get_slice(name).get_dtype() != "BF16":
+      return handle.get_tensor(name)
+    try:
+      import torch  # noqa: F401
+    except ImportError as e:
+      raise ImportError(f"hf checkpoint: {name} in {file} is bfloat16, which safetensors reads only through "
+                        "torch here; install torch (CPU is enough) or re-save the checkpoint in float32.") from e
+    return self._handle(file, "pt").get_tensor(name)
+
+
+def _place(x: np.ndarray, mesh: Any, rules: Any, logical_axes: tuple[Any, ...], what: str) -> Any:
+  """`x` as a jax array in its NamedSharding, each device getting only its shard (no unsharded device copy)."""
+  if mesh is None:
+    return x
+  target = sharding.named_sharding(mesh, rules, logical_axes, x.shape, what=what)
+  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def load_hf_checkpoint(path: str, *, mesh: Any = None, rules: Any = None,
+                       **config_overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
+  """`(ModelConfig, params)` from a local HF checkpoint folder, read tensor by tensor.
+
+  Args:
+    path: folder with `config.json` and `model.safetensors` or `model.safetensors.index.json` + shards, as
+      written by `save_pretrained` (or `save_hf_checkpoint`). Read offline; nothing is downloaded.
+    mesh, rules: when given (both), every param is placed straight into its NamedSharding from
+      `model.param_logical_axes(cfg)` and `rules` (e.g. `configs.default.SHARDING_RULES`); each device receives
+      only its own shard. Without them params are host numpy arrays.
+    config_overrides: ModelConfig fields (param_dtype, scan_layers, ...), as in `model_config_from_hf`.
+
+  Host memory peaks at one converted tensor, or with `scan_layers` at one stacked `[num_layers, ...]` leaf
+  (the L per-layer tensors are gathered into one host buffer before placing it).
+  Raises FileNotFoundError for a missing folder / config / weights, ValueError for tensors that do not match.
+  """
+  import transformers
+
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"hf checkpoint {path}: no such folder; expected a local folder with {_CONFIG_FILE} "
+                            f"and {_SINGLE_FILE} (or {_INDEX_FILE} + shards), as written by save_pretrained.")
+  if not os.path.isfile(os.path.join(path, _CONFIG_FILE)):
+    raise FileNotFoundError(f"hf checkpoint {path}: no {_CONFIG_FILE}; save the model with save_pretrained, "
+                            "which writes it next to the weights.")
+  if (mesh is None) != (rules is None):
+    raise ValueError("load_hf_checkpoint: pass both mesh and rules (e.g. config.sharding.rules), or neither.")
+  hf_config = transformers.AutoConfig.from_pretrained(path)
+  cfg = families.model_config_from_hf(hf_config, **config_overrides)
+  layout = layouts.layout_of(hf_config.model_type)
+  files = weight_map(path)
+  try:
+    layouts.check_names(set(files), cfg, layout)
+  except ValueError as e:
+    raise ValueError(f"hf checkpoint {path}: {e}") from None
+  reader = _TensorReader(files)
+  dtype = np.dtype(cfg.param_dtype)
+  if cfg.tie_embeddings and layout.tied_head in files:
+    if not np.array_equal(layouts.to_numpy(reader.get(layout.tied_head)), layouts.to_numpy(reader.get(layout.embedding))):
+      raise ValueError(f"hf checkpoint {path}: {layout.tied_head} differs from {layout.embedding} but the config "
+                       "ties them; pass tie_embeddings=False.")
+  axes = _logical_axes(cfg, mesh)
+
+  params: dict[str, Any] = {}
+  for rule in layout.global_rules(cfg):
+    x = layouts.convert_in(rule, rule.hf_name, reader.get(rule.hf_name), dtype)
+    layouts.set_path(params, rule.path, _place(x, mesh, rules, _axes_at(axes, rule.path), "/".join(rule.path)))
+  for rule in layout.layer_rules(cfg):
+    names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      first = layouts.convert_in(rule, names[0], reader.get(names[0]), dtype)
+      stacked = np.empty((cfg.num_layers,) + first.shape, dtype)  # the one host buffer of a scanned leaf
+      stacked[0] = first
+      for i, name in enumerate(names[1:], start=1):
+        stacked[i] = layouts.convert_in(rule, name, reader.get(name), dtype)
+      leaf_path = ("layers",) + rule.path
+      layouts.set_path(params, leaf_path, _place(stacked, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
+    else:
+      for i, name in enumerate(names):
+        leaf_path = (f"layers_{i}",) + rule.path
+        x = layouts.convert_in(rule, name, reader.get(name), dtype)
+        layouts.set_path(params, leaf_path, _place(x, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
+  return cfg, params
+
+
+def _logical_axes(cfg: ModelConfig, mesh: Any) -> Any:
+  """Logical axis names of every param; None for unsharded loads (saves tracing the model's init)."""
+  if mesh is None:
+    return None
+  return param_logical_axes(cfg)
+
+
+def _axes_at(axes: Any, path: tuple[str, ...]) -> Any:
+  return None if axes is None else layouts.get_path(axes, path)
+
+
+def _shards(state_dict: Mapping[str, np.ndarray], max_shard_bytes: int | None) -> list[dict[str, np.ndarray]]:
+  """Greedy split in name order into groups of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+  if max_shard_bytes is None:
+    return [dict(state_dict)]
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, x in state_dict.items():
+    if shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = x
+    size += x.nbytes
+  return shards
+
+
+def save_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, path: str, *, model_type: str = "llama",
+                       tokenizer: Any = None, hf_config: Any = None, max_shard_bytes: int | None = None) -> None:
+  """Write `params` as an HF checkpoint folder that `AutoModelForCausalLM.from_pretrained(path)` loads.
+
+  Writes `config.json` (`hf_config` if given, else `hf_config_from_model_config(cfg, model_type)`), the weights
+  from `hf_state_dict_from_params` in the params' dtype as `model.safetensors`, or, when they exceed
+  `max_shard_bytes`, as `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`; and
+  `tokenizer.save_pretrained(path)` when a tokenizer is given. Params may be sharded jax arrays (gathered to
+  host one tensor at a time by the export). Weight files of an earlier save in `path` are replaced.
+  """
+  from safetensors.numpy import save_file
+
+  if hf_config is None:
+    hf_config = families.hf_config_from_model_config(cfg, model_type)
+  else:
+    model_type = getattr(hf_config, "model_type", model_type)
+    families.check_hf_config_describes(hf_config, cfg)
+  state_dict = layouts.hf_state_dict_from_params(params, cfg, model_type=model_type)
+  os.makedirs(path, exist_ok=True)
+  # A stale index or single file left from a save with other sharding would shadow or contradict this one.
+  for old in [os.path.join(path, _SINGLE_FILE), os.path.join(path, _INDEX_FILE),
+              *glob.glob(os.path.join(path, "model-*-of-*.safetensors"))]:
+    if os.path.isfile(old):
+      os.remove(old)
+  hf_config.save_pretrained(path)
+  metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+  shards = _shards(state_dict, max_shard_bytes)
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, _SINGLE_FILE), metadata=metadata)
+  else:
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+      file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(path, file), metadata=metadata)
+      weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(x.nbytes for x in state_dict.values())}, "weight_map": weight_map}
+    with open(os.path.join(path, _INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
