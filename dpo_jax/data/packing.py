@@ -42,6 +42,8 @@ import numpy as np
 
 from dpo_jax.data import preference
 
+from dpo_jax.data import rows as rows_lib
+
 
 def row_length(pack_length: int, max_length: int) -> int:
   """Tokens per packed row L: config.data.pack_length, or 2 * max_length (room for any pair) when it is 0."""
@@ -142,7 +144,7 @@ def make_packed_batch(tokenized: preference.TokenizedPairs, slots_RxP: np.ndarra
                pack_slots=(slots_RxP >= 0).astype(np.int32), pair_mask=real.astype(np.int32),
                row_ids=np.where(real, tokenized.row_ids[src], -1).astype(np.int32))
   if tokenized.reference_logps is not None:
-    for j, field in enumerate(preference.REFERENCE_FIELDS):  # `[R * P]` fp32; empty slots 0 (no weight)
+    for j, field in enumerate(rows_lib.REFERENCE_FIELDS):  # `[R * P]` fp32; empty slots 0 (no weight)
       batch[field] = np.where(real, tokenized.reference_logps[src, j], 0.0).astype(np.float32)
   return batch
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from dpo_jax.data import preference
 
+from dpo_jax.data import rows as rows_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedRankings:
@@ -73,16 +75,16 @@ def ranking_of(row: dict, i: int, source: str) -> list[int]:
   if "ranking" in row and row["ranking"] is not None:
     ranking = _numbers(row["ranking"], int)
     if ranking is None or sorted(ranking) != list(range(k)):
-      raise preference.BadRow(f"{source}: row {i}, field 'ranking'={row['ranking']!r} must list each of the {k} "
+      raise rows_lib.BadRow(f"{source}: row {i}, field 'ranking'={row['ranking']!r} must list each of the {k} "
                               f"response indices 0..{k - 1} once, best first.", "bad_ranking")
     return ranking
   if "scores" in row and row["scores"] is not None:
     scores = _numbers(row["scores"], float)
     if scores is None or len(scores) != k or not all(np.isfinite(scores)):
-      raise preference.BadRow(f"{source}: row {i}, field 'scores' must hold {k} finite numbers (one per response), "
+      raise rows_lib.BadRow(f"{source}: row {i}, field 'scores' must hold {k} finite numbers (one per response), "
                               f"got {row['scores']!r}.", "bad_ranking")
     return sorted(range(k), key=lambda j: -scores[j])  # stable: equal scores keep list order
-  raise preference.BadRow(f"{source}: row {i} has 'responses' but neither 'ranking' (indices, best first) nor "
+  raise rows_lib.BadRow(f"{source}: row {i} has 'responses' but neither 'ranking' (indices, best first) nor "
                           "'scores'.", "bad_ranking")
 
 
@@ -91,17 +93,17 @@ def tokenize_rankings(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_
   """Ranked rows -> (TokenizedRankings, stats), tokenized as `preference.tokenize_pairs` tokenizes pairs.
 
   Empty responses are dropped from their set; a set left with fewer than 2 responses is dropped (counted).
-  Bad rows (preference.BadRow) raise or, with on_bad_row='skip', are counted in stats["skipped"].
+  Bad rows (rows_lib.BadRow) raise or, with on_bad_row='skip', are counted in stats["skipped"].
   """
   preference.check_lengths(max_length, max_prompt_length)
   pad_id, eos_id = preference.special_ids(tokenizer)
-  bad = preference.BadRows(on_bad_row, rows)
+  bad = rows_lib.BadRows(on_bad_row, rows)
   prompts, sets, row_ids = [], [], []
   dropped = truncated = 0
-  for i, row in enumerate(preference._records(rows)):
+  for i, row in enumerate(rows_lib.records(rows)):
     try:
       order, prompt = _checked_ranking(row, i, source, tokenizer)
-    except preference.BadRow as e:
+    except rows_lib.BadRow as e:
       bad.handle(e, i)
       continue
     kept_prompt = prompt[-max_prompt_length:]
@@ -128,13 +130,13 @@ def _checked_ranking(row: Any, i: int, source: str, tokenizer: Any) -> tuple[lis
   """(ranking best first, prompt ids) of a ranked row; BadRow naming the row and field when it is malformed."""
   if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("responses"),
                                                                                            (list, tuple)):
-    raise preference.BadRow(f"{source}: row {i}: ranked rows need 'prompt' (a string) and 'responses' (a list of "
+    raise rows_lib.BadRow(f"{source}: row {i}: ranked rows need 'prompt' (a string) and 'responses' (a list of "
                             f"strings); it has {sorted(row) if isinstance(row, dict) else type(row).__name__}.",
                             "bad_ranked_row")
   order = ranking_of(row, i, source)
   prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
   if not prompt:
-    raise preference.BadRow(f"{source}: row {i}, field 'prompt' is empty; give every row a prompt.", "empty_prompt")
+    raise rows_lib.BadRow(f"{source}: row {i}, field 'prompt' is empty; give every row a prompt.", "empty_prompt")
   return order, prompt
 
 

@@ -28,6 +28,8 @@ import numpy as np
 
 from dpo_jax.data import preference, rankings
 
+from dpo_jax.data import rows as rows_lib
+
 SCHEMAS = ("explicit", "conversational", "implicit", "ranked")
 ROLES = ("system", "user", "assistant")
 ASSISTANT_TAG = "\n\nAssistant:"  # Anthropic HH's turn marker; the prompt ends with the last shared one
@@ -37,22 +39,22 @@ PATH_IDS, PATH_TEXT = "ids", "text"  # how a conversational response was cut fro
 # ----------------------------------------------------------------------------------------------- loading
 
 def load_any_rows(source: str, split: str = "train", on_bad_row: str = "error") -> Any:
-  """Rows of any schema from a file, folder or hub name (read as preference.load_rows reads them), checked by
+  """Rows of any schema from a file, folder or hub name (read as rows_lib.load_rows reads them), checked by
   detect_schema instead of requiring string prompt/chosen/rejected. Explicit rows are checked as load_rows
   checks them. With on_bad_row='skip' malformed JSON lines are dropped (counted) and bad rows are left for
   tokenize_any to skip and count."""
   path = Path(source).expanduser()
   if path.is_file():
-    rows = preference._read_file(path, split, on_bad_row)
+    rows = rows_lib._read_file(path, split, on_bad_row)
   elif path.is_dir():
-    rows = preference._read_folder(path, split)
-  elif preference._looks_like_path(source):
+    rows = rows_lib._read_folder(path, split)
+  elif rows_lib._looks_like_path(source):
     raise FileNotFoundError(f"{source}: no such file or folder. Pass an existing .json/.jsonl/.parquet file, a "
                             "datasets folder, or a hub dataset name like 'owner/name'.")
   else:
-    rows = preference._read_hub(source, split)
+    rows = rows_lib._read_hub(source, split)
   if detect_schema(rows, source, on_bad_row) == "explicit":
-    preference.check_rows(rows, source, on_bad_row)
+    rows_lib.check_rows(rows, source, on_bad_row)
   return rows
 
 
@@ -68,29 +70,29 @@ def records(rows: Any) -> list[dict]:
 def row_schema(row: Any, i: int = 0, source: str = "rows") -> str:
   """The schema of one row; ValueError naming the row and its fields when it fits none."""
   if not isinstance(row, dict):
-    raise preference.BadRow(f"{source}: row {i} is a {type(row).__name__}, not an object with 'chosen' and "
+    raise rows_lib.BadRow(f"{source}: row {i} is a {type(row).__name__}, not an object with 'chosen' and "
                             "'rejected' fields; write one JSON object per record.", "not_an_object")
   if "responses" in row:
     return "ranked"
   for field in ("chosen", "rejected"):
     if field in row and row[field] is None:
-      raise preference.BadRow(f"{source}: row {i}, field '{field}': expected a string or a list of messages, got "
+      raise rows_lib.BadRow(f"{source}: row {i}, field '{field}': expected a string or a list of messages, got "
                               "null (a missing value). Fill in or drop that row.", "null_value")
   missing = [f for f in ("chosen", "rejected") if f not in row]
   if missing:
-    hints = "".join(preference.misspelling(f, row) for f in missing)
-    raise preference.BadRow(
+    hints = "".join(rows_lib.misspelling(f, row) for f in missing)
+    raise rows_lib.BadRow(
         f"{source}: row {i} has no {missing} (it has {sorted(row)}).{hints} Every schema needs 'chosen' and "
         "'rejected': rename your columns or drop the row.", "missing_field")
   chosen, rejected = row["chosen"], row["rejected"]
   if isinstance(chosen, (list, tuple)) and isinstance(rejected, (list, tuple)):
     return "conversational"
   if isinstance(chosen, str) and isinstance(rejected, str):
-    if "prompt" not in row and preference.misspelling("prompt", row):  # not HH data with an extra column
-      raise preference.BadRow(f"{source}: row {i} has no 'prompt' (it has {sorted(row)})."
-                              f"{preference.misspelling('prompt', row)}", "missing_field")
+    if "prompt" not in row and rows_lib.misspelling("prompt", row):  # not HH data with an extra column
+      raise rows_lib.BadRow(f"{source}: row {i} has no 'prompt' (it has {sorted(row)})."
+                              f"{rows_lib.misspelling('prompt', row)}", "missing_field")
     return "explicit" if "prompt" in row else "implicit"  # a non-string prompt fails explicit's checks
-  raise preference.BadRow(
+  raise rows_lib.BadRow(
       f"{source}: row {i}: 'chosen' is a {type(chosen).__name__} and 'rejected' a {type(rejected).__name__}; both "
       "must be strings (explicit / implicit-prompt schema) or both lists of {'role', 'content'} messages "
       "(conversational schema). Fix that row.", "not_a_string")
@@ -99,7 +101,7 @@ def row_schema(row: Any, i: int = 0, source: str = "rows") -> str:
 def detect_schema(rows: Any, source: str = "rows", on_bad_row: str = "error") -> str:
   """"explicit" | "conversational" | "implicit" (module docstring); every row must use the same one.
 
-  String responses with a `prompt` field are explicit (preference.check_rows then requires it to be a
+  String responses with a `prompt` field are explicit (rows_lib.check_rows then requires it to be a
   string); string responses without one are implicit (HH transcripts); message lists are conversational
   (whatever the `prompt` is). ValueError for no rows,
   a row that fits no schema, or mixed schemas (naming the first row that differs).
@@ -109,12 +111,12 @@ def detect_schema(rows: Any, source: str = "rows", on_bad_row: str = "error") ->
   recs = records(rows)
   if not recs:
     raise ValueError(f"{source}: no rows; check the file or the split name.")
-  bad = preference.BadRows(on_bad_row, rows)
+  bad = rows_lib.BadRows(on_bad_row, rows)
   first, first_at, first_error = None, 0, None
   for i, row in enumerate(recs):
     try:
       schema = row_schema(row, i, source)
-    except preference.BadRow as e:
+    except rows_lib.BadRow as e:
       if not bad.skip:
         bad.handle(e, i)
       first_error = first_error or bad.locate(e, i)
@@ -122,7 +124,7 @@ def detect_schema(rows: Any, source: str = "rows", on_bad_row: str = "error") ->
     if first is None:
       first, first_at = schema, i
     elif schema != first and not bad.skip:
-      bad.handle(preference.BadRow(
+      bad.handle(rows_lib.BadRow(
           f"{source}: row {first_at} is {first} but row {i} is {schema} (module dpo_jax.data.schemas lists the "
           "schemas); convert the rows to one schema or split the file.", "other_schema"), i)
   if first is None:
@@ -142,7 +144,7 @@ def split_transcripts(chosen: str, rejected: str, i: int = 0, source: str = "row
   common = os.path.commonprefix([chosen, rejected])
   at = common.rfind(ASSISTANT_TAG)
   if at < 0:
-    raise preference.BadRow(
+    raise rows_lib.BadRow(
         f"{source}: row {i}: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn marker (shared prefix "
         f"{common[:60]!r}), so the prompt cannot be found. Implicit-prompt rows must be full "
         "'\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts with a common prefix; otherwise add a 'prompt' field "
@@ -152,12 +154,12 @@ def split_transcripts(chosen: str, rejected: str, i: int = 0, source: str = "row
 
 
 def explicit_texts(row: Any, i: int, source: str = "rows") -> tuple[str, str, str]:
-  """preference.pair_texts for data detected as explicit, with a row of another schema named as such."""
+  """rows_lib.pair_texts for data detected as explicit, with a row of another schema named as such."""
   schema = row_schema(row, i, source)
   if schema != "explicit":
-    raise preference.BadRow(f"{source}: row {i} is {schema}, but the data is explicit (string 'prompt', 'chosen', "
+    raise rows_lib.BadRow(f"{source}: row {i} is {schema}, but the data is explicit (string 'prompt', 'chosen', "
                             "'rejected'); convert the rows to one schema.", "other_schema")
-  return preference.pair_texts(row, i, source)
+  return rows_lib.pair_texts(row, i, source)
 
 
 def implicit_texts(row: Any, i: int, source: str = "rows") -> tuple[str, str, str]:
@@ -165,9 +167,9 @@ def implicit_texts(row: Any, i: int, source: str = "rows") -> tuple[str, str, st
   BadRow naming the row for a row of another schema, identical transcripts or no shared prompt."""
   schema = row_schema(row, i, source)
   if schema != "implicit":
-    raise preference.BadRow(f"{source}: row {i} is {schema}, but the data is implicit-prompt (HH transcripts in "
+    raise rows_lib.BadRow(f"{source}: row {i} is {schema}, but the data is implicit-prompt (HH transcripts in "
                             "'chosen'/'rejected', no 'prompt'); convert the rows to one schema.", "other_schema")
-  preference.check_distinct(row["chosen"], row["rejected"], i, source)
+  rows_lib.check_distinct(row["chosen"], row["rejected"], i, source)
   return split_transcripts(row["chosen"], row["rejected"], i, source)
 
 
@@ -188,17 +190,17 @@ def implicit_to_explicit(rows: Any, source: str = "rows") -> list[dict]:
 def check_messages(messages: Any, i: int, field: str, source: str = "rows") -> list[dict]:
   """A validated list of messages (copies); BadRow naming the row, field and message otherwise."""
   if not isinstance(messages, (list, tuple)):
-    raise preference.BadRow(
+    raise rows_lib.BadRow(
         f"{source}: row {i}, field '{field}': expected a list of {{'role', 'content'}} messages, got "
         f"{type(messages).__name__}; use the same conversational format in every field.", "bad_message")
   out = []
   for k, m in enumerate(messages):
     if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-      raise preference.BadRow(
+      raise rows_lib.BadRow(
           f"{source}: row {i}, field '{field}', message {k}: expected {{'role': ..., 'content': str}}, got "
           f"{str(m)[:80]!r}; fix that message.", "bad_message")
     if m.get("role") not in ROLES:
-      raise preference.BadRow(
+      raise rows_lib.BadRow(
           f"{source}: row {i}, field '{field}', message {k}: role {m.get('role')!r} is not one of {list(ROLES)}; "
           "rename it (e.g. 'human' -> 'user', 'gpt' -> 'assistant').", "bad_role")
     out.append({key: value for key, value in m.items() if value is not None})
@@ -217,19 +219,19 @@ def split_conversation(row: dict, i: int = 0, source: str = "rows") -> tuple[lis
   """
   schema = row_schema(row, i, source)
   if schema != "conversational":
-    raise preference.BadRow(f"{source}: row {i} is {schema}, but the data is conversational (message lists); "
+    raise rows_lib.BadRow(f"{source}: row {i} is {schema}, but the data is conversational (message lists); "
                             "convert the rows to one schema.", "other_schema")
   chosen = check_messages(row["chosen"], i, "chosen", source)
   rejected = check_messages(row["rejected"], i, "rejected", source)
   for field, messages in (("chosen", chosen), ("rejected", rejected)):
     if not messages or messages[-1]["role"] != "assistant":
       last = messages[-1]["role"] if messages else "nothing (empty list)"
-      raise preference.BadRow(
+      raise rows_lib.BadRow(
           f"{source}: row {i}, field '{field}': the last message must be the assistant's response, found "
           f"{last!r}. End '{field}' with {{'role': 'assistant', 'content': ...}}; put the conversation so far in "
           "'prompt'.", "bad_role")
   if chosen[:-1] != rejected[:-1]:
-    raise preference.BadRow(
+    raise rows_lib.BadRow(
         f"{source}: row {i}: 'chosen' and 'rejected' differ before their final assistant turn; a pair must share "
         "its history. Move the shared turns into 'prompt' and keep only the final assistant message in each.",
         "histories_differ")
@@ -241,17 +243,17 @@ def split_conversation(row: dict, i: int = 0, source: str = "rows") -> tuple[lis
   elif prompt is None or isinstance(prompt, str):
     history = chosen[:-1]
   else:
-    raise preference.BadRow(f"{source}: row {i}, field 'prompt': expected a list of messages or a string, got "
+    raise rows_lib.BadRow(f"{source}: row {i}, field 'prompt': expected a list of messages or a string, got "
                             f"{type(prompt).__name__}; fix or drop that field.", "bad_message")
   if not history:
-    raise preference.BadRow(
+    raise rows_lib.BadRow(
         f"{source}: row {i}: no prompt messages before the final assistant turn; the response needs a context. "
         "Add a 'prompt' list (e.g. [{'role': 'user', 'content': ...}]) or drop the row.", "empty_prompt")
   if history[-1]["role"] == "assistant":
-    raise preference.BadRow(
+    raise rows_lib.BadRow(
         f"{source}: row {i}: the prompt ends with an assistant message, so the final assistant turn does not "
         "answer anything. End the prompt with a user (or system) message.", "bad_role")
-  preference.check_distinct(chosen[-1]["content"], rejected[-1]["content"], i, source)
+  rows_lib.check_distinct(chosen[-1]["content"], rejected[-1]["content"], i, source)
   return history, chosen[-1], rejected[-1]
 
 
@@ -331,7 +333,7 @@ def to_explicit_rows(rows: Any, tokenizer: Any = None, source: str = "rows") -> 
   """
   schema = detect_schema(rows, source)
   if schema == "explicit":
-    preference.check_rows(rows, source)
+    rows_lib.check_rows(rows, source)
     return records(rows)
   if schema == "implicit":
     return implicit_to_explicit(rows, source)
@@ -352,14 +354,14 @@ def tokenize_conversational(rows: Any, tokenizer: Any, *, max_length: int, max_p
   the template's end-of-turn), plus EOS only when that has no EOS token. Truncation and drops as in
   preference.tokenize_pairs: the prompt keeps its last max_prompt_length tokens, each response its first
   max_length - prompt_len; a pair whose chosen or rejected content is "" is dropped and counted; bad rows
-  (preference.BadRow) raise or, with on_bad_row='skip', are counted in stats["skipped"].
+  (rows_lib.BadRow) raise or, with on_bad_row='skip', are counted in stats["skipped"].
   stats: tokenize_pairs' keys plus num_text_split, the pairs where render_response took the text fallback.
   reference_logps=True keeps the rows' ref_chosen_logps / ref_rejected_logps, as in tokenize_pairs.
   """
   preference.check_lengths(max_length, max_prompt_length)
   check_chat_template(tokenizer)
   pad_id, eos_id = preference.special_ids(tokenizer)
-  bad = preference.BadRows(on_bad_row, rows)
+  bad = rows_lib.BadRows(on_bad_row, rows)
   recs = records(rows)
   if not recs:
     raise ValueError(f"{source}: no rows to tokenize.")
@@ -369,8 +371,8 @@ def tokenize_conversational(rows: Any, tokenizer: Any, *, max_length: int, max_p
   for i, row in enumerate(recs):
     try:
       history, chosen, rejected = split_conversation(row, i, source)
-      ref = preference.reference_pair(row, i, source) if reference_logps else None
-    except preference.BadRow as e:
+      ref = rows_lib.reference_pair(row, i, source) if reference_logps else None
+    except rows_lib.BadRow as e:
       bad.handle(e, i)
       continue
     if chosen["content"] == "" or rejected["content"] == "":

@@ -20,6 +20,7 @@ import jax
 
 from dpo_jax import lora as lora_lib, losses, optim, sharding
 from dpo_jax.data import packing, preference
+from dpo_jax.data import rows as rows_lib
 from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import reference_update
 
@@ -98,7 +99,7 @@ def check_ranges(config: Any) -> None:
                        f"--config.{path}.")
   found, value = _lookup(config, "data.on_bad_row")
   if found:
-    preference.check_on_bad_row(value)
+    rows_lib.check_on_bad_row(value)
 
 
 def closest(name: str, names: Any) -> str:

@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dpo_jax.data import preference, synthetic
+
+from dpo_jax.data import rows as rows_lib
 from paths import REPO_ROOT
 
 ROWS = [
@@ -139,7 +141,7 @@ def write_jsonl(path, rows):
 
 
 def as_triples(rows):
-  return list(zip(*[preference.pair_texts(r, i) for i, r in enumerate(preference._records(rows))]))
+  return list(zip(*[rows_lib.pair_texts(r, i) for i, r in enumerate(rows_lib.records(rows))]))
 
 
 def test_every_source_kind_loads_the_same_rows(tmp_path, monkeypatch):
@@ -168,23 +170,23 @@ def test_every_source_kind_loads_the_same_rows(tmp_path, monkeypatch):
   sources["load_dataset folder"] = str(tmp_path / "folder")
   expected = as_triples(ROWS)
   for kind, source in sources.items():
-    assert as_triples(preference.load_rows(source)) == expected, kind
-  assert len(preference.load_rows(sources["save_to_disk dict"], split="test")) == 1
+    assert as_triples(rows_lib.load_rows(source)) == expected, kind
+  assert len(rows_lib.load_rows(sources["save_to_disk dict"], split="test")) == 1
   with pytest.raises(ValueError, match=r"no split 'valid'; it has \['test', 'train'\]"):
-    preference.load_rows(sources["save_to_disk dict"], split="valid")
+    rows_lib.load_rows(sources["save_to_disk dict"], split="valid")
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
   missing = str(tmp_path / "nope" / "train.jsonl")
   with pytest.raises(FileNotFoundError, match="no such file or folder") as e:
-    preference.load_rows(missing)
+    rows_lib.load_rows(missing)
   assert missing in str(e.value)
 
 
 def test_missing_column_names_the_column_and_what_was_found(tmp_path):
   path = write_jsonl(tmp_path / "d.jsonl", [dict(prompt="a :", chosen="good", response_b="bad")])
   with pytest.raises(ValueError) as e:
-    preference.load_rows(path)
+    rows_lib.load_rows(path)
   message = str(e.value)
   assert path in message and "['rejected']" in message and "response_b" in message
 
@@ -196,7 +198,7 @@ def test_non_string_value_names_row_and_field(tmp_path, value, hint):
   rows[2]["chosen"] = value
   path = write_jsonl(tmp_path / "d.jsonl", rows)
   with pytest.raises(ValueError, match="row 2, field 'chosen'") as e:
-    preference.load_rows(path)
+    rows_lib.load_rows(path)
   assert hint in str(e.value) and path in str(e.value)
 
 
@@ -204,7 +206,7 @@ def test_bad_json_line_names_the_line(tmp_path):
   path = tmp_path / "d.jsonl"
   path.write_text(json.dumps(ROWS[0]) + "\n\n{not json\n")
   with pytest.raises(ValueError, match=r"line 3 \(row 1\) is not valid JSON"):
-    preference.load_rows(str(path))
+    rows_lib.load_rows(str(path))
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -11,6 +11,7 @@ import pytest
 from configs.default import get_config
 from dpo_jax import logprobs, model as model_lib, step
 from dpo_jax.data import packing, preference
+from dpo_jax.data import rows as rows_lib
 from train_steps import run_steps
 
 CONFIG = get_config("tiny")
@@ -130,7 +131,7 @@ def test_logps_loss_and_grads_equal_unpacked(params, slots):
 def test_precomputed_reference_logps_follow_the_slots():
   tokenized = make_pairs(5, reference=True)
   packed, unpacked = batches(tokenized, np.array([[4, 0], [2, -1]]))
-  for field in preference.REFERENCE_FIELDS:
+  for field in rows_lib.REFERENCE_FIELDS:
     np.testing.assert_array_equal(packed[field], unpacked[field])
   np.testing.assert_array_equal(packed["row_ids"], [104, 100, 102, -1])
 

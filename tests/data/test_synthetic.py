@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from dpo_jax.data import preference, synthetic
+
+from dpo_jax.data import rows as rows_lib
 from paths import REPO_ROOT
 
 REPO = Path(REPO_ROOT)
@@ -155,7 +157,7 @@ def test_tokenizer_loads_offline_and_round_trips(tokenizer, test_rows):
 
 def test_committed_data_fits_the_tiny_config_untruncated(tokenizer):
   # configs/default.py 'tiny': max_length=32, max_prompt_length=12; nothing may be cut or dropped.
-  rows = preference.load_rows(str(synthetic.test_path()))
+  rows = rows_lib.load_rows(str(synthetic.test_path()))
   _, stats = preference.tokenize_pairs(rows, tokenizer, max_length=32, max_prompt_length=12)
   assert stats["num_pairs"] == len(rows) and stats["num_truncated"] == 0
   assert stats["num_dropped_empty_response"] == 0

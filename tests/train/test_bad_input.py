@@ -14,6 +14,7 @@ import pytest
 from dpo_jax.train import config_checks, runtime
 from dpo_jax.train import config_checks
 from dpo_jax.data import preference, schemas, synthetic
+from dpo_jax.data import rows as rows_lib
 from configs import default
 
 GOOD = {"prompt": "the food was", "chosen": "good .", "rejected": "bad ."}
@@ -164,7 +165,7 @@ def test_missing_column_in_a_dataset_suggests_the_name():
   import datasets
   rows = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejectd": "c"}])
   with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\].*'rejectd' looks like a misspelling"):
-    preference.check_rows(rows, "ds")
+    rows_lib.check_rows(rows, "ds")
 
 
 def test_empty_response_is_dropped_and_counted(tmp_path, tok):

@@ -21,6 +21,7 @@ from torch_models import random_hf_model  # noqa: E402
 
 from dpo_jax.train import pipeline, runtime
 from dpo_jax.data import preference, synthetic  # noqa: E402
+from dpo_jax.data import rows as rows_lib
 
 LLAMA = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=3,
@@ -55,7 +56,7 @@ def torch_dpo_loss(policy_path, reference_path, test_file, max_length, max_promp
   """Held-out DPO loss, mean over pairs, computed by PyTorch from two HF folders (seed eq. 7); `load_policy(path)`
   loads the policy another way (a PEFT adapter folder on its base)."""
   tokenizer = transformers.AutoTokenizer.from_pretrained(policy_path)
-  pairs, _ = preference.tokenize_pairs(preference.load_rows(test_file), tokenizer, max_length=max_length,
+  pairs, _ = preference.tokenize_pairs(rows_lib.load_rows(test_file), tokenizer, max_length=max_length,
                                        max_prompt_length=max_prompt_length)
   batch = preference.make_batch(pairs, np.arange(pairs.num_pairs), kind="dpo")
   ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
