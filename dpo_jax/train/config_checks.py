@@ -24,7 +24,8 @@ from dpo_jax.data import rows as rows_lib
 from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import reference_update
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                              "default.py")
 
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dpo_jax/
 EXIT_CODE = 2
 
 

@@ -21,7 +21,7 @@ ROOT = REPO_ROOT
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
   workdir_lib.claim(str(tmp_path))
   try:
-    code = f"from dpo_jax import workdir; workdir.claim({str(tmp_path)!r})"
+    code = f"from dpo_jax.train import workdir; workdir.claim({str(tmp_path)!r})"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "is in use by another run" in out.stderr and f"pid {os.getpid()}" in out.stderr, out.stderr
@@ -32,7 +32,7 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
 
 
 def test_a_killed_run_leaves_no_lock_behind(tmp_path):
-  code = f"import os, signal; from dpo_jax import workdir; workdir.claim({str(tmp_path)!r}); os.kill(os.getpid(), 9)"
+  code = f"import os, signal; from dpo_jax.train import workdir; workdir.claim({str(tmp_path)!r}); os.kill(os.getpid(), 9)"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert out.returncode == -9
   workdir_lib.claim(str(tmp_path))
