@@ -83,20 +83,15 @@ def sequence_lengths(batch: Mapping[str, jax.Array]) -> jax.Array:
   return _per_sequence(real_NxT, segment_onehot(batch["attention_mask"], g) if g else None)
 
 
-def _log_z_and_target(logits_NxSxV: jax.Array, targets_NxS: jax.Array) -> tuple[jax.Array, jax.Array]:
-  # logsumexp + gather rather than log_softmax: no second [N, S, V] array is needed.
-  log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
-  return log_z_NxS, jnp.take_along_axis(logits_NxSxV, targets_NxS[..., None], axis=-1)[..., 0]
-
-
 @jax.custom_vjp
 def _token_logps(logits_NxSxV: jax.Array, targets_NxS: jax.Array) -> jax.Array:
-  log_z_NxS, target_logit_NxS = _log_z_and_target(logits_NxSxV, targets_NxS)
-  return target_logit_NxS - log_z_NxS
+  return _token_logps_fwd(logits_NxSxV, targets_NxS)[0]
 
 
 def _token_logps_fwd(logits_NxSxV, targets_NxS):
-  log_z_NxS, target_logit_NxS = _log_z_and_target(logits_NxSxV, targets_NxS)
+  # logsumexp + gather rather than log_softmax: no second [N, S, V] array is needed.
+  log_z_NxS = jax.nn.logsumexp(logits_NxSxV, axis=-1)
+  target_logit_NxS = jnp.take_along_axis(logits_NxSxV, targets_NxS[..., None], axis=-1)[..., 0]
   return target_logit_NxS - log_z_NxS, (logits_NxSxV, log_z_NxS, targets_NxS)
 
 
@@ -119,7 +114,8 @@ def target_logps(logits_NxSxV: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.
   differentiated: pi_theta's log-probs equal pi_ref's bit for bit when their params do. Under plain autodiff XLA
   kept `exp(logits - max)` `[N, S, V]` for the backward and fused the log Z reduction with that store, which
   summed in another order: on SmolLM2 weights the policy's log-probs differed from the reference forward's by up
-  to 7.6e-6 nats at pi == pi_ref, and the step-0 DPO loss was 0.69314712 rather than ln 2 (tests/interop/test_smollm2.py).
+  to 7.6e-6 nats at pi == pi_ref, and the step-0 DPO loss was 0.69314712 rather than ln 2
+  (tests/interop/test_smollm2.py).
   """
   logits_NxSxV = logits_NxSxV.astype(jnp.float32)
   return _token_logps(logits_NxSxV, targets_NxS) * mask_NxS.astype(jnp.float32)

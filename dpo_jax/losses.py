@@ -336,7 +336,8 @@ def _is_number(x: Any) -> bool:
 
 
 def _traced(x: Any) -> bool:
-  """A value under a jax transformation: dpo_jax/experiments/sweep.py vmaps over beta after checking its concrete values."""
+  """A value under a jax transformation: dpo_jax/experiments/sweep.py vmaps over beta after checking its concrete
+  values."""
   return isinstance(x, jax.core.Tracer)
 
 

@@ -146,9 +146,9 @@ def tokenize_pairs(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_len
   for k, i in enumerate(good):
     prompt, chosen, rejected = ids[0][k], ids[1][k], ids[2][k]
     if not prompt:
-      bad.handle(rows_lib.BadRow(f"{source}: row {i}, field 'prompt' is empty (0 tokens); the first response token needs a "
-                        "context to be scored. Give the row a prompt (even a fixed one like 'Answer:') or drop it.",
-                        "empty_prompt"), i)
+      bad.handle(rows_lib.BadRow(
+          f"{source}: row {i}, field 'prompt' is empty (0 tokens); the first response token needs a context to be "
+          "scored. Give the row a prompt (even a fixed one like 'Answer:') or drop it.", "empty_prompt"), i)
       continue
     if not chosen or not rejected:
       dropped += 1

@@ -1,7 +1,7 @@
 """Parity with the PyTorch baseline: the same weights and batch through HF transformers (torch) and dpo_jax.
 
     python -m dpo_jax.interop.compare_torch --model DIR --data pairs.jsonl [--reference DIR] [--beta 0.1]
-    python -m dpo_jax.interop.compare_torch --model BASE_DIR --adapter PEFT_DIR --data pairs.jsonl   # a LoRA step vs PEFT
+    python -m dpo_jax.interop.compare_torch --model BASE_DIR --adapter PEFT_DIR --data pairs.jsonl  # LoRA vs PEFT
 
 The torch side is a plain PyTorch DPO step as TRL computes it (one concatenated forward over chosen and
 rejected, the reference under `no_grad`, sigmoid loss of seed eq. (7), global-norm clipping,

@@ -28,7 +28,8 @@ def main(argv=None) -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and the summary go here; rerun to resume. "
                       "Multi-host: a filesystem every host sees (NFS, a gcsfuse mount).")
-  # Multi-host (dpo_jax/train/distributed.py): the same command on every host; unset flags fall back to DPO_JAX_* env vars.
+  # Multi-host (dpo_jax/train/distributed.py): the same command on every host; unset flags fall back to DPO_JAX_*
+  # env vars.
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize first (also: DPO_JAX_DISTRIBUTED=1).")
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (DPO_JAX_COORDINATOR); '' = auto (TPU, "
                       "SLURM).")
@@ -52,7 +53,8 @@ def main(argv=None) -> None:
       errors.exit_on_purpose_errors(dry_run.report, f.config)
       return
     try:
-      errors.exit_on_purpose_errors(pipeline.run, f.config, f.workdir, passthrough=(loop.Preempted,))  # bad input: one line
+      # bad input: one line
+      errors.exit_on_purpose_errors(pipeline.run, f.config, f.workdir, passthrough=(loop.Preempted,))
     except loop.Preempted as done:  # checkpointed: a clean exit, so the scheduler reschedules rather than fails it
       print(done, flush=True)
 

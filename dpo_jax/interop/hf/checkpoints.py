@@ -135,7 +135,8 @@ def load_hf_checkpoint(path: str, *, mesh: Any = None, rules: Any = None,
   reader = _TensorReader(files)
   dtype = np.dtype(cfg.param_dtype)
   if cfg.tie_embeddings and layout.tied_head in files:
-    if not np.array_equal(layouts.to_numpy(reader.get(layout.tied_head)), layouts.to_numpy(reader.get(layout.embedding))):
+    head, embedding = reader.get(layout.tied_head), reader.get(layout.embedding)
+    if not np.array_equal(layouts.to_numpy(head), layouts.to_numpy(embedding)):
       raise ValueError(f"hf checkpoint {path}: {layout.tied_head} differs from {layout.embedding} but the config "
                        "ties them; pass tie_embeddings=False.")
   axes = _logical_axes(cfg, mesh)

@@ -40,7 +40,8 @@ def peft_state_dict(adapters: Mapping[str, Any], spec: lora_lib.LoraSpec, cfg: A
   return out
 
 
-def adapters_from_peft(state_dict: Mapping[str, Any], spec: lora_lib.LoraSpec, like: Any, cfg: Any, source: str) -> Any:
+def adapters_from_peft(state_dict: Mapping[str, Any], spec: lora_lib.LoraSpec, like: Any, cfg: Any,
+                       source: str) -> Any:
   """Our adapters (numpy, shaped as `like`: `lora_lib.abstract_adapters`) from PEFT tensors; raises naming a missing,
   unexpected or misshapen tensor."""
   expected = set()
@@ -105,7 +106,7 @@ _UNSUPPORTED = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
 
 
 def read_peft_spec(path: str) -> lora_lib.LoraSpec:
-  """The lora_lib.LoraSpec of the PEFT adapter folder `path`; raises naming the field of an adapter we cannot compute."""
+  """The LoraSpec of the PEFT adapter folder `path`; raises naming the field of an adapter we cannot compute."""
   config_file = os.path.join(path, ADAPTER_CONFIG)
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"config.lora.adapter_path={path!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG}); "
@@ -124,7 +125,8 @@ def read_peft_spec(path: str) -> lora_lib.LoraSpec:
       raise ValueError(f"{config_file}: target_modules={targets!r} is a regex; list the modules "
                        f"({list(lora_lib.TARGETS)}) instead.")
     targets = [lora_lib.ALL_LINEAR]
-  return lora_lib.LoraSpec(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), dropout=float(pc.get("lora_dropout", 0.0)),
+  return lora_lib.LoraSpec(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]),
+                           dropout=float(pc.get("lora_dropout", 0.0)),
                   targets=tuple(targets))
 
 
