@@ -20,6 +20,13 @@ Packed batches (dpo_jax/data/packing.py: `[R, L]` rows of up to P pairs, `attent
 order (segment s of row r at r * 2P + s - 1), so everything downstream is unchanged. A token's segment is
 that of the token it scores; a segment never starts with a scored token (its prompt is non-empty), so the
 logits that score it come from its own segment.
+
+Sequence-sharded batches (`mesh.sequence = n > 1`, dpo_jax/context_parallel.py): every `[N, T]` field is padded to
+a multiple of n (2n for zig-zag) and put in the load-balanced `token_order`, and each position carries the target
+it scores (`ids[t + 1]`) and its loss-mask bit with it. The LM head then runs on each device's tokens, chunk by
+chunk (`chunked_scores(shards=n)`), and only the per-sequence sums `[N]` are reduced over 'sequence': no device
+holds a `[N, T, V]` array or another shard's hidden states. Nothing is put back in order, because a sum does not
+depend on the order of its terms (the results equal the unsharded ones up to fp32 summation order).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import model as model_lib
+from dpo_jax import context_parallel, model as model_lib
+from dpo_jax.sharding import constrain
 
 
 # bf16 compute (`model.compute_dtype='bfloat16'`, fp32 params, fp32 log-softmax) against fp32: the largest relative
@@ -158,6 +166,9 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> S
   """
   chunk = getattr(getattr(model, "cfg", None), "logits_chunk_size", 0)
   head = lambda h: model_lib.apply_params(model, params, h, method="logits")
+  shards = context_parallel.degree(getattr(model, "shard", None))
+  if shards > 1:
+    return _sequence_sharded_logps(model, params, batch, head, chunk, shards)
   if shares_prompts(batch):
     return _shared_prompt_logps(model, params, batch, head, chunk)
   g = num_segments(batch)
@@ -184,6 +195,48 @@ def _shared_prompt_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]
   return scored_sums(head(scoring_NxRxD), batch["input_ids"], batch["loss_mask"])
 
 
+def _next_token(x_NxT: jax.Array) -> jax.Array:
+  """`x[:, t + 1]` at position t (0 at the last): what the logits at t score, aligned with t."""
+  return jnp.pad(x_NxT[:, 1:], ((0, 0), (0, 1)))
+
+
+def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any, chunk: int,
+                            shards: int) -> SequenceLogps:
+  """`sequence_logps` with the tokens sharded over 'sequence' (module docstring)."""
+  balance, shard = model.cfg.context_load_balance, model.shard
+
+  def layout(x_NxT: jax.Array) -> jax.Array:  # pad, reorder, shard the tokens
+    t = x_NxT.shape[1]
+    x_NxT = jnp.pad(x_NxT, ((0, 0), (0, context_parallel.padded_length(t, shards, balance) - t)))
+    return constrain(x_NxT[:, context_parallel.token_order(x_NxT.shape[1], shards, balance)], ("batch", "length"),
+                     shard)
+
+  ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+  if not shares_prompts(batch):
+    g = num_segments(batch)
+    segments = batch["attention_mask"]
+    hidden_NxTxD = model_lib.apply_params(model, params, layout(ids), layout(batch["positions"]), layout(segments),
+                                          method="hidden")
+    return chunked_scores(head, hidden_NxTxD, layout(_next_token(ids)), layout(_next_token(loss_mask)), chunk,
+                          layout(_next_token(segments)) if g else None, g, shards=shards, shard=shard)
+  # Shared prompts: response position j scores token j + 1, and the prompt's last real column (P - 1, the prompts
+  # being left-padded) scores token 0, picked out of the sharded prompt stream by a masked sum (exact: the other
+  # terms are zeros), whose [B, D] result is all that crosses devices.
+  prompt_width = batch["prompt_ids"].shape[1]
+  hidden_BxPxD, hidden_NxRxD = model_lib.apply_params(
+      model, params, (layout(batch["prompt_ids"]), layout(ids)),
+      (layout(batch["prompt_positions"]), layout(batch["positions"])),
+      (layout(batch["prompt_mask"]), layout(batch["attention_mask"])), method="hidden")
+  order_P = context_parallel.token_order(hidden_BxPxD.shape[1], shards, balance)
+  last_BxD = jnp.where(jnp.asarray(order_P == prompt_width - 1)[None, :, None], hidden_BxPxD, 0).sum(1)
+  last_NxD = jnp.repeat(last_BxD, ids.shape[0] // last_BxD.shape[0], axis=0)
+  unsharded_head = lambda h: model_lib.apply_params(model.clone(shard=None), params, h, method="logits")
+  first = scored_sums(unsharded_head(last_NxD[:, None]), ids[:, :1], loss_mask[:, :1])
+  rest = chunked_scores(head, hidden_NxRxD, layout(_next_token(ids)), layout(_next_token(loss_mask)), chunk,
+                        shards=shards, shard=shard)
+  return SequenceLogps(*(a + b for a, b in zip(first, rest)))
+
+
 def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
                   chunk: int, segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
   """`logps_from_logits(head(hidden), ..., segments_NxT, num_segments)` computed C positions at a time
@@ -193,23 +246,38 @@ def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_m
 
 
 def chunked_scores(head: Any, hidden_NxSxD: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.Array, chunk: int,
-                   segments_NxS: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
+                   segments_NxS: jax.Array | None = None, num_segments: int = 0, shards: int = 1,
+                   shard: Any = None) -> SequenceLogps:
   """`scored_sums(head(hidden), targets, mask, ...)` computed C positions at a time.
 
   `head` maps hidden `[N, C, D]` to fp32 logits `[N, C, V]`. A `lax.scan` over sequence chunks applies it and
   reduces each chunk to per-row sums at once, under `jax.checkpoint`, so the backward pass recomputes a chunk's
   logits instead of storing them: peak memory holds one `[N, C, V]` block, not `[N, S, V]` (MaxText and
   Liger-Kernel compute their fused / chunked cross-entropy the same way).
+
+  `shards = n > 1` (positions sharded over 'sequence' in n contiguous blocks): chunk k is the k-th C positions of
+  every block, `[N, n C]`, so each device scores its own positions at every step and the sums alone are reduced.
+  `chunk = 0`: the head runs on all S positions at once.
   """
+  if not chunk:
+    onehot = segment_onehot(segments_NxS, num_segments) if num_segments else None
+    return scored_sums(head(hidden_NxSxD), targets_NxS, mask_NxS, onehot)
   n, s, d = hidden_NxSxD.shape
-  num_chunks = -(-s // chunk)
-  pad = num_chunks * chunk - s
-  h = jnp.pad(hidden_NxSxD, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets_NxS, ((0, 0), (0, pad)))
-  mask = jnp.pad(mask_NxS.astype(jnp.float32), ((0, 0), (0, pad)))  # padding positions score 0
+  per_shard = s // shards
+  num_chunks = -(-per_shard // chunk)
+  pad = num_chunks * chunk - per_shard
+
+  def to_chunks(x, spec):  # [N, S, ...] -> [chunks, N, shards * C, ...]; padding positions score 0
+    x = x.reshape((n, shards, per_shard) + x.shape[2:])
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
+    x = jnp.moveaxis(x.reshape((n, shards, num_chunks, chunk) + x.shape[3:]), 2, 0)
+    return constrain(x.reshape((num_chunks, n, shards * chunk) + x.shape[4:]), (None, "batch", "length") + spec,
+                     shard if shards > 1 else None)
+
+  h, targets, mask = to_chunks(hidden_NxSxD, ("act_embed",)), to_chunks(targets_NxS, ()), to_chunks(
+      mask_NxS.astype(jnp.float32), ())
   # Packed: each position's segment id (0 on the chunk padding); a plain batch passes none and sums per row.
-  segments = (jnp.pad(segments_NxS, ((0, 0), (0, pad))),) if num_segments else ()
-  to_chunks = lambda x: jnp.moveaxis(x.reshape((n, num_chunks, chunk) + x.shape[2:]), 1, 0)
+  segments = (to_chunks(segments_NxS, ()),) if num_segments else ()
   onehot = lambda *seg_NxC: segment_onehot(seg_NxC[0], num_segments) if num_segments else None
 
   @jax.checkpoint
@@ -222,9 +290,9 @@ def chunked_scores(head: Any, hidden_NxSxD: jax.Array, targets_NxS: jax.Array, m
     return (carry[0] + logps, carry[1] + logits_sum), None
 
   zeros = jnp.zeros((n * max(num_segments, 1),), jnp.float32)
-  (logps, logits_sum), _ = jax.lax.scan(
-      body, (zeros, zeros), tuple(to_chunks(x) for x in (h, targets, mask) + segments))
-  return SequenceLogps(logps=logps, num_tokens=_per_sequence(mask, onehot(*segments)), logits_sum=logits_sum)
+  (logps, logits_sum), _ = jax.lax.scan(body, (zeros, zeros), (h, targets, mask) + segments)
+  num_tokens = _per_sequence(mask_NxS.astype(jnp.float32), onehot(segments_NxS) if num_segments else None)
+  return SequenceLogps(logps=logps, num_tokens=num_tokens, logits_sum=logits_sum)
 
 
 def split_units(x_N: jax.Array, k: int) -> jax.Array:

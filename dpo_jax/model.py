@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import attention, lora as lora_lib, platforms
+from dpo_jax import attention, context_parallel, lora as lora_lib, platforms
 from dpo_jax.sharding import ShardingContext, constrain
 
 ACTIVATIONS = {
@@ -91,6 +91,8 @@ class ModelConfig:
   scan_layers: bool = False
   weight_grad_gemm: str = "auto"  # one of WEIGHT_GRAD_GEMMS: 'row_major' on CPU, 'xla' elsewhere when 'auto'
   attention_impl: str = "auto"  # one of attention.ATTENTION_IMPLS; 'auto' picks by platform and shapes
+  context_parallel: str = "ring"  # one of context_parallel.CONTEXT_PARALLEL: attention across 'sequence' shards
+  context_load_balance: str = "zigzag"  # one of context_parallel.LOAD_BALANCE: the token order over the shards
   # The backend the program is built for: '' = jax.default_backend() where it is traced. Set it ('tpu', 'cuda' /
   # 'gpu', 'cpu') to lower or export for another platform than this process's (jax.export, AOT compiles): every
   # 'auto' choice above (compute dtype, attention kernel, weight-gradient layout) then follows it.
@@ -108,6 +110,12 @@ class ModelConfig:
     if self.attention_impl not in attention.ATTENTION_IMPLS:
       raise ValueError(f"model: attention_impl={self.attention_impl!r}; choose one of "
                        f"{list(attention.ATTENTION_IMPLS)}.")
+    if self.context_parallel not in context_parallel.CONTEXT_PARALLEL:
+      raise ValueError(f"model: context_parallel={self.context_parallel!r}; choose one of "
+                       f"{list(context_parallel.CONTEXT_PARALLEL)}.")
+    if self.context_load_balance not in context_parallel.LOAD_BALANCE:
+      raise ValueError(f"model: context_load_balance={self.context_load_balance!r}; choose one of "
+                       f"{list(context_parallel.LOAD_BALANCE)}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
     if self.logits_chunk_size < 0:
@@ -371,6 +379,10 @@ class Attention(nn.Module):
     def out(o_BxTxHxD):
       return lora_lib.adapted(out_proj, o_lora, constrain(o_BxTxHxD, ("batch", "length", "heads", None), self.shard))
 
+    # Sequence-sharded activations (mesh.sequence > 1): attention across the shards, on tokens in the
+    # context_parallel.token_order that logprobs.sequence_logps puts them in.
+    attend = (context_parallel.attention if context_parallel.degree(self.shard) > 1 and not self.decode
+              else attention.causal_attention)
     if isinstance(x, tuple):  # (prompts, responses): each prompt computed once for its K responses
       if self.decode:
         raise ValueError("model: a shared-prompt forward has no KV-cached (decode) mode.")
@@ -379,13 +391,13 @@ class Attention(nn.Module):
       qr, kr, vr = qkv(xr_NxRxD, pos_r)
       per_prompt = lambda a: jnp.repeat(a, xr_NxRxD.shape[0] // xp_BxPxD.shape[0], axis=0)  # prompt r // K
       prefix = attention.Prefix(per_prompt(kp), per_prompt(vp), per_prompt(seg_p > 0))
-      return (out(attention.causal_attention(qp, kp, vp, seg_p, cfg, self.shard)),
-              out(attention.causal_attention(qr, kr, vr, seg_r, cfg, self.shard, prefix=prefix)))
+      return (out(attend(qp, kp, vp, seg_p, cfg, self.shard)),
+              out(attend(qr, kr, vr, seg_r, cfg, self.shard, prefix=prefix)))
     q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = qkv(x, positions)
     if self.decode:
       k_BxSxKxD, v_BxSxKxD, mask = self._cached_kv_and_mask(k_BxTxKxD, v_BxTxKxD, segment_ids)
       return out(attention.attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, cfg))
-    return out(attention.causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids, cfg, self.shard))
+    return out(attend(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids, cfg, self.shard))
 
 
 class Mlp(nn.Module):

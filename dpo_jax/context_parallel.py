@@ -1,0 +1,335 @@
+"""Context parallelism: one sequence's tokens sharded over the 'sequence' mesh axis, and attention across shards.
+
+With `config.mesh.sequence = n > 1` the activations `[batch, length, ...]` are sharded over batch (data, fsdp)
+and length ('sequence', the sharding rule of 'length'): each device holds T / n tokens of every row it holds, and
+every per-token op (embedding, norms, projections, MLP, LM head) runs on its shard with no communication. Only
+attention mixes tokens; `attention` runs it inside a `shard_map` in one of two ways (`model.context_parallel`):
+
+  'ring'        K/V blocks travel around the axis (`lax.ppermute`, n - 1 hops), each device folding every block
+                into its queries' online softmax (running max m, normaliser l, output o: flash attention's
+                accumulation); a custom VJP recomputes the tiles and passes the dK/dV accumulators around the
+                ring with their blocks (n hops), so no device ever holds more than its own and one visiting
+                block. Per device: O(T / n) memory; 2 (n - 1) K/V blocks sent forward, n - 1 K/V and n dK/dV
+                blocks backward. The tiles are jnp (scores in fp32), on every backend.
+  'all_gather'  K/V (and the index and segment of each key) gathered over the axis, then the local T / n
+                queries attend all T keys with the backend's kernel (`attention.choose`: cuDNN on GPU, else
+                the XLA kernel; splash and the CPU blocked kernel assume contiguous causal blocks, which a
+                load-balanced shard is not). The backward reduce-scatters dK/dV. Per device: O(T) K/V memory.
+
+The mask is the model's (model.py): key s is visible to query t iff s comes no later than t in the original order
+and both have the same segment id; a shared prompt's real tokens are visible to all of its response's tokens.
+Every token carries its original index (`token_order`) and segment id through the layout, so the mask is exact
+whatever order the shards hold the tokens in.
+
+Causal load balance (`model.context_load_balance`): in the original order, shard 0 would attend one block and
+shard n - 1 all n. The sequence is reordered before sharding so every shard does the same work:
+
+  'zigzag'   2n chunks; shard i holds chunks i and 2n - 1 - i (Llama 3's context parallelism; Brandon et al.
+             2023 call the striped variant below the better-balanced one for fine-grained kernels). With the
+             ring's tiles split at the chunk boundary, every shard computes 2 of 4 quarter tiles per visiting
+             block and 3 for its own: the same on every device, ~n / 2 blocks of work instead of n.
+  'striped'  shard i holds tokens i, i + n, i + 2n, ... (Striped Attention, Brandon et al. 2023): every tile
+             is a near-half triangle. Balanced, but the tiles here skip only fully masked blocks, so striped
+             computes all n blocks per device; it is for kernels that skip at finer grain.
+  'none'     contiguous blocks; the ring skips fully masked blocks, so shard i computes i + 1 of n.
+
+Log-probs never undo the order: each position's target token and loss-mask bit travel with it (logprobs.py), and a
+per-sequence sum does not depend on the order of its terms. RoPE positions and segment ids are inputs per token,
+so they travel too. Lengths are padded (ids 0, segment 0, never scored) to a multiple of `length_multiple`.
+
+The KV-cached sampler (`sample.py`) is not sequence-parallel: it decodes with the unsharded model on the data axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dpo_jax import attention as attention_lib
+from dpo_jax.sharding import ShardingContext, logical_to_spec
+
+CONTEXT_PARALLEL = ("ring", "all_gather")
+LOAD_BALANCE = ("zigzag", "striped", "none")
+
+# Kernels the context-parallel forms can run: the ring tiles are its own; all_gather hands the local queries and
+# the gathered keys with an arbitrary (index, segment) mask to cuDNN or XLA.
+_ALL_GATHER_KERNELS = ("auto", "xla", "cudnn")
+_RING_KERNELS = ("auto", "xla")
+
+
+def sequence_axes(shard: ShardingContext | None) -> tuple[str, ...]:
+  """The mesh axes the 'length' logical axis is sharded over (() without a mesh or a rule)."""
+  if shard is None:
+    return ()
+  table = dict(reversed(shard.rules))  # first rule wins
+  axes = table.get("length")
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return tuple(a for a in axes if shard.mesh.shape[a] > 1)
+
+
+def degree(shard: ShardingContext | None) -> int:
+  """n: the devices one sequence is split over (1 = no context parallelism)."""
+  return math.prod(shard.mesh.shape[a] for a in sequence_axes(shard)) if shard is not None else 1
+
+
+def length_multiple(n: int, balance: str) -> int:
+  """Sequence lengths are padded to a multiple of this: n shards, each of two chunks for 'zigzag'."""
+  return 2 * n if balance == "zigzag" and n > 1 else n
+
+
+def padded_length(length: int, n: int, balance: str) -> int:
+  m = length_multiple(n, balance)
+  return -(-length // m) * m
+
+
+def token_order(length: int, n: int, balance: str) -> np.ndarray:
+  """`[length]` int32: position p of the reordered sequence holds original token `order[p]`; shard i holds
+  positions [i L / n, (i + 1) L / n). `length` must be a multiple of `length_multiple(n, balance)`."""
+  if balance not in LOAD_BALANCE:
+    raise ValueError(f"model.context_load_balance={balance!r}; choose one of {list(LOAD_BALANCE)}.")
+  if length % length_multiple(n, balance):
+    raise ValueError(f"context parallelism: {length} tokens do not split into {n} shards with "
+                     f"context_load_balance={balance!r} (needs a multiple of {length_multiple(n, balance)}).")
+  index = np.arange(length, dtype=np.int32)
+  if n == 1 or balance == "none":
+    return index
+  if balance == "striped":
+    return index.reshape(length // n, n).T.reshape(-1)
+  chunks = index.reshape(2 * n, length // (2 * n))
+  return np.concatenate([np.concatenate([chunks[i], chunks[2 * n - 1 - i]]) for i in range(n)])
+
+
+def validate(cfg: Any, n: int) -> None:
+  """Raise, naming the field and the fix, for a model config that cannot run context-parallel over n devices."""
+  if cfg.context_parallel not in CONTEXT_PARALLEL:
+    raise ValueError(f"model.context_parallel={cfg.context_parallel!r}; choose one of {list(CONTEXT_PARALLEL)}.")
+  if cfg.context_load_balance not in LOAD_BALANCE:
+    raise ValueError(f"model.context_load_balance={cfg.context_load_balance!r}; choose one of {list(LOAD_BALANCE)}.")
+  if n <= 1:
+    return
+  kernels = _RING_KERNELS if cfg.context_parallel == "ring" else _ALL_GATHER_KERNELS
+  if cfg.attention_impl not in kernels:
+    why = ("the ring computes its own online-softmax tiles" if cfg.context_parallel == "ring" else
+           "a sequence shard is not one contiguous causal block, so the kernel's built-in causal mask cannot "
+           "express which keys each query sees")
+    raise ValueError(
+        f"model.attention_impl={cfg.attention_impl!r} with mesh.sequence={n} and model.context_parallel="
+        f"{cfg.context_parallel!r}: {why}. Set --config.model.attention_impl to one of {list(kernels)}"
+        + (" (or context_parallel=all_gather for cuDNN)." if cfg.context_parallel == "ring" else "."))
+
+
+class _Static(NamedTuple):
+  """What the ring's tiles are cut by and computed with (hashable: a custom-VJP static argument)."""
+  axes: tuple[str, ...]
+  n: int
+  q_bounds: tuple[int, ...]  # query tiles [q_bounds[a], q_bounds[a + 1])
+  k_bounds: tuple[int, ...]  # key tiles of a block
+  precision: Any
+  compute_dtype: Any
+
+
+def _tile_mask(q_idx_T, q_seg_BxT, k_idx_S, k_seg_BxS, k_seen_BxS):
+  """`[B, 1, 1, T, S]` bool: the model's mask between queries and keys given by (original index, segment)."""
+  causal = (k_idx_S[None, None, :] <= q_idx_T[None, :, None]) & (k_seg_BxS[:, None, :] == q_seg_BxT[:, :, None])
+  return (causal | k_seen_BxS[:, None, :])[:, None, None]
+
+
+def _split(x, bounds, axis):
+  return [jax.lax.slice_in_dim(x, lo, hi, axis=axis) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _heads_first(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD):
+  b, t, h, d = q_BxTxHxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q_BxKxGxTxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+  return q_BxKxGxTxD, k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
+
+
+def _scores(q_BxKxGxTxD, k_BxKxSxD, mask, static):
+  s = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD, precision=static.precision,
+                 preferred_element_type=jnp.float32) * (q_BxKxGxTxD.shape[-1] ** -0.5)
+  return jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+
+
+def _ring_forward(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen):
+  """Per device: (out `[B, T, H, D]`, log-sum-exp `[B, K, G, T]` fp32) of the local queries over all blocks."""
+  qh, kh, vh = _heads_first(q, k, v)
+  qs, q_idxs, q_segs = _split(qh, static.q_bounds, 3), _split(q_idx, static.q_bounds, 0), _split(q_seg, static.q_bounds, 1)
+  lowest = jnp.finfo(jnp.float32).min
+  states = [(jnp.full(qa.shape[:-1], lowest), jnp.zeros(qa.shape[:-1], jnp.float32),
+             jnp.zeros(qa.shape, jnp.float32)) for qa in qs]
+
+  def fold(states, block):
+    kh, vh, k_idx, k_seg, k_seen = block
+    out = []
+    for qa, qi, qsg, (m, l, o) in zip(qs, q_idxs, q_segs, states):
+      for kb, vb, ki, ksg, kse in zip(*(_split(x, static.k_bounds, ax) for x, ax in
+                                        ((kh, 2), (vh, 2), (k_idx, 0), (k_seg, 1), (k_seen, 1)))):
+        mask = _tile_mask(qi, qsg, ki, ksg, kse)
+
+        def update(m, l, o, qa=qa, kb=kb, vb=vb, mask=mask):
+          s = _scores(qa, kb, mask, static)
+          m_new = jnp.maximum(m, s.max(-1))
+          p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+          corr = jnp.exp(m - m_new)
+          pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(static.compute_dtype), vb, precision=static.precision,
+                          preferred_element_type=jnp.float32)
+          return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
+
+        m, l, o = jax.lax.cond(mask.any(), update, lambda m, l, o: (m, l, o), m, l, o)
+      out.append((m, l, o))
+    return out
+
+  block = (kh, vh, k_idx, k_seg, k_seen)
+  states = fold(states, block)
+  shift = [(i, (i + 1) % static.n) for i in range(static.n)]
+
+  def body(carry, _):
+    states, block = carry
+    block = jax.lax.ppermute(block, static.axes, shift)
+    return (fold(states, block), block), None
+
+  if static.n > 1:
+    (states, _), _ = jax.lax.scan(body, (states, block), None, length=static.n - 1)
+  o = jnp.concatenate([o / l[..., None] for _, l, o in states], axis=3)
+  lse = jnp.concatenate([m + jnp.log(l) for m, l, _ in states], axis=3)
+  b, kv, g, t, d = o.shape
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, d).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ring_attention_shard(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen):
+  """One device's part of ring attention (call inside `shard_map` over `static.axes`): local queries
+  `[B, T, H, D]` with their original indices `[T]` and segments `[B, T]` over the local key block `[B, S, K, D]`
+  (indices `[S]`, segments `[B, S]`, `k_seen` `[B, S]`: visible to every query) and the n - 1 blocks the ring
+  brings. Returns `[B, T, H, D]` in q's dtype."""
+  return _ring_forward(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen)[0]
+
+
+def _ring_fwd(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen):
+  out, lse = _ring_forward(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen)
+  return out, (q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen, out, lse)
+
+
+def _ring_bwd(static, residuals, d_out):
+  """Flash attention's backward, tile by tile: p = exp(s - lse), dV += p^T dO, dS = p (dO V^T - rowsum(dO O)),
+  dQ += dS K / sqrt(D), dK += dS^T Q / sqrt(D). dK/dV accumulate in fp32 and travel with their block, so after
+  n hops each is home with every device's contribution."""
+  q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen, out, lse = residuals
+  qh, kh, vh = _heads_first(q, k, v)
+  doh, oh = _heads_first(d_out, k, v)[0], _heads_first(out, k, v)[0]
+  scale = q.shape[-1] ** -0.5
+  delta = jnp.einsum("bkgtd,bkgtd->bkgt", doh.astype(jnp.float32), oh.astype(jnp.float32))
+  qb = static.q_bounds
+  qs, q_idxs, q_segs = _split(qh, qb, 3), _split(q_idx, qb, 0), _split(q_seg, qb, 1)
+  dos, lses, deltas = _split(doh, qb, 3), _split(lse, qb, 3), _split(delta, qb, 3)
+  f32 = functools.partial(jnp.einsum, precision=static.precision, preferred_element_type=jnp.float32)
+
+  def fold(dqs, block, dk, dv):
+    kh, vh, k_idx, k_seg, k_seen = block
+    kparts = [_split(x, static.k_bounds, ax) for x, ax in ((kh, 2), (vh, 2), (k_idx, 0), (k_seg, 1), (k_seen, 1))]
+    dks, dvs = _split(dk, static.k_bounds, 2), _split(dv, static.k_bounds, 2)
+    new_dqs = []
+    for qa, qi, qsg, doa, lsea, dla, dq in zip(qs, q_idxs, q_segs, dos, lses, deltas, dqs):
+      for j, (kb, vb, ki, ksg, kse) in enumerate(zip(*kparts)):
+        mask = _tile_mask(qi, qsg, ki, ksg, kse)
+
+        def grads(dq, dkj, dvj, qa=qa, kb=kb, vb=vb, doa=doa, lsea=lsea, dla=dla, mask=mask):
+          p = jnp.where(mask, jnp.exp(_scores(qa, kb, mask, static) - lsea[..., None]), 0.0)
+          dvj = dvj + f32("bkgts,bkgtd->bksd", p.astype(static.compute_dtype), doa)
+          ds = p * (f32("bkgtd,bksd->bkgts", doa, vb) - dla[..., None])
+          dq = dq + f32("bkgts,bksd->bkgtd", ds.astype(static.compute_dtype), kb) * scale
+          dkj = dkj + f32("bkgts,bkgtd->bksd", ds.astype(static.compute_dtype), qa) * scale
+          return dq, dkj, dvj
+
+        dq, dks[j], dvs[j] = jax.lax.cond(mask.any(), grads, lambda *x: x, dq, dks[j], dvs[j])
+      new_dqs.append(dq)
+    return new_dqs, jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
+
+  block = (kh, vh, k_idx, k_seg, k_seen)
+  dqs = [jnp.zeros(qa.shape, jnp.float32) for qa in qs]
+  dk, dv = jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
+  shift = [(i, (i + 1) % static.n) for i in range(static.n)]
+  dqs, dk, dv = fold(dqs, block, dk, dv)
+
+  def body(carry, _):
+    dqs, block, dk, dv = carry
+    block, dk, dv = jax.lax.ppermute((block, dk, dv), static.axes, shift)
+    dqs, dk, dv = fold(dqs, block, dk, dv)
+    return (dqs, block, dk, dv), None
+
+  if static.n > 1:
+    (dqs, _, dk, dv), _ = jax.lax.scan(body, (dqs, block, dk, dv), None, length=static.n - 1)
+    dk, dv = jax.lax.ppermute((dk, dv), static.axes, shift)  # the last hop home
+  b, t, h, d = q.shape
+  dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+  back = lambda x_BxKxSxD, like: x_BxKxSxD.transpose(0, 2, 1, 3).astype(like.dtype)
+  return dq.astype(q.dtype), back(dk, k), back(dv, v), None, None, None, None, None
+
+
+ring_attention_shard.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _bounds(length: int, parts: int) -> tuple[int, ...]:
+  return tuple(length * i // parts for i in range(parts + 1))
+
+
+def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array, cfg: Any,
+              shard: ShardingContext, prefix: attention_lib.Prefix | None = None) -> jax.Array:
+  """`attention.causal_attention` for sequence-sharded activations (module docstring): T tokens in the
+  `token_order` of `cfg.context_load_balance`, sharded over the 'length' rule's mesh axes. Returns `[B, T, H, D]`."""
+  axes, n = sequence_axes(shard), degree(shard)
+  validate(cfg, n)
+  balance = cfg.context_load_balance
+  t = q_BxTxHxD.shape[1]
+  if t % length_multiple(n, balance):
+    raise ValueError(f"context parallelism: a sequence of {t} tokens over mesh.sequence={n} with "
+                     f"context_load_balance={balance!r} must have a multiple of {length_multiple(n, balance)} tokens; "
+                     "logprobs.sequence_logps pads and reorders batches for you (call the model through it).")
+  order_T = jnp.asarray(token_order(t, n, balance))
+  heads = logical_to_spec(("batch", "length", "heads", None), shard.rules)
+  kv_heads = logical_to_spec(("batch", "length", "kv_heads", None), shard.rules)
+  rows = logical_to_spec(("batch", "length"), shard.rules)
+  index = P(rows[1])
+  tl = t // n
+  q_parts = 2 if balance == "zigzag" else 1
+  p_local = 0 if prefix is None else prefix.k_BxPxKxD.shape[1] // n
+  static = _Static(axes=axes, n=n, q_bounds=_bounds(tl, q_parts),
+                   k_bounds=(0,) * (p_local > 0) + tuple(p_local + b for b in _bounds(tl, q_parts)),
+                   precision=cfg.matmul_precision, compute_dtype=jnp.dtype(cfg.compute_dtype))
+  seg_BxT = segment_ids_BxT.astype(jnp.int32)
+
+  def per_device(q, k, v, q_idx, q_seg, *prefix_parts):
+    k_idx, k_seg, k_seen = q_idx, q_seg, jnp.zeros(q_seg.shape, bool)
+    if prefix_parts:  # a shared prompt's keys: before every query, visible where real (segment -1 matches none)
+      pk, pv, p_seen = prefix_parts
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+      k_idx = jnp.concatenate([jnp.full(pk.shape[1:2], -1, jnp.int32), k_idx])
+      k_seg = jnp.concatenate([jnp.full(p_seen.shape, -1, jnp.int32), k_seg], axis=1)
+      k_seen = jnp.concatenate([p_seen, k_seen], axis=1)
+    if cfg.context_parallel == "ring":
+      return ring_attention_shard(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen)
+    gather = lambda x, axis: jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+    k, v, k_idx, k_seg, k_seen = gather(k, 1), gather(v, 1), gather(k_idx, 0), gather(k_seg, 1), gather(k_seen, 1)
+    mask = _tile_mask(q_idx, q_seg, k_idx, k_seg, k_seen)
+    if attention_lib.choose(cfg, q.shape, k.shape[1], q.dtype) == "cudnn":
+      return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], scale=q.shape[-1] ** -0.5, is_causal=False,
+                                          implementation="cudnn")
+    return attention_lib.attend(q, k, v, mask, cfg)
+
+  args = [q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, order_T, seg_BxT]
+  specs = [heads, kv_heads, kv_heads, index, rows]
+  if prefix is not None:
+    if prefix.k_BxPxKxD.shape[1] % n:
+      raise ValueError(f"context parallelism: a shared prompt of {prefix.k_BxPxKxD.shape[1]} tokens does not split "
+                       f"over mesh.sequence={n}; logprobs.sequence_logps pads prompts for you.")
+    args += [prefix.k_BxPxKxD, prefix.v_BxPxKxD, prefix.visible_BxP]
+    specs += [kv_heads, kv_heads, rows]
+  return jax.shard_map(per_device, mesh=shard.mesh, in_specs=tuple(specs), out_specs=heads,
+                       check_vma=False)(*args)

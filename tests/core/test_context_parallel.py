@@ -1,0 +1,192 @@
+"""Context parallelism on 8 emulated devices: sequence-sharded attention, log-probs, loss and grads equal the
+unsharded ones (dpo_jax/context_parallel.py)."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from dpo_jax import attention, context_parallel as cp, logprobs, model as model_lib, sharding, step
+from dpo_jax.data import packing, preference
+
+CONFIG = get_config("tiny")
+MODEL_CFG = dataclasses.replace(model_lib.ModelConfig.from_dict(CONFIG.model), attention_impl="xla")
+RULES = sharding.DEFAULT_RULES
+LOSS_CFG = {"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0}
+MAX_LENGTH = 23  # no sequence degree divides the widths: every layout below gets padded
+
+
+def make_pairs(num_pairs, seed=0):
+  """Random pairs whose prompts and responses vary in length (both paddings exercised)."""
+  rng = np.random.default_rng(seed)
+  prompts, chosen, rejected = [], [], []
+  for _ in range(num_pairs):
+    p = int(rng.integers(1, 8))
+    prompts.append(rng.integers(2, MODEL_CFG.vocab_size, p).astype(np.int32))
+    for out in (chosen, rejected):
+      r = int(rng.integers(1, MAX_LENGTH - p + 1))
+      out.append(np.append(rng.integers(2, MODEL_CFG.vocab_size, r - 1), 1).astype(np.int32))
+  return preference.TokenizedPairs(tuple(prompts), tuple(chosen), tuple(rejected),
+                                   np.arange(num_pairs, dtype=np.int32), max_length=MAX_LENGTH, pad_id=0, eos_id=1)
+
+
+def make_batch(layout, num_pairs=4, seed=0):
+  tokenized = make_pairs(num_pairs, seed)
+  if layout == "packed":  # 2 rows of 2 pairs (4 segments), 93 tokens each
+    return packing.make_packed_batch(tokenized, np.arange(num_pairs).reshape(2, -1), row_length=4 * MAX_LENGTH + 1)
+  return preference.make_batch(tokenized, np.arange(num_pairs), kind=preference.SHARED if layout == "shared" else "dpo")
+
+
+@pytest.fixture(scope="module")
+def params():
+  # Init std 0.3: logits as large as a trained model's, so attention is far from uniform and a wrong mask shows.
+  return model_lib.init_params(dataclasses.replace(MODEL_CFG, initializer_range=0.3), jax.random.key(0))
+
+
+def mesh_of(sizes):
+  n = int(np.prod(list(sizes.values())))
+  return sharding.make_mesh(sizes, jax.devices()[:n])
+
+
+def loss_logps_grads(params, batch, cfg, mesh_sizes):
+  """(per-sequence log-probs [N], DPO loss, grads) of `batch` on a mesh (None: no mesh, no constraints)."""
+  shard = None if mesh_sizes is None else sharding.ShardingContext(mesh_of(mesh_sizes), RULES)
+  model = model_lib.make_model(cfg, shard)
+
+  def loss(p):
+    seq = logprobs.sequence_logps(model, p, batch)
+    ref_BxK = -20.0 - 0.5 * jnp.arange(seq.logps.shape[0], dtype=jnp.float32).reshape(-1, 2)
+    value, _ = step.dpo_loss(p, ref_BxK, batch, model=model, loss_cfg=LOSS_CFG, total_weight=jnp.float32(1.0))
+    return value, seq.logps
+
+  (value, logps), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return np.asarray(logps), float(value), jax.tree.map(np.asarray, grads)
+
+
+def assert_same(got, want, what):
+  logps_g, loss_g, grads_g = got
+  logps_w, loss_w, grads_w = want
+  np.testing.assert_allclose(logps_g, logps_w, rtol=1e-5, atol=1e-5, err_msg=f"{what}: sequence log-probs")
+  np.testing.assert_allclose(loss_g, loss_w, rtol=1e-5, err_msg=f"{what}: DPO loss")
+  worst = 0.0
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads_g), jax.tree.leaves(grads_w)):
+    # fp32 summation order differs (sharded reductions): each grad within 1e-5 of its own norm, every element
+    # within 1e-4 of the largest (a tied embedding sums thousands of terms per row).
+    rel = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
+    worst = max(worst, rel)
+    assert rel < 1e-5, f"{what}: grad {jax.tree_util.keystr(path)} |g - want| / |want| = {rel:.3g}"
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * max(float(np.abs(w).max()), 1e-6),
+                               err_msg=f"{what}: grad {jax.tree_util.keystr(path)}")
+  print(f"{what}: max |dlogp| {np.abs(logps_g - logps_w).max():.3g}, |dloss| {abs(loss_g - loss_w):.3g}, "
+        f"worst grad |g - want| / |want| {worst:.3g}")
+
+
+# ---- the token order ----
+
+@pytest.mark.parametrize("balance", cp.LOAD_BALANCE)
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_token_order_is_a_permutation_into_equal_shards(balance, n):
+  length = cp.padded_length(37, n, balance)
+  assert length % n == 0 and length >= 37 and length - 37 < cp.length_multiple(n, balance)
+  order = cp.token_order(length, n, balance)
+  np.testing.assert_array_equal(np.sort(order), np.arange(length))
+
+
+def test_zigzag_and_striped_layouts():
+  np.testing.assert_array_equal(cp.token_order(8, 2, "zigzag"), [0, 1, 6, 7, 2, 3, 4, 5])
+  np.testing.assert_array_equal(cp.token_order(8, 2, "striped"), [0, 2, 4, 6, 1, 3, 5, 7])
+  np.testing.assert_array_equal(cp.token_order(8, 2, "none"), np.arange(8))
+  with pytest.raises(ValueError, match="multiple of 4"):
+    cp.token_order(6, 2, "zigzag")
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_load_balance_evens_the_causal_work(n):
+  """Visible (query, key) pairs per shard of a causal sequence: 'none' puts ~2n - 1 times shard 0's work on the
+  last shard; zig-zag gives every shard the same, striped to within (n - 1) L / n of ~L^2 / 2n (2.7% here)."""
+  length = 64 * n
+  work = {}
+  for balance in cp.LOAD_BALANCE:
+    order = cp.token_order(length, n, balance).reshape(n, -1)
+    work[balance] = [(order_i[:, None] >= np.arange(length)[None, :]).sum() for order_i in order]
+  assert max(work["none"]) / min(work["none"]) > 2 * n - 2
+  assert max(work["zigzag"]) == min(work["zigzag"]), work["zigzag"]
+  assert max(work["striped"]) / min(work["striped"]) < 1.03, work["striped"]
+
+
+# ---- the attention kernels ----
+
+@pytest.mark.parametrize("mode, n", [("ring", 1), ("ring", 2), ("ring", 4), ("ring", 8), ("all_gather", 2),
+                                     ("all_gather", 4), ("all_gather", 8)])
+def test_context_parallel_attention_equals_plain_attention(mode, n):
+  """Forward and grads of q, k, v against the plain masked attention (GQA, two packed segments, padding)."""
+  b, t, h, kv, d = 2, 32, 4, 2, 8
+  rng = np.random.default_rng(n)
+  q, k, v, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d),
+                                                                       (b, t, h, d)))
+  seg = np.ones((b, t), np.int32)
+  seg[0, 20:], seg[1, 27:] = 2, 0
+  seg = jnp.asarray(seg)
+  want_out = attention.xla_attention(q, k, v, seg, MODEL_CFG)
+  want_grads = jax.grad(lambda *a: (attention.xla_attention(*a, seg, MODEL_CFG) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+  for balance in cp.LOAD_BALANCE:
+    cfg = dataclasses.replace(MODEL_CFG, context_parallel=mode, context_load_balance=balance)
+    order = cp.token_order(t, n, balance)
+    if n == 1:  # one shard: the ring kernel alone, no shard_map (all_gather of one shard is plain attention)
+      static = cp._Static(axes=(), n=1, q_bounds=(0, t), k_bounds=(0, t), precision=None, compute_dtype=jnp.float32)
+      idx = jnp.arange(t, dtype=jnp.int32)
+      attend = lambda q, k, v: cp.ring_attention_shard(static, q, k, v, idx, seg, idx, seg, jnp.zeros((b, t), bool))
+    else:
+      shard = sharding.ShardingContext(mesh_of({"data": 1, "sequence": n}), RULES)
+      attend = lambda q, k, v: cp.attention(q[:, order], k[:, order], v[:, order], seg[:, order], cfg, shard)
+    out = jax.jit(attend)(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: (attend(*a) * w[:, order]).sum(), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[:, np.argsort(order)], want_out, rtol=1e-5, atol=2e-6,
+                               err_msg=f"{mode} {balance} n={n}: output")
+    for name, g, want in zip("qkv", grads, want_grads):
+      np.testing.assert_allclose(g, want, rtol=1e-5, atol=5e-6, err_msg=f"{mode} {balance} n={n}: d{name}")
+
+
+# ---- log-probs, loss and grads of the model ----
+
+@pytest.mark.parametrize("layout", ["rows", "packed", "shared"])
+@pytest.mark.parametrize("mode, balance", [("ring", "zigzag"), ("ring", "none"), ("all_gather", "zigzag"),
+                                           ("all_gather", "striped")])
+def test_sequence_sharded_step_equals_unsharded(params, layout, mode, balance):
+  """mesh (data=2, sequence=4) against no mesh at all: log-probs, DPO loss and every grad (fp32, 1e-5)."""
+  batch = make_batch(layout)
+  want = loss_logps_grads(params, batch, MODEL_CFG, None)
+  cfg = dataclasses.replace(MODEL_CFG, context_parallel=mode, context_load_balance=balance, logits_chunk_size=4)
+  assert_same(loss_logps_grads(params, batch, cfg, {"data": 2, "sequence": 4}), want, f"{layout} {mode} {balance}")
+
+
+@pytest.mark.parametrize("mode", cp.CONTEXT_PARALLEL)
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+def test_eight_way_sequence_sharding_with_unchunked_logits(params, layout, mode):
+  batch = make_batch(layout)
+  want = loss_logps_grads(params, batch, MODEL_CFG, None)
+  cfg = dataclasses.replace(MODEL_CFG, context_parallel=mode)
+  assert_same(loss_logps_grads(params, batch, cfg, {"data": 1, "sequence": 8}), want, f"{layout} {mode} seq=8")
+
+
+def test_a_kernel_without_the_mask_is_refused():
+  for impl, mode in (("splash", "all_gather"), ("cpu_blocked", "all_gather"), ("cudnn", "ring")):
+    cfg = dataclasses.replace(MODEL_CFG, attention_impl=impl, context_parallel=mode)
+    with pytest.raises(ValueError, match="model.attention_impl"):
+      cp.validate(cfg, 4)
+  cp.validate(dataclasses.replace(MODEL_CFG, attention_impl="splash"), 1)  # no sequence axis: anything goes
+  with pytest.raises(ValueError, match="context_parallel"):
+    dataclasses.replace(MODEL_CFG, context_parallel="ulysses")
+
+
+def test_the_model_called_outside_logprobs_names_the_fix(params):
+  """Calling the sharded model on a length the layout cannot split raises, naming what pads for you."""
+  shard = sharding.ShardingContext(mesh_of({"data": 1, "sequence": 4}), RULES)
+  model = model_lib.make_model(MODEL_CFG, shard)
+  ids = jnp.ones((2, 12), jnp.int32)
+  with pytest.raises(ValueError, match="sequence_logps pads"):
+    model.apply({"params": params}, ids, ids, ids)
