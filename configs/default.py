@@ -84,6 +84,14 @@ def get_config(arg=None):
       #                         blocks that skip the masked upper triangle; fastest on CPU). 'auto' = cudnn on GPU,
       #                         splash on TPU, cpu_blocked on CPU, falling back to 'xla' with a one-line warning
       #                         where the kernel cannot serve the shapes or dtype.
+      context_parallel="ring",  # with mesh.sequence > 1 (dpo_jax/context_parallel.py): 'ring' passes K/V blocks
+      #                           around the axis (ppermute, online softmax; O(T / n) memory per device, any
+      #                           backend, its own jnp tiles), 'all_gather' gathers K/V and runs attention_impl's
+      #                           kernel on the local queries (O(T) K/V per device; 'auto', 'xla' or 'cudnn').
+      context_load_balance="zigzag",  # token order over the sequence shards, so causal attention costs every shard
+      #                                 the same: 'zigzag' (shard i holds chunks i and 2n-1-i of 2n), 'striped'
+      #                                 (tokens i, i+n, ...), 'none' (contiguous: the last shard works ~n times the
+      #                                 first). Log-probs are unchanged by it.
       matmul_precision="default",  # 'highest' for full-fp32 matmuls on TPU (default there is bf16 passes).
       remat="none",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable'.
       scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
@@ -99,7 +107,7 @@ def get_config(arg=None):
       model_path="",  # '' = a random init of config.model; else a local HF checkpoint folder (safetensors) whose
       #                 architecture and weights start the run; config.model then only sets param_dtype,
       #                 compute_dtype, matmul_precision, remat, scan_layers, logits_chunk_size,
-      #                 weight_grad_gemm and attention_impl. Also the tokenizer if data.tokenizer=''.
+      #                 weight_grad_gemm, attention_impl and context_*. Also the tokenizer if data.tokenizer=''.
       reference_path="",  # '' = pi_ref is where DPO starts (the SFT result, else hf.model_path); else a separate HF
       #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
       export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that
@@ -130,6 +138,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # data-parallel replicas; -1 = all devices not used by the other axes.
       fsdp=1,  # params, grads and optimizer state sharded over this axis (ZeRO-3 style).
+      sequence=1,  # context parallelism: each sequence's tokens sharded over this axis (MaxText's 'sequence'),
+      #              attention across it by model.context_parallel; for pairs too long for one device's memory.
       tensor=1,  # tensor parallelism over heads / MLP / vocab.
   ))
   c.sharding = ml_collections.ConfigDict(dict(

@@ -14,11 +14,12 @@ import difflib
 import importlib.util
 import math
 import os
+import types
 from typing import Any, Callable, Sequence
 
 import jax
 
-from dpo_jax import lora as lora_lib, losses, optim, sharding
+from dpo_jax import context_parallel, lora as lora_lib, losses, optim, sharding
 from dpo_jax.data import packing, preference
 from dpo_jax.data import rows as rows_lib
 from dpo_jax.interop.hf import peft as peft_io
@@ -220,6 +221,7 @@ def validate_config(config: Any, num_devices: int) -> None:
     reference_update.validate_config(config.ref_update, uses_reference=losses.needs_reference(loss_type),
                                      reference_logps=config.data.reference_logps, loss_label=loss_type)
   shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
+  validate_context_parallel(config, shape["sequence"])
   data_parallel = shape["data"] * shape["fsdp"]
   accum = config.optim.grad_accum_steps
   for field, size in (("batch_size", config.batch_size), ("sft.batch_size", config.sft.batch_size),
@@ -236,6 +238,26 @@ def validate_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"config.batch_size={config.batch_size} must divide over {jax.process_count()} hosts.")
   if config.data.get("packing", False):
     validate_packing(config, data_parallel)
+
+
+def validate_context_parallel(config: Any, n: int) -> None:
+  """mesh.sequence = n > 1 needs the 'length' activations sharded over 'sequence' and an attention kernel that
+  takes the context-parallel mask (context_parallel.validate); refused here, before anything compiles."""
+  model = config.model
+  fields = {f: model.get(f, default) for f, default in (("attention_impl", "auto"), ("context_parallel", "ring"),
+                                                        ("context_load_balance", "zigzag"))}
+  try:
+    context_parallel.validate(types.SimpleNamespace(**fields), n)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  if n <= 1:
+    return
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  length_axes = sharding.logical_to_spec(("length",), rules)[0]
+  if "sequence" not in ((length_axes,) if isinstance(length_axes, str) else tuple(length_axes or ())):
+    raise ValueError(f"config.mesh.sequence={n} but config.sharding.rules map the activations' 'length' axis to "
+                     f"{length_axes!r}, so no sequence would be split. Map it to 'sequence' (the default rule "
+                     "('length', 'sequence')) or set --config.mesh.sequence=1.")
 
 
 def validate_lora(config: Any) -> None:

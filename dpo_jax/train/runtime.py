@@ -153,7 +153,7 @@ def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
 
 # What config.model still decides when the architecture comes from an HF checkpoint.
 NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size",
-                   "weight_grad_gemm", "attention_impl")
+                   "weight_grad_gemm", "attention_impl", "context_parallel", "context_load_balance")
 
 
 def model_config(config: Any) -> model_lib.ModelConfig:
