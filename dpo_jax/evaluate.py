@@ -26,29 +26,34 @@ def _sum_dicts(total: dict | None, new: dict) -> dict:
 
 
 def summed(sums_fn: Callable, tokenized: preference.TokenizedPairs, kind: str, *, batch_size: int,
-           to_global: Callable) -> dict[str, float]:
-  """`sums_fn(batch)` added up over every pair of `tokenized` (the last batch padded, never dropped)."""
+           to_global: Callable, feed: tuple[int, int] | None = None) -> dict[str, float]:
+  """`sums_fn(batch)` added up over every pair of `tokenized` (the last batch padded, never dropped).
+
+  `feed`: (block, blocks) of each batch this process reads (`sharding.batch_feed`); default one per process."""
   total = None
-  for local in preference.eval_batches(tokenized, global_batch=batch_size, process_index=jax.process_index(),
-                                       process_count=jax.process_count(), kind=kind):
+  block, blocks = feed or (jax.process_index(), jax.process_count())
+  for local in preference.eval_batches(tokenized, global_batch=batch_size, process_index=block,
+                                       process_count=blocks, kind=kind):
     local.pop("row_ids")
     total = _sum_dicts(total, sums_fn(to_global(local)))
   return total
 
 
 def preference_metrics(eval_sums_fn: Callable, params: Any, reference: Any, tokenized: preference.TokenizedPairs, *,
-                       batch_size: int, to_global: Callable, kind: str = "dpo") -> dict[str, float]:
+                       batch_size: int, to_global: Callable, kind: str = "dpo",
+                       feed: tuple[int, int] | None = None) -> dict[str, float]:
   """DPO metrics over every pair of `tokenized` (`eval_sums_fn(params, reference, batch)` is jitted) in batches
   of `kind` ('dpo' rows or 'dpo_shared' prompts: the same numbers)."""
   total = summed(lambda b: eval_sums_fn(params, reference, b), tokenized, kind, batch_size=batch_size,
-                  to_global=to_global)
+                 to_global=to_global, feed=feed)
   return {k: float(v) for k, v in step.finalize_metrics(total).items()}
 
 
 def sft_metrics(sft_sums_fn: Callable, params: Any, tokenized: preference.TokenizedPairs, *, batch_size: int,
-                to_global: Callable) -> dict[str, float]:
+                to_global: Callable, feed: tuple[int, int] | None = None) -> dict[str, float]:
   """Held-out NLL (nats per token) of the preferred responses."""
-  total = summed(lambda b: sft_sums_fn(params, b), tokenized, "sft", batch_size=batch_size, to_global=to_global)
+  total = summed(lambda b: sft_sums_fn(params, b), tokenized, "sft", batch_size=batch_size, to_global=to_global,
+                 feed=feed)
   return {k: float(v) for k, v in step.finalize_sft_metrics(total).items()}
 
 

@@ -167,17 +167,41 @@ def batch_shardings(mesh: Mesh, rules: Rules, batch: Mapping[str, Any]) -> dict[
   }
 
 
+def batch_feed(mesh: Mesh, rules: Rules) -> tuple[int, int]:
+  """(block, blocks): every global batch is cut into `blocks` equal, contiguous blocks of rows, and this process
+  reads and feeds block `block`.
+
+  One block per process when the batch axes (data, fsdp) span the processes. When another axis spans them (a
+  'sequence' or 'tensor' axis across hosts), processes whose devices hold the same rows feed the same block: with
+  mesh (data=1, sequence=8) over 2 hosts both feed the whole batch, and each device keeps its tokens of it.
+  """
+  spec = logical_to_spec(("batch",), rules)[0]
+  axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+  shards = math.prod(mesh.shape[a] for a in axes)
+  index_map = NamedSharding(mesh, PartitionSpec(spec)).devices_indices_map((shards,))
+  mine = sorted({index_map[d][0].start or 0 for d in mesh.devices.flat if d.process_index == jax.process_index()})
+  if not mine:
+    return 0, 1
+  per = len(mine)
+  if mine != list(range(mine[0], mine[0] + per)) or mine[0] % per:
+    raise ValueError(f"sharding: process {jax.process_index()}'s devices hold batch shards {mine} of {shards}, "
+                     "not one contiguous block; order config.mesh so each host's devices hold neighbouring rows "
+                     "(the batch axes data / fsdp outermost).")
+  return mine[0] // per, shards // per
+
+
 def global_batch(mesh: Mesh, rules: Rules, local_batch: Mapping[str, np.ndarray],
                  global_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, jax.Array]:
-  """Assemble a global, sharded batch from this host's slice (`[rows / process_count, ...]` arrays).
+  """Assemble a global, sharded batch from this host's block of rows (`batch_feed`).
 
-  On one process the local slice is the whole batch. On a pod each host passes the rows it read; the
-  global leading dimension is the local one times the process count unless `global_shapes` says otherwise.
+  On one process the local block is the whole batch. On a pod each host passes the rows it read; the global
+  leading dimension is the local one times the number of blocks unless `global_shapes` says otherwise.
   """
+  blocks = batch_feed(mesh, rules)[1] if jax.process_count() > 1 else 1
   out = {}
   for k, v in local_batch.items():
     v = np.asarray(v)
-    shape = tuple(global_shapes[k]) if global_shapes else (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    shape = tuple(global_shapes[k]) if global_shapes else (v.shape[0] * blocks,) + v.shape[1:]
     sharding = named_sharding(mesh, rules, ("batch",) + (None,) * (v.ndim - 1), shape, what=f"batch[{k!r}]")
     out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
   return out

@@ -72,14 +72,15 @@ def train_loop(rt: runtime.Runtime, *, name: str, step_fn: Callable, state: step
   config = rt.config
   start = int(jax.device_get(state.step))
   rt.writer.drop_after(name, start)  # what a killed run logged after its last checkpoint is logged again below
+  block, blocks = rt.feed()  # this host's rows of each global batch
   if kind == "dpo" and config.data.get("packing", False):  # several pairs per row (dpo_jax/data/packing.py)
     batches = packing.iterate_packed_batches(
         tokenized, global_batch=batch_size, pairs_per_row=config.data.pairs_per_row,
         row_length=packing.row_length(config.data.pack_length, config.max_length), seed=seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=block, process_count=blocks)
   else:
     batches = preference.iterate_batches(tokenized, global_batch=batch_size, seed=seed, start_step=start, kind=kind,
-                                         process_index=jax.process_index(), process_count=jax.process_count())
+                                         process_index=block, process_count=blocks)
   pending = None
   window = {"tokens": 0.0, "steps": 0, "start": time.perf_counter()}  # throughput over the logging window
   peak = math.nan

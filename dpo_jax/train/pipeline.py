@@ -106,14 +106,15 @@ def run_sft(rt: runtime.Runtime, params: Any, train: preference.TokenizedPairs, 
 
 def sft_eval(rt: runtime.Runtime, params: Any, test: preference.TokenizedPairs) -> dict:
   sums_fn = rt.jitted("sft_sums", lambda: jax.jit(functools.partial(step.sft_eval_sums, model=rt.model)))
-  return evaluate.sft_metrics(sums_fn, params, test, batch_size=rt.config.eval.batch_size, to_global=rt.to_global)
+  return evaluate.sft_metrics(sums_fn, params, test, batch_size=rt.config.eval.batch_size, to_global=rt.to_global,
+                              feed=rt.feed())
 
 
 def dpo_eval(rt: runtime.Runtime, params: Any, reference: Any, test: preference.TokenizedPairs) -> dict:
   sums_fn = rt.jitted("dpo_sums", lambda: jax.jit(
       functools.partial(step.eval_sums, model=rt.model, loss_cfg=rt.config.loss)))
   return evaluate.preference_metrics(sums_fn, params, reference, test, batch_size=rt.config.eval.batch_size,
-                                     to_global=rt.to_global, kind=dpo_kind(rt.config, test))
+                                     to_global=rt.to_global, kind=dpo_kind(rt.config, test), feed=rt.feed())
 
 
 def run_dpo(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs, *,

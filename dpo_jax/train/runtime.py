@@ -120,6 +120,10 @@ class Runtime:
       self.compiled[key] = make()
     return self.compiled[key]
 
+  def feed(self) -> tuple[int, int]:
+    """(block, blocks) of every global batch this process reads (`sharding.batch_feed`)."""
+    return sharding.batch_feed(self.mesh, self.rules)
+
   def to_global(self, local: dict) -> dict:
     return sharding.global_batch(self.mesh, self.rules, local)
 

@@ -45,8 +45,8 @@ def read_checkpoint(workdir, stage):
                                                               tree))
 
 
-def run_two_by_four(workdir, timeout_s=900):
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+def run_two_by_four(workdir, timeout_s=900, extra=None):
+  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **(extra or {})}.items()]
   env = dict(os.environ, PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="4", TIMEOUT_S=str(timeout_s),
              LOG_DIR=os.path.join(workdir, "logs"))
   env.pop("XLA_FLAGS", None)  # the script sets 4 devices per process; conftest's 8 must not leak in
@@ -100,6 +100,34 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path)
     for key in ("nll", "kl", "reward"):
       assert multi_summary[policy][key] == pytest.approx(summary[policy][key], rel=1e-4, abs=1e-5), (policy, key)
   assert multi_summary["pi_theta"]["accuracy"] == pytest.approx(summary["pi_theta"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_a_sequence_axis_across_both_processes_trains_like_one_process(tmp_path):
+  """mesh (data=1, sequence=8) over 2 processes x 4 devices: each sequence's tokens span both hosts, so both feed
+  the whole batch (`sharding.batch_feed`) and the ring passes K/V blocks between the processes. The losses and
+  params equal one process of 8 data-parallel devices."""
+  multi = run_two_by_four(str(tmp_path / "2x4"), extra={"mesh.data": 1, "mesh.sequence": 8})
+  single = str(tmp_path / "1x8")
+  pipeline.run(override(get_config("tiny"), OVERRIDES), single)
+  rows = {name: [(r["stage"], r["split"], r["step"], r["loss"]) for r in read_metrics(w)]
+          for name, w in (("1x8", single), ("2x4", multi))}
+  assert [r[:3] for r in rows["2x4"]] == [r[:3] for r in rows["1x8"]], rows
+  np.testing.assert_allclose([r[3] for r in rows["2x4"]], [r[3] for r in rows["1x8"]], rtol=1e-5, atol=1e-6,
+                             err_msg=f"per-step losses differ (stage, split, step, loss): {rows}")
+  for stage in ("sft", "dpo"):
+    one, two = read_checkpoint(single, stage), read_checkpoint(multi, stage)
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one["params"]),
+                                                           jax.tree.leaves(two["params"]))]
+    assert max(diffs) < 1e-4, f"{stage} params differ: max |1x8 - 2x4 (sequence=8)| = {max(diffs)}"
+    print(f"multihost sequence=8 {stage}: max |params 1x8 - 2x4| = {max(diffs):.3g}")
+
+
+def test_batch_feed_follows_the_batch_axes():
+  """One process here: it feeds the whole batch whatever the mesh."""
+  from dpo_jax import sharding
+  for sizes in ({"data": 8}, {"data": 2, "sequence": 4}, {"data": 1, "sequence": 8}):
+    assert sharding.batch_feed(sharding.make_mesh(sizes), sharding.DEFAULT_RULES) == (0, 1)
 
 
 # ---- dpo_jax.train.distributed: when initialize is called and with what (no processes started) ----
