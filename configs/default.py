@@ -207,6 +207,8 @@ def get_config(arg=None):
   c.perf = ml_collections.ConfigDict(dict(
       peak_flops=0.0,  # peak FLOP/s per device that perf/mfu divides by; 0 = the published dense bf16 peak of the
       #                  device kind (dpo_jax/flops.py), or on CPU a matmul measured at start-up.
+      device_memory_gib=0.0,  # --dry_run: memory per device to check the plan against (e.g. 95 for a TPU v5p
+      #                         chip, 80 for an H100); 0 = no check.
   ))
 
   c.resume_with_changes = False  # True: resume a stage although fields that change its math or data order (loss,

@@ -124,6 +124,12 @@ def validate(cfg: Any, n: int) -> None:
         + (" (or context_parallel=all_gather for cuDNN)." if cfg.context_parallel == "ring" else "."))
 
 
+# Queries and keys per block inside a ring tile: a tile is computed flash-style, one [block, block] score block
+# per (query block, key block) at a time (`lax.map` / `lax.scan`), so a device's attention temporaries are
+# O(block^2) per head rather than O((T / n)^2). MaxText's and splash's default blocks are 512.
+RING_BLOCK = 512
+
+
 class _Static(NamedTuple):
   """What the ring's tiles are cut by and computed with (hashable: a custom-VJP static argument)."""
   axes: tuple[str, ...]
@@ -132,12 +138,19 @@ class _Static(NamedTuple):
   k_bounds: tuple[int, ...]  # key tiles of a block
   precision: Any
   compute_dtype: Any
+  block: int = RING_BLOCK  # at most this many queries / keys per score block (`_block`)
 
 
 def _tile_mask(q_idx_T, q_seg_BxT, k_idx_S, k_seg_BxS, k_seen_BxS):
   """`[B, 1, 1, T, S]` bool: the model's mask between queries and keys given by (original index, segment)."""
   causal = (k_idx_S[None, None, :] <= q_idx_T[None, :, None]) & (k_seg_BxS[:, None, :] == q_seg_BxT[:, :, None])
   return (causal | k_seen_BxS[:, None, :])[:, None, None]
+
+
+def _may_see(q_idx_T, k_idx_S, k_seen_BxS):
+  """False only if no query of a tile can see any of its keys (all keys later, none visible to all): the whole
+  tile is skipped without building its mask."""
+  return (k_idx_S.min() <= q_idx_T.max()) | k_seen_BxS.any()
 
 
 def _split(x, bounds, axis):
@@ -157,33 +170,107 @@ def _scores(q_BxKxGxTxD, k_BxKxSxD, mask, static):
   return jnp.where(mask, s, jnp.finfo(jnp.float32).min)
 
 
+def _block(length: int, cap: int) -> int:
+  """The largest divisor of `length` that is at most `cap` (padded lengths make it `cap` for long tiles)."""
+  return next(b for b in range(min(length, cap), 0, -1) if length % b == 0)
+
+
+def _blocks(x, axis, size):
+  """Split `axis` of x into blocks of `size`, the block index moved to the front: [..., L, ...] -> [L / size, ...]."""
+  shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
+  return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocks(x, axis):
+  """Inverse of `_blocks`."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _fold_tile_fwd(static, q, qi, qs, k, v, ki, ks, kse, m, l, o):
+  """Online-softmax update of one tile: queries `q` [B, K, G, T, D] (with their running m, l `[B, K, G, T]` and o)
+  over keys `k`, `v` [B, K, S, D], one score block at a time; fully masked blocks are skipped."""
+  bq, bk = _block(q.shape[3], static.block), _block(k.shape[2], static.block)
+  keys = (_blocks(k, 2, bk), _blocks(v, 2, bk), _blocks(ki, 0, bk), _blocks(ks, 1, bk), _blocks(kse, 1, bk))
+
+  def per_query_block(args):
+    q, qi, qs, m, l, o = args
+
+    def per_key_block(carry, kargs):
+      k, v, ki, ks, kse = kargs
+      mask = _tile_mask(qi, qs, ki, ks, kse)
+
+      def update(m, l, o):
+        s = _scores(q, k, mask, static)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(static.compute_dtype), v, precision=static.precision,
+                        preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
+
+      return jax.lax.cond(mask.any(), update, lambda *x: x, *carry), None
+
+    return jax.lax.scan(per_key_block, (m, l, o), keys)[0]
+
+  m, l, o = jax.lax.map(per_query_block, (_blocks(q, 3, bq), _blocks(qi, 0, bq), _blocks(qs, 1, bq),
+                                          _blocks(m, 3, bq), _blocks(l, 3, bq), _blocks(o, 3, bq)))
+  return _unblocks(m, 3), _unblocks(l, 3), _unblocks(o, 3)
+
+
+def _fold_tile_bwd(static, q, qi, qs, do, lse, delta, k, v, ki, ks, kse, dq, dk, dv):
+  """Flash attention's backward over one tile, score block by score block (module `_ring_bwd`): returns the tile's
+  dq `[B, K, G, T, D]` and dk, dv `[B, K, S, D]` accumulators (fp32) with its contributions added."""
+  bq, bk = _block(q.shape[3], static.block), _block(k.shape[2], static.block)
+  scale = q.shape[-1] ** -0.5
+  f32 = functools.partial(jnp.einsum, precision=static.precision, preferred_element_type=jnp.float32)
+  cd = static.compute_dtype
+  keys = (_blocks(k, 2, bk), _blocks(v, 2, bk), _blocks(ki, 0, bk), _blocks(ks, 1, bk), _blocks(kse, 1, bk))
+
+  def per_query_block(key_grads, qargs):
+    q, qi, qs, do, lse, delta, dq = qargs
+
+    def per_key_block(dq, kargs):
+      k, v, ki, ks, kse, dk, dv = kargs
+      mask = _tile_mask(qi, qs, ki, ks, kse)
+
+      def grads(dq, dk, dv):
+        p = jnp.where(mask, jnp.exp(_scores(q, k, mask, static) - lse[..., None]), 0.0)
+        dv = dv + f32("bkgts,bkgtd->bksd", p.astype(cd), do)
+        ds = p * (f32("bkgtd,bksd->bkgts", do, v) - delta[..., None])
+        dq = dq + f32("bkgts,bksd->bkgtd", ds.astype(cd), k) * scale
+        dk = dk + f32("bkgts,bkgtd->bksd", ds.astype(cd), q) * scale
+        return dq, dk, dv
+
+      dq, dk, dv = jax.lax.cond(mask.any(), grads, lambda *x: x, dq, dk, dv)
+      return dq, (dk, dv)
+
+    dq, key_grads = jax.lax.scan(per_key_block, dq, keys + key_grads)
+    return key_grads, dq
+
+  (dk, dv), dq = jax.lax.scan(per_query_block, (_blocks(dk, 2, bk), _blocks(dv, 2, bk)),
+                              (_blocks(q, 3, bq), _blocks(qi, 0, bq), _blocks(qs, 1, bq), _blocks(do, 3, bq),
+                               _blocks(lse, 3, bq), _blocks(delta, 3, bq), _blocks(dq, 3, bq)))
+  return _unblocks(dq, 3), _unblocks(dk, 2), _unblocks(dv, 2)
+
+
 def _ring_forward(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen):
   """Per device: (out `[B, T, H, D]`, log-sum-exp `[B, K, G, T]` fp32) of the local queries over all blocks."""
   qh, kh, vh = _heads_first(q, k, v)
-  qs, q_idxs, q_segs = _split(qh, static.q_bounds, 3), _split(q_idx, static.q_bounds, 0), _split(q_seg, static.q_bounds, 1)
+  qb = static.q_bounds
+  qs, q_idxs, q_segs = _split(qh, qb, 3), _split(q_idx, qb, 0), _split(q_seg, qb, 1)
   lowest = jnp.finfo(jnp.float32).min
   states = [(jnp.full(qa.shape[:-1], lowest), jnp.zeros(qa.shape[:-1], jnp.float32),
              jnp.zeros(qa.shape, jnp.float32)) for qa in qs]
 
   def fold(states, block):
-    kh, vh, k_idx, k_seg, k_seen = block
+    kparts = [_split(x, static.k_bounds, ax) for x, ax in zip(block, (2, 2, 0, 1, 1))]
     out = []
-    for qa, qi, qsg, (m, l, o) in zip(qs, q_idxs, q_segs, states):
-      for kb, vb, ki, ksg, kse in zip(*(_split(x, static.k_bounds, ax) for x, ax in
-                                        ((kh, 2), (vh, 2), (k_idx, 0), (k_seg, 1), (k_seen, 1)))):
-        mask = _tile_mask(qi, qsg, ki, ksg, kse)
-
-        def update(m, l, o, qa=qa, kb=kb, vb=vb, mask=mask):
-          s = _scores(qa, kb, mask, static)
-          m_new = jnp.maximum(m, s.max(-1))
-          p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-          corr = jnp.exp(m - m_new)
-          pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(static.compute_dtype), vb, precision=static.precision,
-                          preferred_element_type=jnp.float32)
-          return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
-
-        m, l, o = jax.lax.cond(mask.any(), update, lambda m, l, o: (m, l, o), m, l, o)
-      out.append((m, l, o))
+    for qa, qi, qsg, state in zip(qs, q_idxs, q_segs, states):
+      for kb, vb, ki, ksg, kse in zip(*kparts):
+        tile = functools.partial(_fold_tile_fwd, static, qa, qi, qsg, kb, vb, ki, ksg, kse)
+        state = jax.lax.cond(_may_see(qi, ki, kse), tile, lambda *x: x, *state)
+      out.append(state)
     return out
 
   block = (kh, vh, k_idx, k_seg, k_seen)
@@ -218,37 +305,29 @@ def _ring_fwd(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen):
 
 
 def _ring_bwd(static, residuals, d_out):
-  """Flash attention's backward, tile by tile: p = exp(s - lse), dV += p^T dO, dS = p (dO V^T - rowsum(dO O)),
-  dQ += dS K / sqrt(D), dK += dS^T Q / sqrt(D). dK/dV accumulate in fp32 and travel with their block, so after
-  n hops each is home with every device's contribution."""
   q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen, out, lse = residuals
+  return _ring_backward(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen, out, lse, d_out) + (None,) * 5
+
+
+def _ring_backward(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen, out, lse, d_out):
+  """Per device: (dq, dk, dv). Flash attention's backward, tile by tile: p = exp(s - lse), dV += p^T dO,
+  dS = p (dO V^T - rowsum(dO O)), dQ += dS K / sqrt(D), dK += dS^T Q / sqrt(D). dK/dV accumulate in fp32 and
+  travel with their block, so after n hops each is home with every device's contribution."""
   qh, kh, vh = _heads_first(q, k, v)
   doh, oh = _heads_first(d_out, k, v)[0], _heads_first(out, k, v)[0]
-  scale = q.shape[-1] ** -0.5
   delta = jnp.einsum("bkgtd,bkgtd->bkgt", doh.astype(jnp.float32), oh.astype(jnp.float32))
   qb = static.q_bounds
   qs, q_idxs, q_segs = _split(qh, qb, 3), _split(q_idx, qb, 0), _split(q_seg, qb, 1)
   dos, lses, deltas = _split(doh, qb, 3), _split(lse, qb, 3), _split(delta, qb, 3)
-  f32 = functools.partial(jnp.einsum, precision=static.precision, preferred_element_type=jnp.float32)
 
   def fold(dqs, block, dk, dv):
-    kh, vh, k_idx, k_seg, k_seen = block
-    kparts = [_split(x, static.k_bounds, ax) for x, ax in ((kh, 2), (vh, 2), (k_idx, 0), (k_seg, 1), (k_seen, 1))]
+    kparts = [_split(x, static.k_bounds, ax) for x, ax in zip(block, (2, 2, 0, 1, 1))]
     dks, dvs = _split(dk, static.k_bounds, 2), _split(dv, static.k_bounds, 2)
     new_dqs = []
     for qa, qi, qsg, doa, lsea, dla, dq in zip(qs, q_idxs, q_segs, dos, lses, deltas, dqs):
       for j, (kb, vb, ki, ksg, kse) in enumerate(zip(*kparts)):
-        mask = _tile_mask(qi, qsg, ki, ksg, kse)
-
-        def grads(dq, dkj, dvj, qa=qa, kb=kb, vb=vb, doa=doa, lsea=lsea, dla=dla, mask=mask):
-          p = jnp.where(mask, jnp.exp(_scores(qa, kb, mask, static) - lsea[..., None]), 0.0)
-          dvj = dvj + f32("bkgts,bkgtd->bksd", p.astype(static.compute_dtype), doa)
-          ds = p * (f32("bkgtd,bksd->bkgts", doa, vb) - dla[..., None])
-          dq = dq + f32("bkgts,bksd->bkgtd", ds.astype(static.compute_dtype), kb) * scale
-          dkj = dkj + f32("bkgts,bkgtd->bksd", ds.astype(static.compute_dtype), qa) * scale
-          return dq, dkj, dvj
-
-        dq, dks[j], dvs[j] = jax.lax.cond(mask.any(), grads, lambda *x: x, dq, dks[j], dvs[j])
+        tile = functools.partial(_fold_tile_bwd, static, qa, qi, qsg, doa, lsea, dla, kb, vb, ki, ksg, kse)
+        dq, dks[j], dvs[j] = jax.lax.cond(_may_see(qi, ki, kse), tile, lambda *x: x, dq, dks[j], dvs[j])
       new_dqs.append(dq)
     return new_dqs, jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
 
@@ -270,10 +349,88 @@ def _ring_bwd(static, residuals, d_out):
   b, t, h, d = q.shape
   dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
   back = lambda x_BxKxSxD, like: x_BxKxSxD.transpose(0, 2, 1, 3).astype(like.dtype)
-  return dq.astype(q.dtype), back(dk, k), back(dv, v), None, None, None, None, None
+  return dq.astype(q.dtype), back(dk, k), back(dv, v)
 
 
 ring_attention_shard.defvjp(_ring_fwd, _ring_bwd)
+
+
+class _Sharded(NamedTuple):
+  """The ring's static context over the mesh (hashable: a custom-VJP static argument)."""
+  static: _Static
+  mesh: Any
+  heads: P  # q and the output [B, T, H, D]
+  kv_heads: P  # k, v [B, T, K, D] (and a prefix's [B, P, K, D])
+  rows: P  # segments [B, T] (and a prefix's visibility [B, P])
+  index: P  # the token order [T]
+  lse: P  # the log-sum-exp [B, K, G, T]
+
+
+def _keys(q_idx, q_seg, k, v, prefix):
+  """One device's key block: its own keys, after a shared prompt's (index -1, segment -1, visible where real)."""
+  if not prefix:
+    return k, v, q_idx, q_seg, jnp.zeros(q_seg.shape, bool)
+  pk, pv, p_seen = prefix
+  return (jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1),
+          jnp.concatenate([jnp.full(pk.shape[1:2], -1, jnp.int32), q_idx]),
+          jnp.concatenate([jnp.full(p_seen.shape, -1, jnp.int32), q_seg], axis=1),
+          jnp.concatenate([p_seen, jnp.zeros(q_seg.shape, bool)], axis=1))
+
+
+def _per_layer(x, q_idx, q_seg, prefix):
+  """The token indices and segments, made to depend on `x` (this layer's activations) by an optimization barrier.
+
+  They are the same in every layer, so under a `scan` over layers JAX's partial evaluation treats every mask and
+  skip decision derived from them as loop-invariant and hoists it out of the loop as a stored residual: all ring
+  steps' score-block masks, and with them the `cond` branches' score blocks (measured on an 8B model at 32k tokens
+  over sequence=8: 98 GiB of step temporaries instead of 16). Tied to the layer's input they are computed in the
+  loop, block by block, as written."""
+  q_idx, q_seg, prefix, _ = jax.lax.optimization_barrier((q_idx, q_seg, prefix, x))
+  return q_idx, q_seg, prefix
+
+
+def _in_specs(ctx, prefix):
+  return (ctx.heads, ctx.kv_heads, ctx.kv_heads, ctx.index, ctx.rows) + (
+      (ctx.kv_heads, ctx.kv_heads, ctx.rows) if prefix else ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sharded_ring(ctx, q, k, v, order, seg, prefix):
+  return _sharded_ring_fwd(ctx, q, k, v, order, seg, prefix)[0]
+
+
+def _sharded_ring_fwd(ctx, q, k, v, order, seg, prefix):
+  """The whole `shard_map` sits inside the custom VJP, so autodiff never traces into the ring's loops (under a
+  `scan` over layers it otherwise kept every score block of every ring step as a residual)."""
+  def per_device(q, k, v, q_idx, q_seg, *prefix):
+    q_idx, q_seg, prefix = _per_layer(q, q_idx, q_seg, prefix)
+    keys = _keys(q_idx, q_seg, k, v, prefix)
+    return _ring_forward(ctx.static, q, keys[0], keys[1], q_idx, q_seg, *keys[2:])
+
+  out, lse = jax.shard_map(per_device, mesh=ctx.mesh, in_specs=_in_specs(ctx, prefix),
+                           out_specs=(ctx.heads, ctx.lse), check_vma=False)(q, k, v, order, seg, *prefix)
+  return out, (q, k, v, order, seg, prefix, out, lse)
+
+
+def _sharded_ring_bwd(ctx, residuals, d_out):
+  q, k, v, order, seg, prefix, out, lse = residuals
+
+  def per_device(q, k, v, q_idx, q_seg, out, lse, d_out, *prefix):
+    q_idx, q_seg, prefix = _per_layer(d_out, q_idx, q_seg, prefix)
+    keys = _keys(q_idx, q_seg, k, v, prefix)
+    dq, dk, dv = _ring_backward(ctx.static, q, keys[0], keys[1], q_idx, q_seg, *keys[2:], out, lse, d_out)
+    p = prefix[0].shape[1] if prefix else 0
+    return (dq, dk[:, p:], dv[:, p:]) + ((dk[:, :p], dv[:, :p]) if prefix else ())
+
+  specs = _in_specs(ctx, prefix)
+  grads = jax.shard_map(per_device, mesh=ctx.mesh, in_specs=specs[:5] + (ctx.heads, ctx.lse, ctx.heads) + specs[5:],
+                        out_specs=(ctx.heads, ctx.kv_heads, ctx.kv_heads) + (ctx.kv_heads,) * (2 * bool(prefix)),
+                        check_vma=False)(q, k, v, order, seg, out, lse, d_out, *prefix)
+  d_prefix = (grads[3], grads[4], None) if prefix else prefix
+  return grads[0], grads[1], grads[2], None, None, d_prefix
+
+
+_sharded_ring.defvjp(_sharded_ring_fwd, _sharded_ring_bwd)
 
 
 def _bounds(length: int, parts: int) -> tuple[int, ...]:
@@ -302,19 +459,21 @@ def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, 
   p_local = 0 if prefix is None else prefix.k_BxPxKxD.shape[1] // n
   static = _Static(axes=axes, n=n, q_bounds=_bounds(tl, q_parts),
                    k_bounds=(0,) * (p_local > 0) + tuple(p_local + b for b in _bounds(tl, q_parts)),
-                   precision=cfg.matmul_precision, compute_dtype=jnp.dtype(cfg.compute_dtype))
+                   precision=cfg.matmul_precision, compute_dtype=jnp.dtype(cfg.compute_dtype), block=RING_BLOCK)
   seg_BxT = segment_ids_BxT.astype(jnp.int32)
+  prefix_parts = ()
+  if prefix is not None:
+    if prefix.k_BxPxKxD.shape[1] % n:
+      raise ValueError(f"context parallelism: a shared prompt of {prefix.k_BxPxKxD.shape[1]} tokens does not split "
+                       f"over mesh.sequence={n}; logprobs.sequence_logps pads prompts for you.")
+    prefix_parts = (prefix.k_BxPxKxD, prefix.v_BxPxKxD, prefix.visible_BxP)
+  if cfg.context_parallel == "ring":
+    ctx = _Sharded(static, shard.mesh, heads, kv_heads, rows, index,
+                   logical_to_spec(("batch", "kv_heads", None, "length"), shard.rules))
+    return _sharded_ring(ctx, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, order_T, seg_BxT, prefix_parts)
 
   def per_device(q, k, v, q_idx, q_seg, *prefix_parts):
-    k_idx, k_seg, k_seen = q_idx, q_seg, jnp.zeros(q_seg.shape, bool)
-    if prefix_parts:  # a shared prompt's keys: before every query, visible where real (segment -1 matches none)
-      pk, pv, p_seen = prefix_parts
-      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-      k_idx = jnp.concatenate([jnp.full(pk.shape[1:2], -1, jnp.int32), k_idx])
-      k_seg = jnp.concatenate([jnp.full(p_seen.shape, -1, jnp.int32), k_seg], axis=1)
-      k_seen = jnp.concatenate([p_seen, k_seen], axis=1)
-    if cfg.context_parallel == "ring":
-      return ring_attention_shard(static, q, k, v, q_idx, q_seg, k_idx, k_seg, k_seen)
+    k, v, k_idx, k_seg, k_seen = _keys(q_idx, q_seg, k, v, prefix_parts)
     gather = lambda x, axis: jax.lax.all_gather(x, axes, axis=axis, tiled=True)
     k, v, k_idx, k_seg, k_seen = gather(k, 1), gather(v, 1), gather(k_idx, 0), gather(k_seg, 1), gather(k_seen, 1)
     mask = _tile_mask(q_idx, q_seg, k_idx, k_seg, k_seen)
@@ -323,13 +482,6 @@ def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, 
                                           implementation="cudnn")
     return attention_lib.attend(q, k, v, mask, cfg)
 
-  args = [q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, order_T, seg_BxT]
-  specs = [heads, kv_heads, kv_heads, index, rows]
-  if prefix is not None:
-    if prefix.k_BxPxKxD.shape[1] % n:
-      raise ValueError(f"context parallelism: a shared prompt of {prefix.k_BxPxKxD.shape[1]} tokens does not split "
-                       f"over mesh.sequence={n}; logprobs.sequence_logps pads prompts for you.")
-    args += [prefix.k_BxPxKxD, prefix.v_BxPxKxD, prefix.visible_BxP]
-    specs += [kv_heads, kv_heads, rows]
-  return jax.shard_map(per_device, mesh=shard.mesh, in_specs=tuple(specs), out_specs=heads,
-                       check_vma=False)(*args)
+  return jax.shard_map(per_device, mesh=shard.mesh, in_specs=(heads, kv_heads, kv_heads, index, rows) + (
+      (kv_heads, kv_heads, rows) if prefix_parts else ()), out_specs=heads, check_vma=False)(
+          q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, order_T, seg_BxT, *prefix_parts)

@@ -154,7 +154,11 @@ def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def _row_major_weight_grad(cfg: ModelConfig) -> bool:
+def _row_major_weight_grad(cfg: ModelConfig, shard: ShardingContext | None = None) -> bool:
+  if context_parallel.degree(shard) > 1:
+    # The row-major path flattens (batch, length) into one token axis, which a layout sharded over length cannot
+    # express: the partitioner would gather every device's tokens (measured: the full [N, T, V] logits per device).
+    return False
   if cfg.weight_grad_gemm == "auto":
     return backend(cfg) == "cpu"
   return cfg.weight_grad_gemm == "row_major"
@@ -202,12 +206,13 @@ def _row_major_dot_general(lhs, rhs, dimension_numbers, precision=None, preferre
   return y_NxF.reshape(lead + out)
 
 
-def projection_dot_general(cfg: ModelConfig) -> Any:
+def projection_dot_general(cfg: ModelConfig, shard: ShardingContext | None = None) -> Any:
   """The `dot_general` the model's projections (`nn.Dense`, `nn.DenseGeneral`) use: see `matmul`."""
-  return _row_major_dot_general if _row_major_weight_grad(cfg) else None  # None: lax.dot_general
+  return _row_major_dot_general if _row_major_weight_grad(cfg, shard) else None  # None: lax.dot_general
 
 
-def matmul(x_NxD: jax.Array, w_DxF: jax.Array, cfg: ModelConfig, out_dtype: Any = None) -> jax.Array:
+def matmul(x_NxD: jax.Array, w_DxF: jax.Array, cfg: ModelConfig, out_dtype: Any = None,
+           shard: ShardingContext | None = None) -> jax.Array:
   """`x [..., D] @ w [D, F] -> [..., F]`, as every projection (attention, MLP, LM head) computes it.
 
   The weight gradient `dW = x^T dy` contracts the token axis of both operands. On CPU, XLA keeps its YNNPACK
@@ -215,10 +220,10 @@ def matmul(x_NxD: jax.Array, w_DxF: jax.Array, cfg: ModelConfig, out_dtype: Any 
   (`[N, 688]` in the tiny benchmark config), fused into the SwiGLU backward as a strided write: the largest
   layout cost of the step (`benchmarks/dpo_step.py --profile`). With `cfg.weight_grad_gemm='row_major'` (the CPU
   default) the backward transposes the narrower of `x` and `dy` as its own array and computes `dW` as a
-  row-major GEMM. The values are the same products summed in another order; `'xla'` (the default off CPU)
-  leaves the layout to XLA.
+  row-major GEMM. The values are the same products summed in another order; `'xla'` (the default off CPU, and
+  whenever `shard` splits the sequence over devices) leaves the layout to XLA.
   """
-  dot_general = projection_dot_general(cfg) or jax.lax.dot_general
+  dot_general = projection_dot_general(cfg, shard) or jax.lax.dot_general
   return dot_general(x_NxD, w_DxF, (((x_NxD.ndim - 1,), (0,)), ((), ())), precision=cfg.matmul_precision,
                      preferred_element_type=out_dtype)
 
@@ -341,7 +346,7 @@ class Attention(nn.Module):
     init = nn.initializers.normal(cfg.initializer_range)
     dense = functools.partial(
         nn.DenseGeneral, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-        precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg))
+        precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg, self.shard))
 
     def proj(name, heads, heads_axis, bias):
       return dense(
@@ -411,7 +416,7 @@ class Mlp(nn.Module):
     init = nn.initializers.normal(cfg.initializer_range)
     dense = functools.partial(
         nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
-        precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg))
+        precision=cfg.matmul_precision, dot_general=projection_dot_general(cfg, self.shard))
     up_kernel = _partitioned(init, ("embed", "mlp"))
     up_bias = _partitioned(nn.initializers.zeros, ("mlp",))
     d, f = cfg.hidden_size, cfg.intermediate_size
@@ -523,7 +528,11 @@ class Decoder(nn.Module):
       kernel_DxV = self.embed.embedding.astype(dtype).T
     else:
       kernel_DxV = self.lm_head.astype(dtype)
-    logits = matmul(hidden_BxTxD.astype(dtype), kernel_DxV, self.cfg, out_dtype=jnp.float32)
+    # FSDP: gather the kernel's 'embed' shards first, as for the embedding table. Left to itself the partitioner
+    # may instead contract the fsdp-sharded D and sum [N, T, V] partial logits over fsdp (measured on an 8B model
+    # at 32k tokens, mesh fsdp=4 x sequence=8: full-length logits per device, 98 GiB of step temporaries).
+    kernel_DxV = constrain(kernel_DxV, (None, "vocab"), self.shard)
+    logits = matmul(hidden_BxTxD.astype(dtype), kernel_DxV, self.cfg, out_dtype=jnp.float32, shard=self.shard)
     return constrain(logits, ("batch", "length", "vocab"), self.shard)
 
   def __call__(self, ids_BxT, positions_BxT, segment_ids_BxT):

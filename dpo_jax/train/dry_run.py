@@ -184,6 +184,10 @@ def report(config: Any, *, compile_step: bool = True) -> dict:
   if spec is None:
     print("\nper-device memory of the DPO stage:")
     print(_table(("what", "per device", "note"), memory))
+    if compile_step and mesh.shape["sequence"] > 1:
+      out["without_sequence"] = without_sequence_axis(config, model_cfg, optimizer, schedule, mesh, rules,
+                                                      with_reference=with_reference, static=total - activations)
+    _fit(config, out)
     return out
   out["lora"] = lora = lora_memory(config, spec, model_cfg, optimizer, schedule, mesh, rules, params_bytes,
                                    with_reference=with_reference, compile_step=compile_step)
@@ -218,3 +222,39 @@ def lora_memory(config: Any, spec: lora_lib.LoraSpec, model_cfg: model_lib.Model
   return {"num_adapters": model_lib.count_params(abstract), "params": base_bytes, "adapters": adapter_bytes,
           "optimizer": opt_bytes, "reference": 0, "activations": activations,
           "total": base_bytes + adapter_bytes + opt_bytes + (activations or 0)}
+
+
+def without_sequence_axis(config: Any, model_cfg: model_lib.ModelConfig, optimizer: Any, schedule: Any, mesh: Any,
+                          rules: Any, *, with_reference: bool, static: int) -> dict:
+  """The same step on the same mesh with every device holding whole sequences ('length' unsharded, so the
+  'sequence' devices repeat each other's work): what context parallelism saves per device."""
+  whole = (("length", None),) + tuple(rules)  # the first rule wins
+  activations = int(step_memory(config, model_lib.make_model(model_cfg, sharding.ShardingContext(mesh, whole)),
+                                model_cfg, optimizer, schedule, mesh, whole,
+                                with_reference=with_reference).temp_size_in_bytes)
+  n = mesh.shape["sequence"]
+  return {"activations": activations, "total": static + activations, "sequence": n}
+
+
+def _fit(config: Any, out: dict) -> None:
+  """Print the context-parallel comparison and, given perf.device_memory_gib, whether each plan fits."""
+  perf = config.get("perf")
+  capacity = float(perf.get("device_memory_gib", 0.0)) * GiB if perf is not None else 0.0
+  without = out.get("without_sequence")
+  if without:
+    n = without["sequence"]
+    print(f"\ncontext parallelism: step temporaries per device {_fmt_bytes(out['activations'])} with the tokens of "
+          f"each sequence over mesh.sequence={n} (model.context_parallel={config.model.context_parallel!r}), "
+          f"{_fmt_bytes(without['activations'])} with whole sequences per device (same mesh); total "
+          f"{_fmt_bytes(out['total'])} against {_fmt_bytes(without['total'])} "
+          f"({without['total'] / max(out['total'], 1):.2f}x).")
+  if not capacity or out["activations"] is None:
+    return
+  fits = out["total"] <= capacity
+  print(f"fits in {capacity / GiB:g} GiB per device (perf.device_memory_gib): {'yes' if fits else 'NO'} "
+        f"({_fmt_bytes(out['total'])})")
+  if without:
+    out["fits"], out["fits_without_sequence"] = fits, without["total"] <= capacity
+    if fits and not out["fits_without_sequence"]:
+      print(f"this config only fits with mesh.sequence > 1: whole sequences per device would need "
+            f"{_fmt_bytes(without['total'])}.")

@@ -122,8 +122,10 @@ def test_load_balance_evens_the_causal_work(n):
 
 @pytest.mark.parametrize("mode, n", [("ring", 1), ("ring", 2), ("ring", 4), ("ring", 8), ("all_gather", 2),
                                      ("all_gather", 4), ("all_gather", 8)])
-def test_context_parallel_attention_equals_plain_attention(mode, n):
-  """Forward and grads of q, k, v against the plain masked attention (GQA, two packed segments, padding)."""
+def test_context_parallel_attention_equals_plain_attention(mode, n, monkeypatch):
+  """Forward and grads of q, k, v against the plain masked attention (GQA, two packed segments, padding); ring
+  score blocks of 2 tokens, so every tile runs several query and key blocks."""
+  monkeypatch.setattr(cp, "RING_BLOCK", 2)
   b, t, h, kv, d = 2, 32, 4, 2, 8
   rng = np.random.default_rng(n)
   q, k, v, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d),
@@ -137,7 +139,8 @@ def test_context_parallel_attention_equals_plain_attention(mode, n):
     cfg = dataclasses.replace(MODEL_CFG, context_parallel=mode, context_load_balance=balance)
     order = cp.token_order(t, n, balance)
     if n == 1:  # one shard: the ring kernel alone, no shard_map (all_gather of one shard is plain attention)
-      static = cp._Static(axes=(), n=1, q_bounds=(0, t), k_bounds=(0, t), precision=None, compute_dtype=jnp.float32)
+      static = cp._Static(axes=(), n=1, q_bounds=(0, t), k_bounds=(0, t), precision=None, compute_dtype=jnp.float32,
+                          block=2)
       idx = jnp.arange(t, dtype=jnp.int32)
       attend = lambda q, k, v: cp.ring_attention_shard(static, q, k, v, idx, seg, idx, seg, jnp.zeros((b, t), bool))
     else:
@@ -162,6 +165,34 @@ def test_sequence_sharded_step_equals_unsharded(params, layout, mode, balance):
   want = loss_logps_grads(params, batch, MODEL_CFG, None)
   cfg = dataclasses.replace(MODEL_CFG, context_parallel=mode, context_load_balance=balance, logits_chunk_size=4)
   assert_same(loss_logps_grads(params, batch, cfg, {"data": 2, "sequence": 4}), want, f"{layout} {mode} {balance}")
+
+
+@pytest.mark.parametrize("mode", cp.CONTEXT_PARALLEL)
+def test_scanned_rematted_layers_give_the_same_step(params, mode):
+  """scan_layers + remat (the pod configuration) with sequence=4: same numbers; and the ring's masks are not
+  hoisted out of the layer loop as stored residuals (`context_parallel._per_layer`; without it 4.5x here): the step's
+  temporaries stay within 1.5x of the unscanned one's."""
+  batch = make_batch("rows")
+  want = loss_logps_grads(params, batch, MODEL_CFG, None)
+  scanned = dataclasses.replace(MODEL_CFG, context_parallel=mode, scan_layers=True, remat="full")
+  unscanned = dataclasses.replace(scanned, scan_layers=False)
+  scanned_params = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
+                    "layers": jax.tree.map(lambda *x: jnp.stack(x), *[params[f"layers_{i}"]
+                                                                         for i in range(MODEL_CFG.num_layers)])}
+  got = loss_logps_grads(scanned_params, batch, scanned, {"data": 2, "sequence": 4})
+  got_grads = {**{k: v for k, v in got[2].items() if k != "layers"},
+               **{f"layers_{i}": jax.tree.map(lambda x: x[i], got[2]["layers"]) for i in range(MODEL_CFG.num_layers)}}
+  assert_same((got[0], got[1], got_grads), want, f"{mode} scan_layers remat")
+  if mode == "ring":  # a long sequence, so stored per-step score blocks would dominate
+    long = {k: np.tile(v, (1, 32)) if v.ndim == 2 else v for k, v in make_batch("rows").items()}
+    temps = [_step_temp_bytes(c, p, long) for c, p in ((scanned, scanned_params), (unscanned, params))]
+    assert temps[0] < 1.5 * temps[1], f"scanned {temps[0]} vs unscanned {temps[1]} bytes of temporaries"
+
+
+def _step_temp_bytes(cfg, params, batch):
+  model = model_lib.make_model(cfg, sharding.ShardingContext(mesh_of({"data": 2, "sequence": 4}), RULES))
+  fn = jax.jit(jax.grad(lambda p: logprobs.sequence_logps(model, p, batch).logps.sum()))
+  return fn.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize("mode", cp.CONTEXT_PARALLEL)

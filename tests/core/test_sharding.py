@@ -10,9 +10,11 @@ from dpo_jax import sharding
 
 
 def test_mesh_shape_resolves_minus_one():
-  assert sharding.resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1)
-  assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
-  assert sharding.resolve_mesh_shape({"data": 1, "fsdp": -1}, 4) == (1, 4, 1)
+  # (data, fsdp, sequence, tensor)
+  assert sharding.resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)
+  assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 2)
+  assert sharding.resolve_mesh_shape({"data": 1, "fsdp": -1}, 4) == (1, 4, 1, 1)
+  assert sharding.resolve_mesh_shape({"data": -1, "sequence": 4}, 8) == (2, 1, 4, 1)
 
 
 @pytest.mark.parametrize("sizes,match", [
@@ -28,7 +30,7 @@ def test_mesh_errors(sizes, match):
 
 def test_make_mesh_uses_the_devices_given():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
   one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
   assert one.devices.size == 1
 
@@ -36,7 +38,7 @@ def test_make_mesh_uses_the_devices_given():
 def test_rules_map_logical_axes():
   assert sharding.logical_to_spec(("embed", "mlp"), SHARDING_RULES) == P("fsdp", "tensor")
   assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), SHARDING_RULES) == P(None, "fsdp", "tensor", None)
-  assert sharding.logical_to_spec(("batch", "length", "act_embed"), SHARDING_RULES) == P(("data", "fsdp"), None, None)
+  assert sharding.logical_to_spec(("batch", "length", "act_embed"), SHARDING_RULES) == P(("data", "fsdp"), "sequence", None)
   with pytest.raises(ValueError, match="no rule for logical axis 'experts'"):
     sharding.logical_to_spec(("experts",), SHARDING_RULES)
   with pytest.raises(ValueError, match="twice"):

@@ -72,3 +72,20 @@ def test_train_dry_run_flag_prints_tables_and_runs_no_step(tmp_path):
   assert "per-device memory of the DPO stage" in out.stdout
   assert "'data': 2, 'fsdp': 2" in out.stdout
   assert not os.path.exists(tmp_path / "w"), "a dry run must not write a workdir"
+
+
+def test_a_sequence_axis_divides_the_step_temporaries_and_says_when_only_it_fits(capsys):
+  """max_length 512 over mesh.sequence=4: the attention and MLP temporaries shrink with the shards; a capacity
+  between the two totals is reported as fitting only with the sequence axis."""
+  long = {"max_length": 512, "max_prompt_length": 64, "batch_size": 2, "mesh.data": 2, "mesh.sequence": 4,
+          "model.attention_impl": "xla"}
+  cp = dry_run.report(config(**long), compile_step=True)
+  without = cp["without_sequence"]
+  assert without["sequence"] == 4
+  assert without["activations"] > 2.5 * cp["activations"], (cp, without)
+  capacity = (cp["total"] + without["total"]) / 2 / 1024 ** 3
+  fitted = dry_run.report(config(**long, **{"perf.device_memory_gib": capacity}), compile_step=True)
+  out = capsys.readouterr().out
+  assert fitted["fits"] and not fitted["fits_without_sequence"]
+  assert "this config only fits with mesh.sequence > 1" in out
+  assert "context parallelism: step temporaries per device" in out
