@@ -90,7 +90,7 @@ def get_config(arg=None):
       #                           kernel on the local queries (O(T) K/V per device; 'auto', 'xla' or 'cudnn').
       context_load_balance="zigzag",  # token order over the sequence shards, so causal attention costs every shard
       #                                 the same: 'zigzag' (shard i holds chunks i and 2n-1-i of 2n), 'striped'
-      #                                 (tokens i, i+n, ...), 'none' (contiguous: the last shard works ~n times the
+      #                                 (tokens i, i+n, ...), 'none' (contiguous: the last shard works ~2n-1 times the
       #                                 first). Log-probs are unchanged by it.
       matmul_precision="default",  # 'highest' for full-fp32 matmuls on TPU (default there is bf16 passes).
       remat="none",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable'.

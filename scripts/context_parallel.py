@@ -10,9 +10,9 @@ value-and-grad of the policy (`step.dpo_loss`, fixed reference log-probs) and th
   step ms       median wall time of the jitted step (emulated devices share this machine's cores: see below)
   temp MiB      per-device temporaries of the compiled SPMD program (`memory_analysis().temp_size_in_bytes`)
   sent MiB      bytes one device sends per step, read from the optimized HLO: every collective-permute (its
-                operand), all-gather ((n - 1) / n of the result), reduce-scatter ((n - 1) / n of the operand) and
-                all-reduce (2 (n - 1) / n of the operand, a ring all-reduce), times the trip count of each `while`
-                loop around it; split into attention (permutes, all-gathers, reduce-scatters) and the rest
+                result), all-gather ((n - 1) / n of the result), reduce-scatter (n - 1 results) and all-reduce
+                (2 (n - 1) / n of the result, a ring all-reduce), times the trip count of each `while` loop
+                around it; split into attention (permutes, all-gathers, reduce-scatters) and the rest
                 (all-reduces: the weight gradients, summed over the sequence shards like data parallelism)
   analytic MiB  the attention traffic counted by hand (`analytic_attention_bytes`)
 
@@ -68,10 +68,9 @@ def collective_bytes(hlo: str, n: int) -> dict[str, float]:
     result, _, rest = line.partition("=")
     rest = rest.strip()
     for kind in COLLECTIVES:
-      m = re.match(rf"^(.*?)\s{kind}(?:-start)?\((.*?)\)", rest)
-      if m:
-        result_type, operand = m.group(1), m.group(2)
-        current["ops"].append((kind, shape_bytes(result_type), shape_bytes(operand)))
+      m = re.match(rf"^(.*?)\s{kind}(?:-start)?\(", rest)
+      if m:  # optimized HLO names operands without their shapes: count from the result
+        current["ops"].append((kind, shape_bytes(m.group(1))))
         break
     trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
     for callee in re.findall(r"(?:body|to_apply|calls)=%?([\w.\-]+)", rest):
@@ -84,17 +83,17 @@ def collective_bytes(hlo: str, n: int) -> dict[str, float]:
     comp = computations.get(name)
     if comp is None or depth > 50:
       return
-    for kind, result, operand in comp["ops"]:
-      if kind == "collective-permute":
-        sent = operand
-      elif kind == "all-gather":
+    for kind, result in comp["ops"]:
+      if kind == "collective-permute":  # the result is what arrived, the same size as what was sent
+        sent = result
+      elif kind == "all-gather":  # the result holds the n blocks; n - 1 of them came from the others
         sent = result * (n - 1) / n
-      elif kind == "reduce-scatter":
-        sent = operand * (n - 1) / n
-      elif kind == "all-reduce":
-        sent = 2 * operand * (n - 1) / n
+      elif kind == "reduce-scatter":  # the operand is n results; n - 1 of them go to the others
+        sent = result * (n - 1)
+      elif kind == "all-reduce":  # a ring all-reduce: a reduce-scatter and an all-gather of the operand
+        sent = 2 * result * (n - 1) / n
       else:
-        sent = operand * (n - 1) / n
+        sent = result * (n - 1) / n
       totals[kind] += sent * times
     for callee, trips in comp["calls"]:
       visit(callee, times * trips, depth + 1)
@@ -109,8 +108,8 @@ def analytic_attention_bytes(mode: str, n: int, rows: int, length: int, cfg: mod
   """Attention bytes one device sends per value-and-grad step, by hand: per layer, a K/V block is
   2 rows x (T / n) x kv_heads x head_dim values (+ its int32 index, int32 segments and bool visibility);
   the ring sends n - 1 blocks forward, n - 1 blocks and n fp32 dK/dV blocks backward; all_gather sends its
-  block to the n - 1 others forward (the same n - 1 blocks) and reduce-scatters dK/dV ((n - 1) / n of the
-  gathered gradient, in the compute dtype) backward."""
+  block (less the index, a compile-time constant there) to the n - 1 others forward and reduce-scatters dK/dV
+  (n - 1 blocks' worth, in the compute dtype) backward."""
   if n == 1:
     return 0.0
   tl = length // n
@@ -119,8 +118,8 @@ def analytic_attention_bytes(mode: str, n: int, rows: int, length: int, cfg: mod
   block = values * itemsize + tl * 4 + rows * tl * (4 + 1)
   if mode == "ring":
     per_layer = (n - 1) * block + (n - 1) * block + n * values * 4
-  else:
-    per_layer = (n - 1) * block + (n - 1) * values * itemsize
+  else:  # the token index is a constant here, whose gather XLA folds away
+    per_layer = (n - 1) * (block - tl * 4) + (n - 1) * values * itemsize
   return per_layer * cfg.num_layers
 
 

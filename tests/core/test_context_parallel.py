@@ -2,7 +2,6 @@
 unsharded ones (dpo_jax/context_parallel.py)."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -72,17 +71,21 @@ def assert_same(got, want, what):
   logps_w, loss_w, grads_w = want
   np.testing.assert_allclose(logps_g, logps_w, rtol=1e-5, atol=1e-5, err_msg=f"{what}: sequence log-probs")
   np.testing.assert_allclose(loss_g, loss_w, rtol=1e-5, err_msg=f"{what}: DPO loss")
-  worst = 0.0
+  worst, diff2, want2 = 0.0, 0.0, 0.0
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads_g), jax.tree.leaves(grads_w)):
-    # fp32 summation order differs (sharded reductions): each grad within 1e-5 of its own norm, every element
-    # within 1e-4 of the largest (a tied embedding sums thousands of terms per row).
+    # fp32 summation order differs (sharded reductions). The whole gradient within 1e-5 of its norm; each leaf
+    # within 3e-5 of its own (measured worst 9.3e-6: a CPU with other vector units sums in another order); every
+    # element within 1e-4 of the leaf's largest (a tied embedding sums thousands of terms per row).
     rel = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
     worst = max(worst, rel)
-    assert rel < 1e-5, f"{what}: grad {jax.tree_util.keystr(path)} |g - want| / |want| = {rel:.3g}"
+    diff2, want2 = diff2 + float(np.sum((g - w) ** 2)), want2 + float(np.sum(w ** 2))
+    assert rel < 3e-5, f"{what}: grad {jax.tree_util.keystr(path)} |g - want| / |want| = {rel:.3g}"
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * max(float(np.abs(w).max()), 1e-6),
                                err_msg=f"{what}: grad {jax.tree_util.keystr(path)}")
-  print(f"{what}: max |dlogp| {np.abs(logps_g - logps_w).max():.3g}, |dloss| {abs(loss_g - loss_w):.3g}, "
-        f"worst grad |g - want| / |want| {worst:.3g}")
+  total = (diff2 / want2) ** 0.5
+  assert total < 1e-5, f"{what}: |grads - want| / |want| = {total:.3g}"
+  print(f"{what}: max |dlogp| {np.abs(logps_g - logps_w).max():.3g} (|logp| up to {np.abs(logps_w).max():.3g}), "
+        f"|dloss| {abs(loss_g - loss_w):.3g}, |dgrads| / |grads| {total:.3g}, worst leaf {worst:.3g}")
 
 
 # ---- the token order ----
