@@ -62,13 +62,17 @@ def run_two_by_four(workdir, timeout_s=900, extra=None):
   return os.path.join(workdir, "run")
 
 
-@pytest.mark.slow
-def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path):
-  multi = run_two_by_four(str(tmp_path / "2x4"))
+@pytest.fixture(scope="module")
+def one_by_eight(tmp_path_factory):
+  """(workdir, summary) of the OVERRIDES run in this process: 1 process x 8 data-parallel devices."""
+  single = str(tmp_path_factory.mktemp("1x8"))
+  return single, pipeline.run(override(get_config("tiny"), OVERRIDES), single)
 
-  config = override(get_config("tiny"), OVERRIDES)
-  single = str(tmp_path / "1x8")
-  summary = pipeline.run(config, single)
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path, one_by_eight):
+  multi = run_two_by_four(str(tmp_path / "2x4"))
+  single, summary = one_by_eight
 
   rows = {name: [(r["stage"], r["split"], r["step"], r["loss"]) for r in read_metrics(w)]
           for name, w in (("1x8", single), ("2x4", multi))}
@@ -103,13 +107,12 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path)
 
 
 @pytest.mark.slow
-def test_a_sequence_axis_across_both_processes_trains_like_one_process(tmp_path):
+def test_a_sequence_axis_across_both_processes_trains_like_one_process(tmp_path, one_by_eight):
   """mesh (data=1, sequence=8) over 2 processes x 4 devices: each sequence's tokens span both hosts, so both feed
   the whole batch (`sharding.batch_feed`) and the ring passes K/V blocks between the processes. The losses and
   params equal one process of 8 data-parallel devices."""
   multi = run_two_by_four(str(tmp_path / "2x4"), extra={"mesh.data": 1, "mesh.sequence": 8})
-  single = str(tmp_path / "1x8")
-  pipeline.run(override(get_config("tiny"), OVERRIDES), single)
+  single = one_by_eight[0]
   rows = {name: [(r["stage"], r["split"], r["step"], r["loss"]) for r in read_metrics(w)]
           for name, w in (("1x8", single), ("2x4", multi))}
   assert [r[:3] for r in rows["2x4"]] == [r[:3] for r in rows["1x8"]], rows
