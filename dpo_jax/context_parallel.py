@@ -57,6 +57,12 @@ from dpo_jax.sharding import ShardingContext, logical_to_spec
 CONTEXT_PARALLEL = ("ring", "all_gather")
 LOAD_BALANCE = ("zigzag", "striped", "none")
 
+# Queries and keys per block inside a ring tile: a tile is computed flash-style, one [block, block] score block
+# per (query block, key block) at a time (`lax.map` / `lax.scan`), so a device's attention temporaries are
+# O(block^2) per head rather than O((T / n)^2). MaxText's and splash's default blocks are 512.
+RING_BLOCK = 512
+
+
 # Kernels the context-parallel forms can run: the ring tiles are its own; all_gather hands the local queries and
 # the gathered keys with an arbitrary (index, segment) mask to cuDNN or XLA.
 _ALL_GATHER_KERNELS = ("auto", "xla", "cudnn")
@@ -84,8 +90,13 @@ def length_multiple(n: int, balance: str) -> int:
 
 
 def padded_length(length: int, n: int, balance: str) -> int:
+  """`length` rounded up so each of the `length_multiple` chunks splits into equal ring blocks of at most
+  `RING_BLOCK` tokens (a chunk of 521 tokens, a prime, would otherwise be computed in blocks of 1): at most
+  (blocks - 1) padding tokens per chunk on top of the multiple."""
   m = length_multiple(n, balance)
-  return -(-length // m) * m
+  chunk = -(-length // m)
+  blocks = -(-chunk // RING_BLOCK)
+  return m * blocks * -(-chunk // blocks)
 
 
 def token_order(length: int, n: int, balance: str) -> np.ndarray:
@@ -122,12 +133,6 @@ def validate(cfg: Any, n: int) -> None:
         f"model.attention_impl={cfg.attention_impl!r} with mesh.sequence={n} and model.context_parallel="
         f"{cfg.context_parallel!r}: {why}. Set --config.model.attention_impl to one of {list(kernels)}"
         + (" (or context_parallel=all_gather for cuDNN)." if cfg.context_parallel == "ring" else "."))
-
-
-# Queries and keys per block inside a ring tile: a tile is computed flash-style, one [block, block] score block
-# per (query block, key block) at a time (`lax.map` / `lax.scan`), so a device's attention temporaries are
-# O(block^2) per head rather than O((T / n)^2). MaxText's and splash's default blocks are 512.
-RING_BLOCK = 512
 
 
 class _Static(NamedTuple):

@@ -99,6 +99,18 @@ def test_token_order_is_a_permutation_into_equal_shards(balance, n):
   np.testing.assert_array_equal(np.sort(order), np.arange(length))
 
 
+@pytest.mark.parametrize("length", [2050, 4 * 521, 8191, 40000])
+def test_padded_chunks_split_into_full_ring_blocks(length):
+  """Every chunk of a padded length is a whole number of equal blocks of at most RING_BLOCK tokens (never the
+  blocks of 1 a prime chunk would give), for little padding."""
+  for n, balance in ((2, "zigzag"), (4, "none"), (8, "striped")):
+    padded = cp.padded_length(length, n, balance)
+    chunk = padded // cp.length_multiple(n, balance)
+    blocks = -(-chunk // cp.RING_BLOCK)
+    assert chunk % blocks == 0 and cp._block(chunk, cp.RING_BLOCK) == chunk // blocks, (length, n, balance)
+    assert padded - length < cp.length_multiple(n, balance) * blocks, (length, n, balance, padded)
+
+
 def test_zigzag_and_striped_layouts():
   np.testing.assert_array_equal(cp.token_order(8, 2, "zigzag"), [0, 1, 6, 7, 2, 3, 4, 5])
   np.testing.assert_array_equal(cp.token_order(8, 2, "striped"), [0, 2, 4, 6, 1, 3, 5, 7])
