@@ -9,8 +9,8 @@ attention mixes tokens; `attention` runs it inside a `shard_map` in one of two w
                 into its queries' online softmax (running max m, normaliser l, output o: flash attention's
                 accumulation); a custom VJP recomputes the tiles and passes the dK/dV accumulators around the
                 ring with their blocks (n hops), so no device ever holds more than its own and one visiting
-                block. Per device: O(T / n) memory; 2 (n - 1) K/V blocks sent forward, n - 1 K/V and n dK/dV
-                blocks backward. The tiles are jnp (scores in fp32), on every backend.
+                block. Per device: O(T / n) memory; n - 1 K/V blocks sent forward, n - 1 K/V and n dK/dV blocks
+                backward. The tiles are jnp (scores in fp32), on every backend.
   'all_gather'  K/V (and the index and segment of each key) gathered over the axis, then the local T / n
                 queries attend all T keys with the backend's kernel (`attention.choose`: cuDNN on GPU, else
                 the XLA kernel; splash and the CPU blocked kernel assume contiguous causal blocks, which a
@@ -24,10 +24,10 @@ whatever order the shards hold the tokens in.
 Causal load balance (`model.context_load_balance`): in the original order, shard 0 would attend one block and
 shard n - 1 all n. The sequence is reordered before sharding so every shard does the same work:
 
-  'zigzag'   2n chunks; shard i holds chunks i and 2n - 1 - i (Llama 3's context parallelism; Brandon et al.
-             2023 call the striped variant below the better-balanced one for fine-grained kernels). With the
-             ring's tiles split at the chunk boundary, every shard computes 2 of 4 quarter tiles per visiting
-             block and 3 for its own: the same on every device, ~n / 2 blocks of work instead of n.
+  'zigzag'   2n chunks; shard i holds chunks i and 2n - 1 - i (the split Llama 3's context parallelism describes:
+             2 x CP chunks per sequence). With the ring's tiles split at the chunk boundary, every shard
+             computes 2 of 4 quarter tiles per visiting block and 3 for its own: the same on every device,
+             ~n / 2 blocks of work instead of n.
   'striped'  shard i holds tokens i, i + n, i + 2n, ... (Striped Attention, Brandon et al. 2023): every tile
              is a near-half triangle. Balanced, but the tiles here skip only fully masked blocks, so striped
              computes all n blocks per device; it is for kernels that skip at finer grain.
@@ -35,7 +35,7 @@ shard n - 1 all n. The sequence is reordered before sharding so every shard does
 
 Log-probs never undo the order: each position's target token and loss-mask bit travel with it (logprobs.py), and a
 per-sequence sum does not depend on the order of its terms. RoPE positions and segment ids are inputs per token,
-so they travel too. Lengths are padded (ids 0, segment 0, never scored) to a multiple of `length_multiple`.
+so they travel too. Lengths are padded (ids 0, segment 0, never scored) by `padded_length`.
 
 The KV-cached sampler (`sample.py`) is not sequence-parallel: it decodes with the unsharded model on the data axis.
 """
