@@ -236,3 +236,21 @@ def test_the_model_called_outside_logprobs_names_the_fix(params):
   ids = jnp.ones((2, 12), jnp.int32)
   with pytest.raises(ValueError, match="sequence_logps pads"):
     model.apply({"params": params}, ids, ids, ids)
+
+
+def test_vmapped_sweep_members_run_context_parallel(params):
+  """experiments/sweep.py vmaps the step over stacked params: the ring and all_gather shard_maps under vmap give
+  the unsharded grads of each member."""
+  stacked = jax.tree.map(lambda x: jnp.stack([x, 1.01 * x]), params)
+  batch = make_batch("rows")
+
+  def grads(cfg, sizes):
+    shard = None if sizes is None else sharding.ShardingContext(mesh_of(sizes), RULES)
+    model = model_lib.make_model(cfg, shard)
+    return jax.jit(jax.vmap(jax.grad(lambda p: logprobs.sequence_logps(model, p, batch).logps.sum())))(stacked)
+
+  want = grads(MODEL_CFG, None)
+  for mode in cp.CONTEXT_PARALLEL:
+    got = grads(dataclasses.replace(MODEL_CFG, context_parallel=mode), {"data": 2, "sequence": 4})
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * float(np.abs(w).max()), err_msg=mode)
