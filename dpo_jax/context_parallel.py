@@ -12,9 +12,10 @@ attention mixes tokens; `attention` runs it inside a `shard_map` in one of two w
                 block. Per device: O(T / n) memory; n - 1 K/V blocks sent forward, n - 1 K/V and n dK/dV blocks
                 backward. The tiles are jnp (scores in fp32), on every backend.
   'all_gather'  K/V (and the index and segment of each key) gathered over the axis, then the local T / n
-                queries attend all T keys with the backend's kernel (`attention.choose`: cuDNN on GPU, else
-                the XLA kernel; splash and the CPU blocked kernel assume contiguous causal blocks, which a
-                load-balanced shard is not). The backward reduce-scatters dK/dV. Per device: O(T) K/V memory.
+                queries attend all T keys with the backend's kernel (`attention.choose`): cuDNN on GPU and XLA
+                with the exact (index, segment) mask; splash on TPU (`_splash_shard`) on key windows cut so
+                that each query chunk's mask is a static causal one. The CPU blocked kernel is not offered
+                ('auto' takes XLA on CPU). The backward reduce-scatters dK/dV. Per device: O(T) K/V memory.
 
 The mask is the model's (model.py): key s is visible to query t iff s comes no later than t in the original order
 and both have the same segment id; a shared prompt's real tokens are visible to all of its response's tokens.
@@ -51,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dpo_jax import attention as attention_lib
+from dpo_jax import attention as attention_lib, platforms
 from dpo_jax.sharding import ShardingContext, logical_to_spec
 
 CONTEXT_PARALLEL = ("ring", "all_gather")
@@ -64,8 +65,9 @@ RING_BLOCK = 512
 
 
 # Kernels the context-parallel forms can run: the ring tiles are its own; all_gather hands the local queries and
-# the gathered keys with an arbitrary (index, segment) mask to cuDNN or XLA.
-_ALL_GATHER_KERNELS = ("auto", "xla", "cudnn")
+# the gathered keys with an arbitrary (index, segment) mask to cuDNN or XLA, and to splash as static causal
+# windows (`_splash_shard`; not for 'striped', whose every shard would need its own mask).
+_ALL_GATHER_KERNELS = ("auto", "xla", "cudnn", "splash")
 _RING_KERNELS = ("auto", "xla")
 
 
@@ -89,14 +91,31 @@ def length_multiple(n: int, balance: str) -> int:
   return 2 * n if balance == "zigzag" and n > 1 else n
 
 
-def padded_length(length: int, n: int, balance: str) -> int:
-  """`length` rounded up so each of the `length_multiple` chunks splits into equal ring blocks of at most
-  `RING_BLOCK` tokens (a chunk of 521 tokens, a prime, would otherwise be computed in blocks of 1): at most
-  (blocks - 1) padding tokens per chunk on top of the multiple."""
+def padded_length(length: int, n: int, balance: str, quantum: int = 0) -> int:
+  """`length` rounded up to `length_multiple` chunks, each a multiple of `quantum` tokens if given (splash tiles:
+  `chunk_quantum`), else split into equal ring blocks of at most `RING_BLOCK` tokens (a chunk of 521 tokens, a
+  prime, would otherwise be computed in blocks of 1): at most (blocks - 1) padding tokens per chunk on top of the
+  multiple."""
   m = length_multiple(n, balance)
   chunk = -(-length // m)
+  if quantum:
+    return m * quantum * -(-chunk // quantum)
   blocks = -(-chunk // RING_BLOCK)
   return m * blocks * -(-chunk // blocks)
+
+
+def _wants_splash(cfg: Any) -> bool:
+  """Whether all_gather runs splash: chosen explicitly, or by 'auto' on a TPU (for 'zigzag' / 'none')."""
+  if cfg.context_parallel != "all_gather" or cfg.context_load_balance == "striped":
+    return False
+  return cfg.attention_impl == "splash" or (
+      cfg.attention_impl == "auto" and attention_lib.PREFERRED.get(platforms.resolve(cfg.platform)) == "splash")
+
+
+def chunk_quantum(cfg: Any, n: int) -> int:
+  """Tokens each `length_multiple` chunk is padded to a multiple of (`padded_length`): splash's smallest tile
+  when all_gather runs splash over n > 1 shards (its query chunks and key windows are chunk multiples), else 0."""
+  return attention_lib.SPLASH_BLOCKS[-1] if n > 1 and _wants_splash(cfg) else 0
 
 
 def token_order(length: int, n: int, balance: str) -> np.ndarray:
@@ -124,15 +143,19 @@ def validate(cfg: Any, n: int) -> None:
     raise ValueError(f"model.context_load_balance={cfg.context_load_balance!r}; choose one of {list(LOAD_BALANCE)}.")
   if n <= 1:
     return
+  if cfg.context_parallel == "all_gather" and cfg.attention_impl == "splash" and cfg.context_load_balance == "striped":
+    raise ValueError(
+        f"model.attention_impl='splash' with mesh.sequence={n}, context_parallel='all_gather' and "
+        "context_load_balance='striped': a striped shard's causal mask is different on every device, and splash's "
+        "mask is static. Set --config.model.context_load_balance=zigzag (or 'none'), or attention_impl=xla.")
   kernels = _RING_KERNELS if cfg.context_parallel == "ring" else _ALL_GATHER_KERNELS
   if cfg.attention_impl not in kernels:
     why = ("the ring computes its own online-softmax tiles" if cfg.context_parallel == "ring" else
-           "a sequence shard is not one contiguous causal block, so the kernel's built-in causal mask cannot "
-           "express which keys each query sees")
+           "the CPU blocked kernel takes one contiguous causal block, which a sequence shard is not")
     raise ValueError(
         f"model.attention_impl={cfg.attention_impl!r} with mesh.sequence={n} and model.context_parallel="
         f"{cfg.context_parallel!r}: {why}. Set --config.model.attention_impl to one of {list(kernels)}"
-        + (" (or context_parallel=all_gather for cuDNN)." if cfg.context_parallel == "ring" else "."))
+        + (" (or context_parallel=all_gather for cuDNN / splash)." if cfg.context_parallel == "ring" else "."))
 
 
 class _Static(NamedTuple):
@@ -442,6 +465,72 @@ def _bounds(length: int, parts: int) -> tuple[int, ...]:
   return tuple(length * i // parts for i in range(parts + 1))
 
 
+def all_gather_kernel(cfg: Any, chunk_q_shape: tuple[int, ...], kv_length: int, dtype: Any) -> str:
+  """The kernel all_gather runs ('cudnn', 'splash' or 'xla') for query chunks `chunk_q_shape` `[B, C, H, D]` over
+  `kv_length` keys (n C plus a shared prompt's). 'auto' takes what `attention.choose` prefers, except the CPU blocked
+  kernel (not offered) and splash under 'striped' (refused when explicit): XLA instead."""
+  if cfg.attention_impl == "auto" and not _wants_splash(cfg) and (
+      attention_lib.PREFERRED.get(platforms.resolve(cfg.platform)) in ("splash", "cpu_blocked")):
+    return "xla"
+  impl = attention_lib.choose(cfg, chunk_q_shape, kv_length, dtype)
+  return impl if impl in ("cudnn", "splash") else "xla"
+
+
+def _natural_halves(x, n, chunk, balance):
+  """A gathered `[B, T, ...]` (layout order) in the original order, as (first, second) halves for 'zigzag'
+  ([chunks 0 .. n-1], [chunks n .. 2n-1]: layout positions 0, 2, .., 2n-2 and 2n-1, .., 3, 1) or (all, None)."""
+  if balance != "zigzag":
+    return x, None
+  pairs = x.reshape(x.shape[:1] + (n, 2, chunk) + x.shape[2:])
+  merge = lambda y: y.reshape(y.shape[:1] + (n * chunk,) + y.shape[3:])
+  return merge(pairs[:, :, 0]), merge(pairs[:, ::-1, 1])
+
+
+def _splash_shard(axes, n, balance, q, k, v, q_idx, q_seg, prefix, interpret):
+  """One device's all_gather attention with the splash kernel ('zigzag' or 'none'): `[B, T/n, H, D]` out.
+
+  Splash's causal mask is static (the same program on every device), but where a shard's queries sit in the
+  sequence is not. So each query chunk (C tokens, one run of the original order starting at token c C) is given a
+  key window whose causal mask is the same on every device, cut from the gathered keys in the original order
+  with a dynamic slice:
+    - a chunk c < n sees keys [0, (c + 1) C): the window is the n C keys ending there, taken from the first half
+      after (n - 1) C keys of padding (segment -1, which no query has), with offset (n - 1) C;
+    - a chunk c >= n (zig-zag's second chunk) sees the whole first half, then the n C keys of the second half
+      ending at (c + 1) C, from the second half after (n - 1) C of padding: 2 n C keys, offset (2n - 1) C.
+  A shared prompt's P keys go first in every window (offset + P), segment 1 where real (a shared-prompt response
+  is one segment, as in `attention.splash_attention`) and -1 where padding.
+  Work per device: (3n - 1) C^2 score entries against the 2n C^2 visible (zig-zag), the same on every device:
+  shard i's first window pads (n - 1 - i) chunks and its second i. The mask is exact for every scored query."""
+  gather = lambda x, axis: jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+  b, tl, h, d = q.shape
+  chunk = tl // 2 if balance == "zigzag" else tl
+  window = n * chunk
+  first, second = zip(*(_natural_halves(gather(x, 1), n, chunk, balance) for x in (k, v, q_seg)))
+  pad = lambda x, value: jnp.pad(x, ((0, 0), (window - chunk, 0)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+  cut = lambda xs, start: [jax.lax.dynamic_slice_in_dim(pad(x, value), start, window, axis=1)
+                           for x, value in zip(xs, (0, 0, -1))]
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  if prefix:
+    pk, pv, p_seen = (gather(x, 1) for x in prefix)
+    lead = [pk, pv, jnp.where(p_seen, 1, -1).astype(jnp.int32)]
+  else:
+    lead = [x[:, :0] for x in first]
+  p = lead[0].shape[1]
+  q = heads_first(q * jnp.asarray(d ** -0.5, q.dtype))
+  q_seg = q_seg.astype(jnp.int32)
+
+  def attend(q_chunk, q_seg_chunk, keys, offset):
+    keys = [jnp.concatenate([a, x], axis=1) for a, x in zip(lead, keys)]
+    return attention_lib.splash_rows(q_chunk, heads_first(keys[0]), heads_first(keys[1]), q_seg_chunk,
+                                     keys[2].astype(jnp.int32), p + offset, interpret)
+
+  outs = [attend(q[:, :, :chunk], q_seg[:, :chunk], cut(first, q_idx[0]), window - chunk)]
+  if balance == "zigzag":  # the second chunk's first token is at c C, c >= n: window start (c - n) C
+    keys = [jnp.concatenate([a, x], axis=1) for a, x in zip(first, cut(second, q_idx[chunk] - window))]
+    outs.append(attend(q[:, :, chunk:], q_seg[:, chunk:], keys, 2 * window - chunk))
+  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3).astype(k.dtype)  # q's dtype too
+
+
 def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array, cfg: Any,
               shard: ShardingContext, prefix: attention_lib.Prefix | None = None) -> jax.Array:
   """`attention.causal_attention` for sequence-sharded activations (module docstring): T tokens in the
@@ -477,12 +566,19 @@ def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, 
                    logical_to_spec(("batch", "kv_heads", None, "length"), shard.rules))
     return _sharded_ring(ctx, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, order_T, seg_BxT, prefix_parts)
 
+  chunk = tl // q_parts  # a query chunk: one contiguous run of the original order
+  kernel = all_gather_kernel(cfg, (q_BxTxHxD.shape[0], chunk) + q_BxTxHxD.shape[2:], n * chunk + n * p_local,
+                             q_BxTxHxD.dtype)
+
   def per_device(q, k, v, q_idx, q_seg, *prefix_parts):
+    if kernel == "splash":
+      return _splash_shard(axes, n, balance, q, k, v, q_idx, q_seg, prefix_parts,
+                           interpret=platforms.resolve(cfg.platform) == "cpu")
     k, v, k_idx, k_seg, k_seen = _keys(q_idx, q_seg, k, v, prefix_parts)
     gather = lambda x, axis: jax.lax.all_gather(x, axes, axis=axis, tiled=True)
     k, v, k_idx, k_seg, k_seen = gather(k, 1), gather(v, 1), gather(k_idx, 0), gather(k_seg, 1), gather(k_seen, 1)
     mask = _tile_mask(q_idx, q_seg, k_idx, k_seg, k_seen)
-    if attention_lib.choose(cfg, q.shape, k.shape[1], q.dtype) == "cudnn":
+    if kernel == "cudnn":
       return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], scale=q.shape[-1] ** -0.5, is_causal=False,
                                           implementation="cudnn")
     return attention_lib.attend(q, k, v, mask, cfg)

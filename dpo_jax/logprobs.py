@@ -22,11 +22,12 @@ that of the token it scores; a segment never starts with a scored token (its pro
 logits that score it come from its own segment.
 
 Sequence-sharded batches (`mesh.sequence = n > 1`, dpo_jax/context_parallel.py): every `[N, T]` field is padded to
-a multiple of n (2n for zig-zag) and put in the load-balanced `token_order`, and each position carries the target
-it scores (`ids[t + 1]`) and its loss-mask bit with it. The LM head then runs on each device's tokens, chunk by
-chunk (`chunked_scores(shards=n)`), and only the per-sequence sums `[N]` are reduced over 'sequence': no device
-holds a `[N, T, V]` array or another shard's hidden states. Nothing is put back in order, because a sum does not
-depend on the order of its terms (the results equal the unsharded ones up to fp32 summation order).
+a multiple of n (2n for zig-zag; `context_parallel.padded_length`: whole ring blocks, or splash tiles) and put in
+the load-balanced `token_order`, and each position carries the target it scores (`ids[t + 1]`) and its loss-mask
+bit with it. The LM head then runs on each device's tokens, chunk by chunk (`chunked_scores(shards=n)`), and only
+the per-sequence sums `[N]` are reduced over 'sequence': no device holds a `[N, T, V]` array or another shard's
+hidden states. Nothing is put back in order, because a sum does not depend on the order of its terms (the results
+equal the unsharded ones up to fp32 summation order).
 """
 
 from __future__ import annotations
@@ -204,10 +205,11 @@ def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Arr
                             shards: int) -> SequenceLogps:
   """`sequence_logps` with the tokens sharded over 'sequence' (module docstring)."""
   balance, shard = model.cfg.context_load_balance, model.shard
+  quantum = context_parallel.chunk_quantum(model.cfg, shards)
 
   def layout(x_NxT: jax.Array) -> jax.Array:  # pad, reorder, shard the tokens
     t = x_NxT.shape[1]
-    x_NxT = jnp.pad(x_NxT, ((0, 0), (0, context_parallel.padded_length(t, shards, balance) - t)))
+    x_NxT = jnp.pad(x_NxT, ((0, 0), (0, context_parallel.padded_length(t, shards, balance, quantum) - t)))
     return constrain(x_NxT[:, context_parallel.token_order(x_NxT.shape[1], shards, balance)], ("batch", "length"),
                      shard)
 

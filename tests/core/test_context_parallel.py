@@ -2,6 +2,7 @@
 unsharded ones (dpo_jax/context_parallel.py)."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,16 @@ def test_padded_chunks_split_into_full_ring_blocks(length):
     assert padded - length < cp.length_multiple(n, balance) * blocks, (length, n, balance, padded)
 
 
+@pytest.mark.parametrize("length", [23, 1000, 4097])
+def test_splash_chunks_are_whole_tiles(length):
+  """With a quantum (splash under all_gather) every chunk is a multiple of it, with less than one quantum of
+  padding per chunk."""
+  for n, balance in ((2, "zigzag"), (4, "none"), (8, "zigzag")):
+    padded = cp.padded_length(length, n, balance, quantum=128)
+    chunks = cp.length_multiple(n, balance)
+    assert padded % (chunks * 128) == 0 and 0 <= padded - length < chunks * 128, (length, n, balance, padded)
+
+
 def test_zigzag_and_striped_layouts():
   np.testing.assert_array_equal(cp.token_order(8, 2, "zigzag"), [0, 1, 6, 7, 2, 3, 4, 5])
   np.testing.assert_array_equal(cp.token_order(8, 2, "striped"), [0, 2, 4, 6, 1, 3, 5, 7])
@@ -169,6 +180,66 @@ def test_context_parallel_attention_equals_plain_attention(mode, n, monkeypatch)
       np.testing.assert_allclose(g, want, rtol=1e-5, atol=5e-6, err_msg=f"{mode} {balance} n={n}: d{name}")
 
 
+@pytest.mark.parametrize("n, balance, prompt", [(2, "zigzag", 256), (4, "zigzag", 0), (4, "none", 128),
+                                                (8, "zigzag", 0)])
+def test_all_gather_with_the_splash_kernel_equals_plain_attention(n, balance, prompt):
+  """all_gather with splash (Pallas interpret mode on CPU) on its causal key windows (`_splash_shard`): forward and
+  grads of q, k, v (and a shared prompt's keys) against the plain masked attention; GQA, two packed segments or a
+  partly padded prompt, padding. Padding queries see less under splash (attention.splash_attention) and are
+  never scored, so they are left out of the comparison."""
+  b, h, kv, d = 2, 4, 2, 16
+  t = cp.padded_length(300, n, balance, quantum=128)
+  rng = np.random.default_rng(n)
+  q, k, v, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d),
+                                                                       (b, t, h, d)))
+  seg = np.ones((b, t), np.int32)
+  if not prompt:
+    seg[0, t // 3:] = 2
+  seg[1, t - 37:] = 0
+  w = w * jnp.asarray(seg > 0)[..., None, None]
+  seg = jnp.asarray(seg)
+  pk, pv = (jnp.asarray(rng.normal(size=(b, prompt, kv, d)), jnp.float32) for _ in range(2))
+  seen = np.ones((b, prompt), bool)
+  seen[0, :50] = False  # a left-padded prompt
+  seen = jnp.asarray(seen)
+  def prefix(pk, pv, order=slice(None)):
+    return attention.Prefix(pk[:, order], pv[:, order], seen[:, order]) if prompt else None
+
+  argnums = (0, 1, 2, 3, 4) if prompt else (0, 1, 2)
+  plain = lambda q, k, v, pk, pv: attention.xla_attention(q, k, v, seg, MODEL_CFG, prefix(pk, pv))
+  want_out = plain(q, k, v, pk, pv)
+  want_grads = jax.grad(lambda *a: (plain(*a) * w).sum(), argnums=argnums)(q, k, v, pk, pv)
+  cfg = dataclasses.replace(MODEL_CFG, attention_impl="splash", context_parallel="all_gather",
+                            context_load_balance=balance)
+  order, p_order = cp.token_order(t, n, balance), cp.token_order(prompt, n, balance) if prompt else None
+  shard = sharding.ShardingContext(mesh_of({"data": 1, "sequence": n}), RULES)
+  attend = lambda q, k, v, pk, pv: cp.attention(q[:, order], k[:, order], v[:, order], seg[:, order], cfg, shard,
+                                                prefix=prefix(pk, pv, p_order))
+  out = jax.jit(attend)(q, k, v, pk, pv)
+  grads = jax.jit(jax.grad(lambda *a: (attend(*a) * w[:, order]).sum(), argnums=argnums))(q, k, v, pk, pv)
+  real = np.asarray(seg > 0)[..., None, None]
+  np.testing.assert_allclose(np.asarray(out)[:, np.argsort(order)] * real, want_out * real, rtol=1e-5, atol=2e-6,
+                             err_msg=f"splash {balance} n={n}: output")
+  for name, g, want in zip(("q", "k", "v", "prompt k", "prompt v"), grads, want_grads):
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=5e-6, err_msg=f"splash {balance} n={n}: d{name}")
+
+
+def test_a_tpu_all_gather_step_lowers_to_splash():
+  """Exported for a TPU (no device needed): 'auto' under all_gather runs the splash kernels forward and backward
+  on the sequence-sharded step; 'striped' (no static mask) falls back to XLA."""
+  params = model_lib.init_params(MODEL_CFG, jax.random.key(0))
+  batch = make_batch("rows")
+  for balance in ("zigzag", "striped"):
+    cfg = dataclasses.replace(MODEL_CFG, context_parallel="all_gather", context_load_balance=balance,
+                              attention_impl="auto", platform="tpu", compute_dtype="bfloat16")
+    model = model_lib.make_model(cfg, sharding.ShardingContext(mesh_of({"data": 2, "sequence": 4}), RULES))
+    fn = jax.jit(jax.grad(lambda p: logprobs.sequence_logps(model, p, batch).logps.sum()))
+    text = jax.export.export(fn, platforms=["tpu"])(params).mlir_module()
+    kernels = set(re.findall(r"splash_mha_(fwd|dq|dkv)_segmented", text))
+    assert kernels == ({"fwd", "dq", "dkv"} if balance == "zigzag" else set()), (balance, kernels)
+    assert "all_gather" in text and "reduce_scatter" in text, balance
+
+
 # ---- log-probs, loss and grads of the model ----
 
 @pytest.mark.parametrize("layout", ["rows", "packed", "shared"])
@@ -180,6 +251,19 @@ def test_sequence_sharded_step_equals_unsharded(params, layout, mode, balance):
   want = loss_logps_grads(params, batch, MODEL_CFG, None)
   cfg = dataclasses.replace(MODEL_CFG, context_parallel=mode, context_load_balance=balance, logits_chunk_size=4)
   assert_same(loss_logps_grads(params, batch, cfg, {"data": 2, "sequence": 4}), want, f"{layout} {mode} {balance}")
+
+
+@pytest.mark.parametrize("layout, balance", [("rows", "zigzag"), ("rows", "none"), ("packed", "zigzag"),
+                                             ("shared", "zigzag")])
+def test_all_gather_with_splash_gives_the_unsharded_step(params, layout, balance):
+  """all_gather with splash (interpret mode) in the model, data=2 x sequence=4: sequence_logps pads every chunk to
+  splash's 128-token tiles (`chunk_quantum`); log-probs, loss and grads as without a mesh."""
+  batch = make_batch(layout)
+  want = loss_logps_grads(params, batch, MODEL_CFG, None)
+  cfg = dataclasses.replace(MODEL_CFG, context_parallel="all_gather", context_load_balance=balance,
+                            attention_impl="splash", logits_chunk_size=4)
+  assert cp.chunk_quantum(cfg, 4) == 128 and cp.chunk_quantum(cfg, 1) == 0
+  assert_same(loss_logps_grads(params, batch, cfg, {"data": 2, "sequence": 4}), want, f"{layout} splash {balance}")
 
 
 @pytest.mark.parametrize("mode", cp.CONTEXT_PARALLEL)
@@ -220,10 +304,16 @@ def test_eight_way_sequence_sharding_with_unchunked_logits(params, layout, mode)
 
 
 def test_a_kernel_without_the_mask_is_refused():
-  for impl, mode in (("splash", "all_gather"), ("cpu_blocked", "all_gather"), ("cudnn", "ring")):
+  for impl, mode in (("cpu_blocked", "all_gather"), ("cudnn", "ring"), ("splash", "ring")):
     cfg = dataclasses.replace(MODEL_CFG, attention_impl=impl, context_parallel=mode)
     with pytest.raises(ValueError, match="model.attention_impl"):
       cp.validate(cfg, 4)
+  striped = dataclasses.replace(MODEL_CFG, attention_impl="splash", context_parallel="all_gather",
+                                context_load_balance="striped")
+  with pytest.raises(ValueError, match="context_load_balance=zigzag"):
+    cp.validate(striped, 4)
+  for impl in ("splash", "cudnn", "xla", "auto"):
+    cp.validate(dataclasses.replace(striped, attention_impl=impl, context_load_balance="zigzag"), 4)
   cp.validate(dataclasses.replace(MODEL_CFG, attention_impl="splash"), 1)  # no sequence axis: anything goes
   with pytest.raises(ValueError, match="context_parallel"):
     dataclasses.replace(MODEL_CFG, context_parallel="ulysses")

@@ -64,8 +64,10 @@ def test_a_checkpoint_restores_under_another_sequence_degree(runs, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"mesh.sequence": 4, "model.attention_impl": "splash", "model.context_parallel": "all_gather"},
-     r"config.model.attention_impl='splash' with mesh.sequence=4 .* Set --config.model.attention_impl"),
+    ({"mesh.sequence": 4, "model.attention_impl": "cpu_blocked", "model.context_parallel": "all_gather"},
+     r"config.model.attention_impl='cpu_blocked' with mesh.sequence=4 .* Set --config.model.attention_impl"),
+    ({"mesh.sequence": 4, "model.attention_impl": "splash", "model.context_parallel": "all_gather",
+      "model.context_load_balance": "striped"}, r"'striped': .* Set --config.model.context_load_balance=zigzag"),
     ({"mesh.sequence": 2, "model.attention_impl": "cudnn"}, r"ring computes its own .*context_parallel=all_gather"),
     ({"mesh.sequence": 2, "model.context_parallel": "ulysses"}, r"config.model.context_parallel='ulysses'"),
     ({"mesh.sequence": 2, "model.context_load_balance": "random"}, r"config.model.context_load_balance='random'"),
