@@ -87,7 +87,8 @@ def get_config(arg=None):
       context_parallel="ring",  # with mesh.sequence > 1 (dpo_jax/context_parallel.py): 'ring' passes K/V blocks
       #                           around the axis (ppermute, online softmax; O(T / n) memory per device, any
       #                           backend, its own jnp tiles), 'all_gather' gathers K/V and runs attention_impl's
-      #                           kernel on the local queries (O(T) K/V per device; 'auto', 'xla' or 'cudnn').
+      #                           kernel on the local queries (O(T) K/V per device; 'auto', 'xla', 'cudnn', or
+      #                           'splash' on causal key windows, chunks padded to 128 tokens, not with 'striped').
       context_load_balance="zigzag",  # token order over the sequence shards, so causal attention costs every shard
       #                                 the same: 'zigzag' (shard i holds chunks i and 2n-1-i of 2n), 'striped'
       #                                 (tokens i, i+n, ...), 'none' (contiguous: the last shard works ~2n-1 times the
