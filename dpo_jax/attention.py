@@ -195,11 +195,12 @@ def _splash_kernel(heads: int, t: int, s: int, offset: int, interpret: bool) -> 
 
 
 def splash_rows(q_BxHxTxD: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.Array, q_seg_BxT: jax.Array,
-                kv_seg_BxS: jax.Array, offset: int, interpret: bool) -> jax.Array:
+                kv_seg_BxS: jax.Array, offset: int, cfg: Any) -> jax.Array:
   """The splash kernel on one device's rows (vmapped over the batch): query i sees key j iff j <= i + offset
   (static) and their segment ids `[B, T]` / `[B, S]` (int32) are equal. Queries come pre-scaled by 1 / sqrt(D)
   (the kernel applies no scale). Returns `[B, H, T, D]`."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  interpret = platforms.resolve(cfg.platform) == "cpu"  # CPUs run Pallas TPU kernels only in interpret mode
   kernel = _splash_kernel(q_BxHxTxD.shape[1], q_BxHxTxD.shape[2], k_BxKxSxD.shape[2], offset, interpret)
   one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(q=qs, kv=ks))
   return jax.vmap(one)(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg_BxT, kv_seg_BxS)
@@ -222,11 +223,10 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
   if prefix is not None:
     offset = prefix.visible_BxP.shape[1]
     kv_seg_BxS = jnp.concatenate([jnp.where(prefix.visible_BxP, 1, -1).astype(jnp.int32), q_seg_BxT], axis=1)
-  interpret = platforms.resolve(cfg.platform) == "cpu"  # CPUs run Pallas TPU kernels only in interpret mode
   scale = jnp.asarray(d ** -0.5, q_BxTxHxD.dtype)
 
   def per_shard(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg, kv_seg):
-    return splash_rows(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg, kv_seg, offset, interpret)
+    return splash_rows(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg, kv_seg, offset, cfg)
 
   args = ((q_BxTxHxD * scale).transpose(0, 2, 1, 3), k_BxSxKxD.transpose(0, 2, 1, 3),
           v_BxSxKxD.transpose(0, 2, 1, 3), q_seg_BxT, kv_seg_BxS)

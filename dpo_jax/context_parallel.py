@@ -486,7 +486,7 @@ def _natural_halves(x, n, chunk, balance):
   return merge(pairs[:, :, 0]), merge(pairs[:, ::-1, 1])
 
 
-def _splash_shard(axes, n, balance, q, k, v, q_idx, q_seg, prefix, interpret):
+def _splash_shard(cfg, axes, n, balance, q, k, v, q_idx, q_seg, prefix):
   """One device's all_gather attention with the splash kernel ('zigzag' or 'none'): `[B, T/n, H, D]` out.
 
   Splash's causal mask is static (the same program on every device), but where a shard's queries sit in the
@@ -517,18 +517,17 @@ def _splash_shard(axes, n, balance, q, k, v, q_idx, q_seg, prefix, interpret):
     lead = [x[:, :0] for x in first]
   p = lead[0].shape[1]
   q = heads_first(q * jnp.asarray(d ** -0.5, q.dtype))
-  q_seg = q_seg.astype(jnp.int32)
 
   def attend(q_chunk, q_seg_chunk, keys, offset):
     keys = [jnp.concatenate([a, x], axis=1) for a, x in zip(lead, keys)]
     return attention_lib.splash_rows(q_chunk, heads_first(keys[0]), heads_first(keys[1]), q_seg_chunk,
-                                     keys[2].astype(jnp.int32), p + offset, interpret)
+                                     keys[2], p + offset, cfg)
 
   outs = [attend(q[:, :, :chunk], q_seg[:, :chunk], cut(first, q_idx[0]), window - chunk)]
   if balance == "zigzag":  # the second chunk's first token is at c C, c >= n: window start (c - n) C
     keys = [jnp.concatenate([a, x], axis=1) for a, x in zip(first, cut(second, q_idx[chunk] - window))]
     outs.append(attend(q[:, :, chunk:], q_seg[:, chunk:], keys, 2 * window - chunk))
-  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3).astype(k.dtype)  # q's dtype too
+  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array, cfg: Any,
@@ -572,8 +571,7 @@ def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, 
 
   def per_device(q, k, v, q_idx, q_seg, *prefix_parts):
     if kernel == "splash":
-      return _splash_shard(axes, n, balance, q, k, v, q_idx, q_seg, prefix_parts,
-                           interpret=platforms.resolve(cfg.platform) == "cpu")
+      return _splash_shard(cfg, axes, n, balance, q, k, v, q_idx, q_seg, prefix_parts)
     k, v, k_idx, k_seg, k_seen = _keys(q_idx, q_seg, k, v, prefix_parts)
     gather = lambda x, axis: jax.lax.all_gather(x, axes, axis=axis, tiled=True)
     k, v, k_idx, k_seg, k_seen = gather(k, 1), gather(v, 1), gather(k_idx, 0), gather(k_seg, 1), gather(k_seen, 1)
