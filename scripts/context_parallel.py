@@ -9,10 +9,10 @@ value-and-grad of the policy (`step.dpo_loss`, fixed reference log-probs) and th
 
   step ms       median wall time of the jitted step (emulated devices share this machine's cores: see below)
   temp MiB      per-device temporaries of the compiled SPMD program (`memory_analysis().temp_size_in_bytes`)
-  sent MiB      bytes one device sends per step, read from the optimized HLO: every collective-permute (its
-                result), all-gather ((n - 1) / n of the result), reduce-scatter (n - 1 results) and all-reduce
-                (2 (n - 1) / n of the result, a ring all-reduce), times the trip count of each `while` loop
-                around it; split into attention (permutes, all-gathers, reduce-scatters) and the rest
+  sent MiB      bytes one device sends per step, read from the optimized HLO (`dpo_jax.hlo.collectives`): every
+                collective-permute (its result), all-gather ((n - 1) / n of the result), reduce-scatter (n - 1
+                results) and all-reduce (2 (n - 1) / n of the result, a ring all-reduce), times the trip count of
+                each `while` loop around it; split into attention (permutes, all-gathers, reduce-scatters) and the rest
                 (all-reduces: the weight gradients, summed over the sequence shards like data parallelism)
   analytic MiB  the attention traffic counted by hand (`analytic_attention_bytes`)
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import statistics
 import sys
 import time
@@ -40,68 +39,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import context_parallel as cp, model as model_lib, sharding, step  # noqa: E402
+from dpo_jax import context_parallel as cp, hlo, model as model_lib, sharding, step  # noqa: E402
 
 MiB = 1024 ** 2
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8,
-               "s64": 8, "u64": 8}
-COLLECTIVES = ("collective-permute", "all-gather", "reduce-scatter", "all-reduce", "all-to-all")
 
 
-def shape_bytes(text: str) -> int:
-  """Bytes of every array shape in an HLO type string, e.g. '(f32[2,64]{1,0}, s32[64])'."""
-  return sum(DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-             for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text))
-
-
-def collective_bytes(hlo: str, n: int) -> dict[str, float]:
-  """Bytes one device sends per execution of the optimized HLO module `hlo`, per collective kind (module
-  docstring), with each `while` body counted its known trip count times."""
-  computations, current = {}, None
-  for line in hlo.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and not line.startswith(" "):
-      current = computations.setdefault(header.group(1), {"ops": [], "calls": [], "entry": line.startswith("ENTRY")})
-      continue
-    if current is None or "=" not in line:
-      continue
-    result, _, rest = line.partition("=")
-    rest = rest.strip()
-    for kind in COLLECTIVES:
-      m = re.match(rf"^(.*?)\s{kind}(?:-start)?\(", rest)
-      if m:  # optimized HLO names operands without their shapes: count from the result
-        current["ops"].append((kind, shape_bytes(m.group(1))))
-        break
-    trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-    for callee in re.findall(r"(?:body|to_apply|calls)=%?([\w.\-]+)", rest):
-      current["calls"].append((callee, int(trips.group(1)) if trips and "body=" in rest else 1))
-    for branches in re.findall(r"branch_computations=\{([^}]*)\}", rest):
-      current["calls"] += [(b.strip().lstrip("%"), 1) for b in branches.split(",")]
-  totals = dict.fromkeys(COLLECTIVES, 0.0)
-
-  def visit(name, times, depth=0):
-    comp = computations.get(name)
-    if comp is None or depth > 50:
-      return
-    for kind, result in comp["ops"]:
-      if kind == "collective-permute":  # the result is what arrived, the same size as what was sent
-        sent = result
-      elif kind == "all-gather":  # the result holds the n blocks; n - 1 of them came from the others
-        sent = result * (n - 1) / n
-      elif kind == "reduce-scatter":  # the operand is n results; n - 1 of them go to the others
-        sent = result * (n - 1)
-      elif kind == "all-reduce":  # a ring all-reduce: a reduce-scatter and an all-gather of the operand
-        sent = 2 * result * (n - 1) / n
-      else:
-        sent = result * (n - 1) / n
-      totals[kind] += sent * times
-    for callee, trips in comp["calls"]:
-      visit(callee, times * trips, depth + 1)
-
-  for name, comp in computations.items():
-    if comp["entry"]:
-      visit(name, 1)
-  return totals
+def collective_bytes(text: str, n: int) -> dict[str, float]:
+  """Bytes one device sends per execution of the optimized HLO `text`, per collective kind (`dpo_jax.hlo`: each
+  collective by its group size, every `while` body counted its trip count times); `n`: the group size of a
+  collective that names none."""
+  return {kind: c.sent for kind, c in hlo.collectives(text, default_group=n).items()}
 
 
 def analytic_attention_bytes(mode: str, n: int, rows: int, length: int, cfg: model_lib.ModelConfig) -> float:
