@@ -300,5 +300,6 @@ def causal_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
   if impl == "splash":
     return splash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, cfg, shard, prefix)
   if impl == "cpu_blocked":
-    return blocked_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, cfg, prefix=prefix)
+    with jax.named_scope(platforms.BLOCKED_ATTENTION):
+      return blocked_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, cfg, prefix=prefix)
   return xla_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, cfg, prefix)

@@ -166,8 +166,14 @@ def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
   return ids, ids, jnp.ones((1, 2), jnp.int32)
 
 
+def _init_model(model: Any, spec: LoraSpec) -> Any:
+  """`model` unsharded with `spec`'s adapters and 'xla' attention, for `init` on 2 dummy tokens (the adapters do
+  not depend on the kernel, and a TPU's splash takes only multiples of 128 tokens)."""
+  return model.clone(shard=None, lora=spec, cfg=dataclasses.replace(model.cfg, attention_impl="xla"))
+
+
 def _boxed_abstract(model: Any, spec: LoraSpec) -> Any:
-  m = model.clone(shard=None, lora=spec)
+  m = _init_model(model, spec)
   return jax.eval_shape(lambda r: m.init(r, *_dummy_inputs())["lora"], jax.random.key(0))
 
 
@@ -185,7 +191,7 @@ def adapter_logical_axes(model: Any, spec: LoraSpec) -> Any:
 def init_adapters(model: Any, spec: LoraSpec, rng: jax.Array, shardings: Any | None = None) -> Any:
   """Fresh adapters (A uniform, B zero) created in `shardings`; the base params that `init` would also draw are
   dead code in this jit and never computed."""
-  m = model.clone(shard=None, lora=spec)
+  m = _init_model(model, spec)
   return jax.jit(lambda r: nn.meta.unbox(m.init(r, *_dummy_inputs())["lora"]), out_shardings=shardings)(rng)
 
 

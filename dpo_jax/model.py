@@ -202,7 +202,8 @@ def _row_major_dot_general(lhs, rhs, dimension_numbers, precision=None, preferre
                                preferred_element_type=preferred_element_type)
   lead, out = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
   d = math.prod(rhs.shape[:n])
-  y_NxF = _matmul_row_major_wgrad(lhs.reshape(-1, d), rhs.reshape(d, -1), precision, preferred_element_type)
+  with jax.named_scope(platforms.ROW_MAJOR_WEIGHT_GRAD):
+    y_NxF = _matmul_row_major_wgrad(lhs.reshape(-1, d), rhs.reshape(d, -1), precision, preferred_element_type)
   return y_NxF.reshape(lead + out)
 
 
@@ -570,8 +571,14 @@ def _dummy_inputs(cfg: ModelConfig):
   return ids, ids, jnp.ones((1, 2), jnp.int32)
 
 
+def _init_model(cfg: ModelConfig) -> Decoder:
+  """The decoder that `init` traces on 2 dummy tokens: the params do not depend on the attention kernel, so it
+  runs 'xla', which takes any shape (a TPU's splash would refuse 2 tokens, or 'auto' warn that it falls back)."""
+  return make_model(dataclasses.replace(cfg, attention_impl="xla"))
+
+
 def _boxed_abstract_params(cfg: ModelConfig) -> Any:
-  model = make_model(cfg)
+  model = _init_model(cfg)
   return jax.eval_shape(lambda rng: model.init(rng, *_dummy_inputs(cfg))["params"], jax.random.key(0))
 
 
@@ -588,7 +595,7 @@ def param_logical_axes(cfg: ModelConfig) -> Any:
 
 def init_params(cfg: ModelConfig, rng: jax.Array, shardings: Any | None = None) -> Any:
   """Random params, created directly in their shardings (`jit(init, out_shardings=...)`)."""
-  model = make_model(cfg)
+  model = _init_model(cfg)
   init = lambda r: nn.meta.unbox(model.init(r, *_dummy_inputs(cfg))["params"])
   return jax.jit(init, out_shardings=shardings)(rng)
 

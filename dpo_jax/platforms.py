@@ -12,6 +12,12 @@ import jax
 # Accepted names ('' = the process's default backend); 'cuda' and 'rocm' are GPUs.
 PLATFORMS = ("", "cpu", "gpu", "cuda", "rocm", "tpu")
 
+# Code paths that only a CPU program takes, each traced under this `jax.named_scope`, so the op names of a compiled
+# program say whether it holds one (a TPU or GPU program must not: the TPU dry run and tests check the HLO text).
+ROW_MAJOR_WEIGHT_GRAD = "cpu_row_major_weight_grad"  # model.matmul's row-major weight-gradient GEMMs
+BLOCKED_ATTENTION = "cpu_blocked_attention"  # attention.blocked_attention's query blocks
+CPU_ONLY_SCOPES = (ROW_MAJOR_WEIGHT_GRAD, BLOCKED_ATTENTION)
+
 
 def resolve(platform: str = "") -> str:
   """'cpu', 'gpu' or 'tpu' for a `PLATFORMS` name ('' = `jax.default_backend()` of this process)."""
