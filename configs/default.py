@@ -209,7 +209,16 @@ def get_config(arg=None):
       peak_flops=0.0,  # peak FLOP/s per device that perf/mfu divides by; 0 = the published dense bf16 peak of the
       #                  device kind (dpo_jax/flops.py), or on CPU a matmul measured at start-up.
       device_memory_gib=0.0,  # --dry_run: memory per device to check the plan against (e.g. 95 for a TPU v5p
-      #                         chip, 80 for an H100); 0 = no check.
+      #                         chip, 80 for an H100); 0 = no check (a TPU topology's dry run: its chip's HBM).
+  ))
+
+  c.dry_run = ml_collections.ConfigDict(dict(
+      topology="",  # --dry_run for a TPU slice: '' = the CPU-mesh dry run over this process's devices; else a Cloud
+      #               TPU accelerator type or chip grid ('v5p-64', 'v5p:4x4x4', 'v4-32', 'v5e-16', 'v6e-256') whose
+      #               steps the TPU compiler AOT-compiles on this host (pip install -e '.[tpu]'; no TPU needed).
+      num_slices=1,  # TPU slices joined by the data-center network; mesh.data spans them (a multiple of this).
+      steps=("dpo", "sft", "eval"),  # steps a topology's dry run compiles, of those the stage runs: 'dpo' (the
+      #                                train step; LoRA's when lora.rank > 0), 'sft', 'eval' (held-out metrics).
   ))
 
   c.resume_with_changes = False  # True: resume a stage although fields that change its math or data order (loss,

@@ -73,7 +73,26 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(sizes, len(devices))
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    return _multislice_mesh(shape, devices, slices)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _multislice_mesh(shape: tuple[int, ...], devices: Sequence[jax.Device], slices: int) -> Mesh:
+  """TPU slices joined by the data-center network (DCN): 'data' spans the slices, every other axis stays inside
+  one slice on its fast interconnect (ICI), so only the gradient all-reduce crosses the DCN (MaxText's default
+  multi-slice layout: `dcn_data_parallelism` = the slice count)."""
+  from jax.experimental import mesh_utils
+  data = shape[MESH_AXES.index("data")]
+  if data % slices:
+    raise ValueError(f"mesh: the devices span {slices} TPU slices, and data parallelism runs across them, so "
+                     f"config.mesh.data={data} must be a multiple of {slices} (set --config.mesh.data={slices} or "
+                     f"a multiple of it, and the other axes within one slice).")
+  ici = tuple(s // slices if name == "data" else s for name, s in zip(MESH_AXES, shape))
+  dcn = tuple(slices if name == "data" else 1 for name in MESH_AXES)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _rule_table(rules: Rules) -> dict[str, Any]:

@@ -24,6 +24,8 @@
 #   DRY_RUN           1 = print the gcloud commands instead of running them [0]
 # JAX finds the coordinator, process count and id from the TPU metadata: DPO_JAX_DISTRIBUTED=1 is all the
 # trainer needs. Each worker also keeps its own log in REMOTE_DIR/logs/.
+# Before creating the slice, check that the step compiles and fits it, on any machine (README, dry run for a TPU
+# slice): python -m dpo_jax.train --dry_run --config.dry_run.topology=$ACCELERATOR_TYPE [TRAINER FLAGS...]
 set -euo pipefail
 
 usage() {

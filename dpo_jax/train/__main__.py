@@ -4,6 +4,7 @@
     python -m dpo_jax.train --config configs/default.py:tiny --config.loss.beta=0.05 --workdir runs/b005
     python -m dpo_jax.train --config.stage=sft                # one stage alone
     python -m dpo_jax.train --dry_run --config.mesh.fsdp=-1   # sizes and shardings, no step run
+    python -m dpo_jax.train --dry_run --config.dry_run.topology=v5p-64 --config.mesh.fsdp=-1   # compiled for a TPU
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import sys
 
 from dpo_jax.train import config_checks, errors, loop, metrics as metrics_lib, pipeline, runtime
 
+
+
+def _refuse_topology(name: str) -> None:
+  raise ValueError(f"config.dry_run.topology={name!r} is only compiled for, never run on: add --dry_run (or set "
+                   "--config.dry_run.topology='' to train on this machine's devices).")
 
 
 def main(argv=None) -> None:
@@ -45,9 +51,19 @@ def main(argv=None) -> None:
     from dpo_jax.train import distributed
     metrics_lib.quiet_library_logs()
     f = flags.FLAGS
+    topology_name = f.config.get("dry_run", {}).get("topology", "")
+    if topology_name and not f.dry_run:
+      errors.exit_on_purpose_errors(_refuse_topology, topology_name)
+    if topology_name:  # before anything touches a backend: libtpu reads its environment when it loads
+      from dpo_jax.train import topology
+      topology.configure_environment()
     distributed.maybe_initialize(distributed=f.distributed, coordinator_address=f.coordinator_address,
                                  num_processes=f.num_processes, process_id=f.process_id,
                                  local_device_ids=f.local_device_ids)  # before anything touches a device
+    if f.dry_run and topology_name:
+      from dpo_jax.train import tpu_dry_run
+      errors.exit_on_purpose_errors(tpu_dry_run.report, f.config)
+      return
     if f.dry_run:
       from dpo_jax.train import dry_run
       errors.exit_on_purpose_errors(dry_run.report, f.config)

@@ -72,7 +72,7 @@ def param_rows(model_cfg: model_lib.ModelConfig, mesh: Any, rules: Any) -> list[
 def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference: bool) -> tuple[dict, dict]:
   """ShapeDtypeStructs and shardings of one global DPO batch, as the trainer builds it (`dpo_jax/data`).
 
-  Unpacked: `[2B, T]` int32 rows (+ `[B]` reference columns). Packed (`data.packing`): R = B / pairs_per_row rows
+  Unpacked: `[2B, T]` int32 rows, the `[B]` pair mask (+ `[B]` reference columns). Packed (`data.packing`): R = B / pairs_per_row rows
   of `pack_length` tokens, `pack_slots` `[R, P]`, and `[R * P]` pair fields. Shared prompts (`data.prompt_sharing`)
   take their shapes from the data, which a dry run does not read; 'auto' picks them only when they hold fewer
   tokens than these rows, so the rows bound the trainer's batch.
@@ -84,7 +84,8 @@ def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference:
     batch = {"pack_slots": jax.ShapeDtypeStruct((rows, pairs_per_row), jnp.int32),
              "pair_mask": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   else:
-    rows, length, batch = 2 * config.batch_size, config.max_length, {}
+    rows, length = 2 * config.batch_size, config.max_length
+    batch = {"pair_mask": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   batch.update({k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
                 for k in ("input_ids", "attention_mask", "positions", "loss_mask")})
   if precomputed_reference:

@@ -160,11 +160,14 @@ NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", 
                    "weight_grad_gemm", "attention_impl", "context_parallel", "context_load_balance")
 
 
-def model_config(config: Any) -> model_lib.ModelConfig:
+def model_config(config: Any, platform: str = "") -> model_lib.ModelConfig:
+  """The model of `config` (`config.model`, or the checkpoint `hf.model_path` with config.model's numerics), built
+  for `platform` ('' = where this process runs; 'tpu' for a TPU topology's dry run from a CPU host)."""
   if not config.hf.model_path:
-    return model_lib.ModelConfig.from_dict(config.model)
+    return model_lib.ModelConfig.from_dict({**config.model, "platform": platform})
   from transformers import AutoConfig
   numerics = {f: config.model[f] for f in NUMERICS_FIELDS}
+  numerics["platform"] = platform
   return hf.model_config_from_hf(
       AutoConfig.from_pretrained(config.hf.model_path, trust_remote_code=config.hf.trust_remote_code), **numerics)
 
