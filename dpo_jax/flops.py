@@ -131,6 +131,12 @@ def forward_flops(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> float:
   return weights + scores
 
 
+def attention_forward_flops(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> float:
+  """The attention term of `forward_flops` alone (QK^T and PV over the visible pairs, all layers): what a fused
+  attention kernel computes, and what a compiler's count leaves out when the kernel is a custom call."""
+  return _forward_parts(cfg, batch)[1]
+
+
 def _forward_parts(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> tuple[float, float, float]:
   """(projections + MLPs + LM head, attention scores) FLOPs of one forward over `batch`, and its token count."""
   n, t = _shape(batch["input_ids"])

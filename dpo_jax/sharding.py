@@ -76,7 +76,14 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices > 1:
     return _multislice_mesh(shape, devices, slices)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose physical axes no mesh axis can take whole, e.g. sequence=8 on v6e-256's 16x16 chips
+    # (jax.make_mesh splits physical axes for v5e only): let mesh axes span parts of physical ones.
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _multislice_mesh(shape: tuple[int, ...], devices: Sequence[jax.Device], slices: int) -> Mesh:
@@ -91,7 +98,7 @@ def _multislice_mesh(shape: tuple[int, ...], devices: Sequence[jax.Device], slic
                      f"a multiple of it, and the other axes within one slice).")
   ici = tuple(s // slices if name == "data" else s for name, s in zip(MESH_AXES, shape))
   dcn = tuple(slices if name == "data" else 1 for name in MESH_AXES)
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -13,7 +13,8 @@ The mesh is `config.mesh` over the devices this process sees. To plan for a pod 
 its device count: `XLA_FLAGS=--xla_force_host_platform_device_count=256 JAX_PLATFORMS=cpu python -m
 dpo_jax.train --dry_run --config.mesh.fsdp=-1 ...`. Static sizes (params, optimizer, reference) are exact
 for any backend; the temporaries are those of the backend that compiled them (CPU's layouts and fusion
-differ from a TPU's or GPU's, so treat them as an estimate there).
+differ from a TPU's or GPU's, so treat them as an estimate there). For a TPU slice, `config.dry_run.topology` has the
+TPU compiler itself compile the steps (`tpu_dry_run.py`): what the TPU would allocate.
 """
 
 from __future__ import annotations

@@ -87,8 +87,7 @@ def kernel_flops(kernels: dict[str, float], cfg: model_lib.ModelConfig, batch: d
   bwd = sum(n for k, n in kernels.items() if k.startswith("splash") and "_dq" in k)
   if not fwd and not bwd:
     return 0.0
-  _, scores, _ = flops_lib._forward_parts(cfg, batch)
-  per_layer = scores / cfg.num_layers / num_devices
+  per_layer = flops_lib.attention_forward_flops(cfg, batch) / cfg.num_layers / num_devices
   return (fwd + 2 * bwd) * per_layer
 
 

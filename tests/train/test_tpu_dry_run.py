@@ -187,6 +187,14 @@ def test_stage_steps_follow_the_stage():
     tpu_dry_run.stage_steps(config(**{"dry_run.steps": ("dpo", "train")}))
 
 
+def test_a_mesh_axis_may_split_a_physical_axis():
+  """sequence=8 on v6e-256's 16x16 torus: no physical axis is 8 long (jax.make_mesh refused it, found by
+  scripts/tpu_plan.py); the mesh now splits one."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 32, "sequence": 8}, topology.devices(topology.parse("v6e-256")))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "sequence": 8, "tensor": 1}
+  assert len({d.id for d in mesh.devices.flat}) == 256
+
+
 def test_multislice_mesh_puts_data_across_slices():
   devices = topology.devices(topology.parse("v5e-4", num_slices=2))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, devices)
