@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import pytest
 from paths import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("tpu_plan_script", os.path.join(REPO_ROOT, "scripts", "tpu_plan.py"))
@@ -19,6 +20,7 @@ def test_plans_shard_over_the_slice_with_one_pair_per_chip_or_per_sequence_group
   assert (long.mesh.fsdp, long.mesh.sequence, long.batch_size, long.max_prompt_length) == (4, 8, 4, 16384)
 
 
+@pytest.mark.slow  # one 1B compile for 32 chips: ~30 s
 def test_smoke_prints_a_fitting_row(capsys):
   script.main(["--smoke"])
   out = capsys.readouterr().out
