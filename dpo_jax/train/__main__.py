@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before jax and numpy start threads: on CPU glibc keeps freed memory
-  from dpo_jax.train import host_memory
+  from dpo_jax.train import host_memory, topology
   host_memory.configure_at_startup()
+  topology.quiet_libtpu_without_tpu()  # libtpu installed on a machine without a TPU: no start-up warnings
 
 import os
 import sys

@@ -29,6 +29,8 @@ import importlib.metadata
 import importlib.util
 import os
 
+from dpo_jax.train import topology
+
 HOST_MALLOC = ("auto", "keep", "system")
 ENV = "DPO_JAX_HOST_MALLOC"
 
@@ -60,11 +62,14 @@ def keep_freed_memory() -> bool:
 
 def accelerator_expected() -> bool:
   """Whether JAX will run on a TPU / GPU, judged without importing jax: `JAX_PLATFORMS` when set, else whether
-  libtpu or a PJRT plugin (jax's `jax_plugins` namespace or entry points, e.g. jax-cuda12-plugin) is installed."""
+  libtpu is installed on a machine with TPU chips (libtpu alone is the TPU compiler of the dry run, `.[test]` and
+  `.[tpu]` install it on CPU machines) or a PJRT plugin (jax's `jax_plugins` namespace or entry points, e.g.
+  jax-cuda12-plugin) is installed."""
   platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
   if platforms:
     return any(p != "cpu" for p in platforms)
-  return (importlib.util.find_spec("libtpu") is not None or importlib.util.find_spec("jax_plugins") is not None
+  return ((topology.compiler_available() and topology.tpu_present())
+          or importlib.util.find_spec("jax_plugins") is not None
           or bool(importlib.metadata.entry_points(group="jax_plugins")))
 
 

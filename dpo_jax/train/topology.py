@@ -17,6 +17,7 @@ bandwidth. v5e's and v6e's HBM is listed as 16 and 32 "GB" and v5p's as 95 GiB; 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import re
@@ -151,6 +152,21 @@ def configure_environment() -> None:
   for key, value in LIBTPU_ENV.items():
     os.environ.setdefault(key, value)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def quiet_libtpu_without_tpu() -> None:
+  """On a machine with libtpu installed (the test or tpu extra) but no TPU, set `LIBTPU_ENV` where unset, so jax's
+  start-up probe of the TPU plugin neither prints libtpu's warnings nor trips on another process's lockfile; jax
+  then runs on the CPU (or GPU) as it would have. A TPU VM (/dev/accel*, /dev/vfio) is left alone."""
+  if not compiler_available() or tpu_present():
+    return
+  for key, value in LIBTPU_ENV.items():
+    os.environ.setdefault(key, value)
+
+
+def tpu_present() -> bool:
+  """Whether this machine has TPU chips (a TPU VM's /dev/accel* or /dev/vfio devices), judged without jax."""
+  return bool(glob.glob("/dev/accel*")) or os.path.exists("/dev/vfio")
 
 
 def compiler_available() -> bool:

@@ -97,6 +97,19 @@ def test_auto_keeps_memory_only_without_an_accelerator(monkeypatch, kept, platfo
   assert host_memory.configure() is (not expected) and len(kept) == (not expected)
 
 
+def test_libtpu_without_tpu_chips_is_no_accelerator(monkeypatch):
+  """The test and tpu extras install libtpu (the dry run's TPU compiler) on CPU machines: only a TPU VM's chips make
+  it an accelerator."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(host_memory.topology, "compiler_available", lambda: True)
+  monkeypatch.setattr(host_memory.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(host_memory.importlib.metadata, "entry_points", lambda group: [])
+  monkeypatch.setattr(host_memory.topology, "tpu_present", lambda: False)
+  assert host_memory.accelerator_expected() is False
+  monkeypatch.setattr(host_memory.topology, "tpu_present", lambda: True)
+  assert host_memory.accelerator_expected() is True
+
+
 def test_a_bad_environment_value_stops_the_trainer_with_one_line():
   env = dict(os.environ, DPO_JAX_HOST_MALLOC="tcmalloc")
   out = subprocess.run([sys.executable, "-m", "dpo_jax.train", "--helpshort"], capture_output=True, text=True,
