@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
@@ -305,11 +304,11 @@ def cost(module: Module | str) -> dict[str, float] | None:
     if base is None or depth > 16:
       return base
     total = {k: float(base.get(k, 0.0)) for k in COST_KEYS}
-    for inst in _direct_loops(module, comp):
+    for holder, inst in _direct_loops(module, comp):
       body = module.computations.get(dict(_callees(inst)).get("body", ""))
       if body is None:
         continue
-      trips = trip_count(module, _owner(module, comp, inst), inst)
+      trips = trip_count(module, holder, inst)
       inner, flat = expanded(body, depth + 1), once(body)
       if inner is None or flat is None:
         return None
@@ -320,28 +319,19 @@ def cost(module: Module | str) -> dict[str, float] | None:
   return expanded(module.entry)
 
 
-def _direct_loops(module: Module, comp: Computation) -> list[Instruction]:
-  """The while instructions run by `comp` itself or by what it calls, not counting those inside another loop."""
+def _direct_loops(module: Module, comp: Computation) -> list[tuple[Computation, Instruction]]:
+  """(holder, while instruction) of the loops run by `comp` itself or by what it calls, not counting those inside
+  another loop."""
   found, stack, seen = [], [comp.name], set()
   while stack:
     name = stack.pop()
     if name in seen or name not in module.computations:
       continue
     seen.add(name)
-    for inst in module.computations[name].instructions:
+    holder = module.computations[name]
+    for inst in holder.instructions:
       if inst.opcode == "while":
-        found.append(inst)
+        found.append((holder, inst))
         continue
       stack += [callee for _, callee in _callees(inst)]
   return found
-
-
-def _owner(module: Module, comp: Computation, loop: Instruction) -> Computation:
-  """The computation that holds `loop` (comp itself or one it calls)."""
-  return next((c for c in module.computations.values() if any(i is loop for i in c.instructions)), comp)
-
-
-def summary(module: Module | str, default_group: int = 1) -> dict[str, Any]:
-  """cost, collectives and kernels of a module in one dict (what the TPU dry run prints)."""
-  module = parse(module) if isinstance(module, str) else module
-  return {"cost": cost(module), "collectives": collectives(module, default_group), "kernels": kernels(module)}

@@ -95,10 +95,16 @@ def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference:
   return batch, sharding.batch_shardings(mesh, rules, batch)
 
 
-def step_memory(config: Any, rt_model: Any, model_cfg: model_lib.ModelConfig, optimizer: Any, schedule: Any,
-                mesh: Any, rules: Any, *, with_reference: bool, lora: lora_lib.LoraSpec | None = None) -> Any:
-  """`memory_analysis()` of the compiled DPO train step for `config`'s batch (lowered from abstract args).
-  `lora`: the LoRA step (the state holds adapters; the frozen base is passed in pi_ref's place)."""
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (what `jit(...).lower` compiles for)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def dpo_step(config: Any, rt_model: Any, model_cfg: model_lib.ModelConfig, optimizer: Any, schedule: Any,
+             mesh: Any, rules: Any, *, with_reference: bool, lora: lora_lib.LoraSpec | None = None) -> tuple:
+  """The trainer's jitted DPO train step for `config`'s batch and its abstract arguments: (fn, (state, pi_ref or
+  None, batch), batch), each argument a ShapeDtypeStruct tree with its sharding. `lora`: the LoRA step (the state
+  holds adapters; the frozen base is passed in pi_ref's place)."""
   shard = sharding.ShardingContext(mesh, rules)
   if lora is None:
     state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
@@ -115,8 +121,17 @@ def step_memory(config: Any, rt_model: Any, model_cfg: model_lib.ModelConfig, op
                         loss_cfg=config.loss, grad_accum_steps=config.optim.grad_accum_steps, shard=shard,
                         lora=lora),
       state_shardings=state_sh, reference_shardings=frozen_sh, batch_shardings=batch_sh, mesh=mesh)
-  frozen = None if frozen_sh is None else model_lib.abstract_params(model_cfg)
-  return fn.lower(abstract_state, frozen, batch).compile().memory_analysis()
+  frozen = None if frozen_sh is None else with_shardings(model_lib.abstract_params(model_cfg), frozen_sh)
+  return fn, (with_shardings(abstract_state, state_sh), frozen, with_shardings(batch, batch_sh)), batch
+
+
+def step_memory(config: Any, rt_model: Any, model_cfg: model_lib.ModelConfig, optimizer: Any, schedule: Any,
+                mesh: Any, rules: Any, *, with_reference: bool, lora: lora_lib.LoraSpec | None = None) -> Any:
+  """`memory_analysis()` of the compiled DPO train step for `config`'s batch (`dpo_step`, lowered from abstract
+  args)."""
+  fn, args, _ = dpo_step(config, rt_model, model_cfg, optimizer, schedule, mesh, rules,
+                         with_reference=with_reference, lora=lora)
+  return fn.lower(*args).compile().memory_analysis()
 
 
 def _fmt_bytes(n: float) -> str:

@@ -1,7 +1,7 @@
 """TPU slices as the TPU compiler sees them, on a machine without a TPU: names, chips, abstract devices.
 
     topo = topology.parse("v5p-64")                  # or 'v5p:2x4x4', 'v6e-256', 'v5e:4x4', 'v4-32'
-    devices = topology.devices(topo, num_slices=1)   # abstract TPU devices: a Mesh over them AOT-compiles for it
+    devices = topology.devices(topo)                 # abstract TPU devices: a Mesh over them AOT-compiles for it
 
 Names follow Cloud TPU's accelerator types. v4 and v5p count TensorCores (two per chip, one jax device per chip:
 megacore), so v5p-64 is 32 chips, 2x4x4; v5e and v6e count chips, so v6e-256 is 256 chips, 16x16. An explicit
@@ -10,8 +10,9 @@ megacore), so v5p-64 is 32 chips, 2x4x4; v5e and v6e count chips, so v6e-256 is 
 no TPU; jax keeps computing on the CPU.
 
 `CHIPS` holds the per-chip figures the dry run plans with, each from Google Cloud's TPU pages (v4, v5e, v5p,
-v6e "system architecture" tables, read 2026-12): HBM capacity, bf16 peak, HBM bandwidth and bidirectional ICI
-bandwidth. v5e's and v6e's HBM is listed as 16 and 32 "GB" and v5p's as 95 GiB; all are used as GiB here.
+v6e "system architecture" tables, read 2026-12): HBM capacity, HBM bandwidth and bidirectional ICI bandwidth; the
+bf16 peak is `flops.PEAK_BF16_FLOPS`'s, the table MFU uses on a real device. v5e's and v6e's HBM is listed as 16 and
+32 "GB" and v5p's as 95 GiB; all are used as GiB here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import glob
 import math
 import os
 import re
+import sys
 from typing import Any
 
-GiB = 1024 ** 3
+from dpo_jax import flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,6 @@ class Chip:
   generation: str  # 'v4', 'v5e', 'v5p', 'v6e'
   device_kind: str  # jax's Device.device_kind
   hbm_gib: float  # HBM per chip (= per jax device), GiB
-  peak_bf16_flops: float  # dense bf16 FLOP/s per chip
   hbm_bytes_per_s: float  # HBM bandwidth per chip, bytes/s
   ici_bytes_per_s: float | None  # bidirectional inter-chip interconnect bandwidth per chip, bytes/s (None: unlisted)
   dims: int  # torus dimensions: 3 (v4, v5p) or 2 (v5e, v6e)
@@ -39,16 +40,21 @@ class Chip:
   chip_config: str  # libtpu chip config: 'megacore' puts a chip's two cores behind one device
   source: str
 
+  @property
+  def peak_bf16_flops(self) -> float:
+    """Dense bf16 FLOP/s per chip (`flops.PEAK_BF16_FLOPS` of this device kind)."""
+    return flops.published_peak(self.device_kind)[0]
+
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "TPU v4", 32, 275e12, 1200e9, None, 3, 2, "megacore",
-               "Cloud TPU v4 page: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GB/s (no per-chip ICI figure listed)"),
-    "v5e": Chip("v5e", "TPU v5 lite", 16, 197e12, 819e9, 400e9, 2, 1, "default",
-                "Cloud TPU v5e page: 197 TFLOP/s bf16, HBM2 16 GB at 819 GB/s, ICI 400 GB/s bidirectional"),
-    "v5p": Chip("v5p", "TPU v5", 95, 459e12, 2765e9, 1200e9, 3, 2, "default",
-                "Cloud TPU v5p page: 459 TFLOP/s bf16, HBM2e 95 GiB at 2765 GB/s, ICI 1200 GB/s bidirectional"),
-    "v6e": Chip("v6e", "TPU v6 lite", 32, 918e12, 1640e9, 800e9, 2, 1, "default",
-                "Cloud TPU v6e page: 918 TFLOP/s bf16, HBM 32 GB at 1640 GB/s, ICI 800 GB/s bidirectional"),
+    "v4": Chip("v4", "TPU v4", 32, 1200e9, None, 3, 2, "megacore",
+               "Cloud TPU v4 page: HBM2 32 GiB at 1200 GB/s (no per-chip ICI figure listed)"),
+    "v5e": Chip("v5e", "TPU v5 lite", 16, 819e9, 400e9, 2, 1, "default",
+                "Cloud TPU v5e page: HBM2 16 GB at 819 GB/s, ICI 400 GB/s bidirectional"),
+    "v5p": Chip("v5p", "TPU v5", 95, 2765e9, 1200e9, 3, 2, "default",
+                "Cloud TPU v5p page: HBM2e 95 GiB at 2765 GB/s, ICI 1200 GB/s bidirectional"),
+    "v6e": Chip("v6e", "TPU v6 lite", 32, 1638e9, 800e9, 2, 1, "default",
+                "Cloud TPU v6e page: HBM 32 GB at 1638 GB/s, ICI 800 GB/s bidirectional"),
 }
 
 # The largest slice of each generation (chips), from the same pages.
@@ -152,6 +158,10 @@ def configure_environment() -> None:
   for key, value in LIBTPU_ENV.items():
     os.environ.setdefault(key, value)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if "jax" in sys.modules:  # jax read JAX_PLATFORMS when it was imported: tell its config (before any backend starts)
+    import jax
+    if not jax.config.jax_platforms:
+      jax.config.update("jax_platforms", "cpu")
 
 
 def quiet_libtpu_without_tpu() -> None:

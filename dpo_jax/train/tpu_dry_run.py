@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from dpo_jax import flops as flops_lib, hlo, lora as lora_lib, losses, model as model_lib, platforms, sharding, step
 from dpo_jax.train import config_checks, dry_run, runtime, topology
 
-GiB = 1024 ** 3
+GiB = dry_run.GiB
 STEPS = ("dpo", "sft", "eval")
 
 
@@ -134,11 +134,6 @@ def refused_step(name: str, message: str, args: tuple, compile_s: float, model_f
                     refused=" ".join(message.split()))
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` carrying `shardings` (what `jit(...).lower` compiles for)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def rows_batch(rows: int, length: int, pairs: int, mesh: Any, rules: Any) -> tuple[dict, dict]:
   """The abstract `[rows, length]` int32 batch the trainer feeds (and its `[pairs]` pair_mask), with shardings."""
   batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
@@ -173,23 +168,10 @@ def compile_steps(config: Any, mesh: Any, model_cfg: model_lib.ModelConfig, step
   if "dpo" in steps:
     spec = lora_lib.spec_from_config(config.get("lora"))
     optimizer, schedule = runtime.stage_optimizer(config, "dpo")
-    if spec is None:
-      state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
-      trainable = params_abstract
-      frozen_sh = params_sh if with_reference else None
-    else:
-      state_sh = step.lora_state_shardings(model, spec, optimizer, mesh, rules)
-      trainable, frozen_sh = lora_lib.abstract_adapters(model, spec), params_sh
-    state = jax.eval_shape(lambda p: step.create_train_state(p, optimizer, state_sh, donate=True), trainable)
-    batch, batch_sh = dry_run.abstract_batch(config, mesh, rules, precomputed_reference=bool(config.data.reference_logps))
-    fn = step.jit_train_step(
-        functools.partial(step.train_step, model=model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
-                          grad_accum_steps=config.optim.grad_accum_steps, shard=shard, lora=spec),
-        state_shardings=state_sh, reference_shardings=frozen_sh, batch_shardings=batch_sh, mesh=mesh)
-    frozen = None if frozen_sh is None else _abstract(params_abstract, frozen_sh)
-    run("dpo" if spec is None else f"dpo (LoRA r={spec.rank})", fn,
-        (_abstract(state, state_sh), frozen, _abstract(batch, batch_sh)), batch,
-        flops_lib.train_step_flops(model_cfg, batch, reference=frozen is not None, lora=spec))
+    fn, args, batch = dry_run.dpo_step(config, model, model_cfg, optimizer, schedule, mesh, rules,
+                                       with_reference=with_reference, lora=spec)
+    run("dpo" if spec is None else f"dpo (LoRA r={spec.rank})", fn, args, batch,
+        flops_lib.train_step_flops(model_cfg, batch, reference=args[1] is not None, lora=spec))
   if "sft" in steps:
     optimizer, schedule = runtime.stage_optimizer(config, "sft")
     state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
@@ -199,16 +181,16 @@ def compile_steps(config: Any, mesh: Any, model_cfg: model_lib.ModelConfig, step
     fn = jax.jit(functools.partial(step.sft_train_step, model=model, optimizer=optimizer, schedule=schedule,
                                    grad_accum_steps=config.optim.grad_accum_steps, shard=shard),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    run("sft", fn, (_abstract(state, state_sh), _abstract(batch, batch_sh)), batch,
+    run("sft", fn, (dry_run.with_shardings(state, state_sh), dry_run.with_shardings(batch, batch_sh)), batch,
         flops_lib.train_step_flops(model_cfg, batch, reference=False))
   if "eval" in steps:
     pairs = config.eval.batch_size
     batch, batch_sh = rows_batch(2 * pairs, config.max_length, pairs, mesh, rules)
-    reference = _abstract(params_abstract, params_sh) if losses.needs_reference(loss_type) else None
+    reference = dry_run.with_shardings(params_abstract, params_sh) if losses.needs_reference(loss_type) else None
     fn = step.jit_eval_step(functools.partial(step.eval_sums, model=model, loss_cfg=config.loss),
                             param_shardings=params_sh, reference_shardings=None if reference is None else params_sh,
                             batch_shardings=batch_sh, mesh=mesh)
-    run("eval", fn, (_abstract(params_abstract, params_sh), reference, _abstract(batch, batch_sh)), batch,
+    run("eval", fn, (dry_run.with_shardings(params_abstract, params_sh), reference, dry_run.with_shardings(batch, batch_sh)), batch,
         flops_lib.forward_flops(model_cfg, batch) * (2 if reference is not None else 1))
   return reports
 

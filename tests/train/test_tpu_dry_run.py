@@ -16,7 +16,7 @@ from config_overrides import override
 from configs.default import get_config
 from dpo_jax import model as model_lib, optim, platforms, sharding, step
 from dpo_jax.experiments import sweep
-from dpo_jax.train import runtime, topology, tpu_dry_run
+from dpo_jax.train import dry_run, runtime, topology, tpu_dry_run
 from paths import REPO_ROOT
 
 SPLASH = {"splash_mha_fwd_segmented_residuals", "splash_mha_fwd_segmented_no_residuals",
@@ -124,7 +124,7 @@ def test_a_vmapped_sweep_compiles_for_a_tpu():
       mesh=mesh)
   stacked_sh = sweep.stacked_shardings(state_sh, mesh)
   state = jax.eval_shape(lambda p: sweep.stack_states(step.create_train_state(p, optimizer), 3), params)
-  abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  abstract = dry_run.with_shardings
   compiled = fn.lower(abstract(state, stacked_sh), abstract(params, state_sh.params), abstract(batch, batch_sh)).compile()
   report = tpu_dry_run.analyse("sweep", compiled, 0.0, cfg=model_cfg, batch=batch, mesh=mesh, model_flops=1.0)
   assert SPLASH <= set(report.kernels) and report.cpu_only == []
@@ -152,7 +152,7 @@ def test_a_shared_prompt_step_compiles_with_splash_on_the_prompt_offset_mask():
       state_shardings=state_sh, reference_shardings=state_sh.params, batch_shardings=batch_sh, mesh=mesh)
   params = model_lib.abstract_params(model_cfg)
   state = jax.eval_shape(lambda q: step.create_train_state(q, optimizer), params)
-  abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  abstract = dry_run.with_shardings
   compiled = fn.lower(abstract(state, state_sh), abstract(params, state_sh.params), abstract(batch, batch_sh)).compile()
   report = tpu_dry_run.analyse("shared", compiled, 0.0, cfg=model_cfg, batch=batch, mesh=mesh, model_flops=1.0)
   assert report.cpu_only == [] and report.attention.startswith("splash")
