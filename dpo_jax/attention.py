@@ -5,7 +5,7 @@
 Every kernel computes the same attention (model.py's module docstring): token t attends token s iff s <= t and
 both have the same segment id (0/1 padding masks, packed segments 1, 2, ...), and with a shared-prompt
 `prefix` every query also sees the prompt's real tokens. Query head h reads key/value head h // (H / K).
-`cfg.attention_impl` names the kernel (`ATTENTION_IMPLS`):
+`cfg.attention_impl` names the kernel (`ATTENTION_IMPLS`)::
 
   'cudnn'        `jax.nn.dot_product_attention(implementation='cudnn')`: cuDNN's fused flash attention (GPU,
                  bf16 / fp16, head_dim <= 128 and a multiple of 8). The causal triangle is cuDNN's own mask; the
@@ -208,7 +208,7 @@ def splash_rows(q_BxHxTxD: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.Array
 
 def splash_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, segment_ids_BxT: jax.Array,
                      cfg: Any, shard: ShardingContext | None = None, prefix: Prefix | None = None) -> jax.Array:
-  """'splash': Pallas splash attention per example (vmapped over the batch), `shard_map`ped over the mesh.
+  """'splash': Pallas splash attention per example (vmapped over the batch), under `shard_map` over the mesh.
 
   Segment ids carry the mask: queries see keys of their own segment, causally. With a prefix the keys are
   `[prefix, own]` and the causal mask is offset by P; the prefix's real tokens get segment 1 (a shared-prompt

@@ -3,7 +3,7 @@
 With `config.mesh.sequence = n > 1` the activations `[batch, length, ...]` are sharded over batch (data, fsdp)
 and length ('sequence', the sharding rule of 'length'): each device holds T / n tokens of every row it holds, and
 every per-token op (embedding, norms, projections, MLP, LM head) runs on its shard with no communication. Only
-attention mixes tokens; `attention` runs it inside a `shard_map` in one of two ways (`model.context_parallel`):
+attention mixes tokens; `attention` runs it inside a `shard_map` in one of two ways (`model.context_parallel`)::
 
   'ring'        K/V blocks travel around the axis (`lax.ppermute`, n - 1 hops), each device folding every block
                 into its queries' online softmax (running max m, normaliser l, output o: flash attention's
@@ -23,7 +23,7 @@ Every token carries its original index (`token_order`) and segment id through th
 whatever order the shards hold the tokens in.
 
 Causal load balance (`model.context_load_balance`): in the original order, shard 0 would attend one block and
-shard n - 1 all n. The sequence is reordered before sharding so every shard does the same work:
+shard n - 1 all n. The sequence is reordered before sharding so every shard does the same work::
 
   'zigzag'   2n chunks; shard i holds chunks i and 2n - 1 - i (the split Llama 3's context parallelism describes:
              2 x CP chunks per sequence). With the ring's tiles split at the chunk boundary, every shard

@@ -7,7 +7,7 @@ MFU counts the FLOPs the model needs, not what the hardware ran: PaLM's definiti
 forward and backward plus the attention term. Rematerialisation (`model.remat`) and chunked log-probs recompute
 activations in the backward pass; those FLOPs are real work but not model FLOPs, so remat lowers MFU.
 
-Counting rules, per forward pass over a batch (`forward_flops`), FLOPs = 2 x multiply-adds:
+Counting rules, per forward pass over a batch (`forward_flops`), FLOPs = 2 x multiply-adds::
 
   dense       2 * L * (D * hd * (2H + 2K) + 3 * D * F) per token that goes through the layers: q, k, v, o
               projections (H query heads, K key/value heads of width hd) and the gated MLP (gate, up, down).
@@ -125,7 +125,7 @@ def forward_flops(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> float:
   """Model FLOPs of one forward pass over `batch` (module docstring); only the arrays' `.shape` is read.
 
   `batch`: rows (`input_ids` `[N, T]`, packed or not) or shared prompts (`prompt_ids` `[B, P]`, `input_ids`
-  `[K B, R]`); values are arrays or `jax.ShapeDtypeStruct`s.
+  `[K B, R]`); values are arrays or `jax.ShapeDtypeStruct` values.
   """
   weights, scores, _ = _forward_parts(cfg, batch)
   return weights + scores
@@ -186,7 +186,7 @@ def published_peak(device_kind: str) -> tuple[float, str] | None:
 
 @functools.cache
 def measured_cpu_peak() -> float:
-  """Best FLOP/s of a jitted fp32 `MEASURE_SIZE`^3 matmul on the default CPU device (2 n^3 FLOPs each), once
+  """Best FLOP/s of a jitted fp32 n^3 matmul (n = `MEASURE_SIZE`) on the default CPU device (2 n^3 FLOPs each), once
   per process: the CPU has no published peak, and its rate depends on cores, SIMD width and the XLA build."""
   n = MEASURE_SIZE
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)

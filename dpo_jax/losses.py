@@ -1,6 +1,7 @@
 """Preference losses: DPO and the equations it is derived from, read against the seed (Rafailov et al. 2023).
 
-Seed equations and where they live:
+Seed equations and where they live::
+
   (1) Bradley-Terry   p*(y1 > y2 | x) = sigma(r*(x, y1) - r*(x, y2))              `bradley_terry_prob`
   (2) reward modelling  L_R = -E log sigma(r(x, y_w) - r(x, y_l))                  `bradley_terry_loss`
   (3) KL-constrained RL   max E[r] - beta KL(pi || pi_ref)                          `kl_regularized_objective`
@@ -17,26 +18,28 @@ All log-probs are sequence log-probs in nats (`logprobs.sequence_logps`); every 
 
 Variants (`LOSSES` keys = TRL loss_type names). cl, rl: chosen / rejected log-ratios log pi - log pi_ref
 (sums over response tokens); d = cl - rl; n_c, n_r: response token counts; a_c = log pi(y_w) / n_c, a_r
-likewise (average log-prob per token); eps = label_smoothing; lsig = log sigmoid.
-  sigmoid       DPO, Rafailov 2023 / cDPO    -(1-eps) lsig(beta d) - eps lsig(-beta d)
-  hinge         SLiC, Zhao 2023              relu(1 - beta d)
-  ipo           IPO, Azar 2023 (eq. 17)      (cl/n_c - rl/n_r - 1/(2 beta))^2
-  robust        rDPO, Chowdhury 2024         [-(1-eps) lsig(beta d) + eps lsig(-beta d)] / (1 - 2 eps)
-  exo_pair      EXO, Ji 2024 (eq. 16)        KL([s(beta d), s(-beta d)] || [1-eps, eps]), eps = 1e-3 if 0
-  nca_pair      NCA, Chen 2024               -lsig(beta cl) - lsig(-beta cl)/2 - lsig(-beta rl)/2
-  bco_pair      BCO, Jung 2024               -lsig(beta cl - delta) - lsig(-(beta rl - delta))
-  sppo_hard     SPPO, Wu 2024 (hard P)       (cl - 1/(2 beta))^2 + (rl + 1/(2 beta))^2
-  aot           AOT, Melnyk 2024             cDPO on beta * (sort_B(pi_c - pi_r) - sort_B(ref_c - ref_r))
-  aot_pair      AOT unpaired, Melnyk 2024    cDPO on beta * (sort_B(cl) - sort_B(rl))
-  apo_zero      APO-zero, D'Oosterlinck 2024 1 - s(beta cl) + s(beta rl)
-  apo_down      APO-down, D'Oosterlinck 2024 s(beta cl) + 1 - s(beta d)
-  discopop      DiscoPOP, Chris Lu 2024      -lsig(beta d) (1 - s(beta d / tau)) + exp(-beta d) s(beta d / tau)
-  sigmoid_norm  length-normalised DPO (TRL)  -lsig(beta (cl/n_c - rl/n_r))
-  sft           NLL of the chosen response   -a_c
-  rpo           RPO, Pang 2024               sigmoid + rpo_alpha * (-a_c)
-  simpo         SimPO, Meng 2024 (ref-free)  -(1-eps) lsig(beta (a_c - a_r) - gamma) - eps lsig(-(...))
-  orpo          ORPO, Hong 2024 (ref-free)   -a_c - lambda lsig(lo(a_c) - lo(a_r)),  lo(a) = a - log(1 - e^a)
-  unlikelihood  seed ablation, no weighting  -beta d  (unbounded below, on purpose)
+likewise (average log-prob per token); eps = label_smoothing; lsig = log sigmoid::
+
+  sigmoid       DPO, Rafailov 2023 / cDPO      -(1-eps) lsig(beta d) - eps lsig(-beta d)
+  hinge         SLiC, Zhao 2023                relu(1 - beta d)
+  ipo           IPO, Azar 2023 (eq. 17)        (cl/n_c - rl/n_r - 1/(2 beta))^2
+  robust        rDPO, Chowdhury 2024           [-(1-eps) lsig(beta d) + eps lsig(-beta d)] / (1 - 2 eps)
+  exo_pair      EXO, Ji 2024 (eq. 16)          KL([s(beta d), s(-beta d)] || [1-eps, eps]), eps = 1e-3 if 0
+  nca_pair      NCA, Chen 2024                 -lsig(beta cl) - lsig(-beta cl)/2 - lsig(-beta rl)/2
+  bco_pair      BCO, Jung 2024                 -lsig(beta cl - delta) - lsig(-(beta rl - delta))
+  sppo_hard     SPPO, Wu 2024 (hard P)         (cl - 1/(2 beta))^2 + (rl + 1/(2 beta))^2
+  aot           AOT, Melnyk 2024               cDPO on beta * (sort_B(pi_c - pi_r) - sort_B(ref_c - ref_r))
+  aot_pair      AOT unpaired, Melnyk 2024      cDPO on beta * (sort_B(cl) - sort_B(rl))
+  apo_zero      APO-zero, D'Oosterlinck 2024   1 - s(beta cl) + s(beta rl)
+  apo_down      APO-down, D'Oosterlinck 2024   s(beta cl) + 1 - s(beta d)
+  discopop      DiscoPOP, Chris Lu 2024        -lsig(beta d) (1 - s(beta d / tau)) + exp(-beta d) s(beta d / tau)
+  sigmoid_norm  length-normalised DPO (TRL)    -lsig(beta (cl/n_c - rl/n_r))
+  sft           NLL of the chosen response     -a_c
+  rpo           RPO, Pang 2024                 sigmoid + rpo_alpha * (-a_c)
+  simpo         SimPO, Meng 2024 (ref-free)    -(1-eps) lsig(beta (a_c - a_r) - gamma) - eps lsig(-(...))
+  orpo          ORPO, Hong 2024 (ref-free)     -a_c - lambda lsig(lo(a_c) - lo(a_r)),  lo(a) = a - log(1 - e^a)
+  unlikelihood  seed ablation, no weighting    -beta d  (unbounded below, on purpose)
+
 Combinations: `weighted_preference_loss` (sum_i w_i L_i, as TRL's loss_type list + loss_weights).
 """
 
@@ -100,8 +103,10 @@ def sigmoid_loss(chosen_logratios: jax.Array, rejected_logratios: jax.Array, *, 
                  label_smoothing: float) -> jax.Array:
   """Seed eq. (7), the DPO loss; with `label_smoothing = eps > 0` the conservative cDPO loss.
 
-  logratios are log pi - log pi_ref per response. beta multiplies the margin once:
+  logratios are log pi - log pi_ref per response. beta multiplies the margin once::
+
       L = -(1 - eps) log sigma(beta * d) - eps log sigma(-beta * d),   d = chosen_logratios - rejected_logratios
+
   cDPO (Mitchell 2023, "A note on DPO with noisy preferences") treats each label as flipped with
   probability eps; eps = 0 is plain DPO.
   """
@@ -391,13 +396,15 @@ def _check_orpo(opts: Mapping[str, Any], *, beta: float, label_smoothing: float)
 class LossSpec:
   """How to call one variant.
 
-  fn: `fn(pair: Pair, *, beta, label_smoothing, **options) -> losses [B]`.
-  uses_reference: reads pi_ref log-probs (False: the trainer can skip the reference model; rewards are then
-    beta * average policy log-prob, what TRL logs for SimPO / ORPO).
-  needs_num_tokens: length-normalised; `chosen_num_tokens` / `rejected_num_tokens` are required.
-  options: the variant's own option names (config.loss.options.<name>) and their defaults.
-  check: `check(resolved_options, *, beta, label_smoothing)` raising ValueError on a bad value, or None.
-  uses_label_smoothing: a nonzero label_smoothing is meaningful (elsewhere it is a configuration error).
+  Fields::
+
+    fn: `fn(pair: Pair, *, beta, label_smoothing, **options) -> losses [B]`.
+    uses_reference: reads pi_ref log-probs (False: the trainer can skip the reference model; rewards are then
+      beta * average policy log-prob, what TRL logs for SimPO / ORPO).
+    needs_num_tokens: length-normalised; `chosen_num_tokens` / `rejected_num_tokens` are required.
+    options: the variant's own option names (config.loss.options.<name>) and their defaults.
+    check: `check(resolved_options, *, beta, label_smoothing)` raising ValueError on a bad value, or None.
+    uses_label_smoothing: a nonzero label_smoothing is meaningful (elsewhere it is a configuration error).
   """
   fn: LossFn
   uses_reference: bool = True
@@ -476,10 +483,13 @@ def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_s
                          weights: Sequence[float] | None = None, **options) -> dict[str, Any]:
   """Raise a clear error for a bad loss configuration (called before any compile); return the resolved options.
 
-  loss_type: one `LOSSES` key, or a tuple of them for a weighted combination (then `weights`, one finite number
-    per type; None means all 1.0, TRL's default loss_weights). Options are shared by the types of a combination;
-    a name no type uses is an error, as is a nonzero label_smoothing when no type uses it.
-  Returns {option: value} with every used option's default filled in.
+  Args:
+    loss_type: one `LOSSES` key, or a tuple of them for a weighted combination (then `weights`, one finite number
+      per type; None means all 1.0, TRL's default loss_weights). Options are shared by the types of a
+      combination; a name no type uses is an error, as is a nonzero label_smoothing when no type uses it.
+
+  Returns:
+    A dict, option name -> value, with every used option's default filled in.
   """
   if loss_type == RANKING_LOSS:  # ranked data: plackett_luce_loss, which has beta alone
     _need(_traced(beta) or (_is_number(beta) and beta > 0), "beta", beta, "must be a finite number > 0.")
@@ -586,14 +596,19 @@ def preference_loss(loss_type: str | Sequence[str], policy_chosen_logps: jax.Arr
                     **options) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-pair preference loss and implicit rewards for `LOSSES[loss_type]`.
 
-  policy_* / reference_*: `[B]` sequence log-probs, sums over response tokens (nats), any float dtype (computed
-    in fp32). Reference may be None for reference-free types (simpo, orpo, sft).
-  *_num_tokens: `[B]` response token counts, required by length-normalised types (ipo, sigmoid_norm, sft, rpo,
-    simpo, orpo).
-  options: the type's own options (`LossSpec.options`). A tuple of types is a weighted combination: it goes to
-    `weighted_preference_loss` with `options['weights']` (default all 1.0).
-  Returns `(losses_B, chosen_rewards_B, rejected_rewards_B)`. The rewards are `beta * (pi - ref)` (reference-free
-  types: beta * average log-prob) for logging and carry no gradient (the loss alone is differentiated).
+  Args:
+    loss_type: a `LOSSES` key; a tuple of them is a weighted combination, which goes to
+      `weighted_preference_loss` with `options['weights']` (default all 1.0).
+    policy_chosen_logps: `[B]` sequence log-probs, sums over response tokens (nats), any float dtype (computed
+      in fp32); likewise `policy_rejected_logps`, `reference_chosen_logps` and `reference_rejected_logps`. The
+      reference ones may be None for reference-free types (simpo, orpo, sft).
+    chosen_num_tokens: `[B]` response token counts (and `rejected_num_tokens`), required by length-normalised
+      types (ipo, sigmoid_norm, sft, rpo, simpo, orpo).
+    options: the type's own options (`LossSpec.options`).
+
+  Returns:
+    `(losses_B, chosen_rewards_B, rejected_rewards_B)`. The rewards are `beta * (pi - ref)` (reference-free
+    types: beta * average log-prob) for logging and carry no gradient (the loss alone is differentiated).
   """
   if not isinstance(loss_type, str):
     weights = options.pop("weights", None)
@@ -613,8 +628,10 @@ PL_MASKED = -1e30  # stands in for -inf at padded responses: finite, so logsumex
 
 def plackett_luce_loss(policy_logps_BxK: jax.Array, reference_logps_BxK: jax.Array, *, beta: float,
                        valid_BxK: jax.Array | None = None) -> jax.Array:
-  """The seed's Plackett-Luce generalisation of DPO to K responses ranked best first (index 0 best), `[B]` nats:
+  """The seed's Plackett-Luce generalisation of DPO to K responses ranked best first (index 0 best), `[B]` nats::
+
       L = -sum_{k=0}^{K-2} log( exp(r_k) / sum_{j>=k} exp(r_j) ),   r = beta (log pi - log pi_ref)  `[B, K]`
+
   (the k = K-1 term is log 1 = 0). Invalid (padding) responses, valid_BxK False, are dropped from the ranking:
   they neither contribute a term nor appear in any denominator. With K = 2 this is the DPO loss (seed eq. 7).
   """

@@ -2,7 +2,7 @@
 
 Prompts come LEFT-padded (`prompt_mask` 0 on the padding) so every row's next token lands in the same
 cache slot; positions count real tokens only, so a padded row sees exactly what it would alone (padding
-has segment id 0 and is never attended by real tokens, see `model.py`). The whole loop is one `jax.jit`.
+has segment id 0 and is never attended by real tokens, see `model.py`). The whole loop is one `jax.jit`. In use::
 
     tokens_BxN = generate(cfg, params, prompt_ids_BxP, prompt_mask_BxP, rng=key, max_new_tokens=N,
                           eos_id=eos, pad_id=pad)

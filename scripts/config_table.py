@@ -1,8 +1,8 @@
-"""Print the README's tables of config fields from the comments next to each default in configs/default.py
-and (the `frontier` block) configs/frontier.py.
+"""Print the tables of config fields from the comments next to each default in configs/default.py and (the
+`frontier` block) configs/frontier.py: `python scripts/config_table.py`.
 
-    python scripts/config_table.py           # print them
-    python scripts/config_table.py --write   # replace both tables in README.md in place
+The docs site builds its config reference (docs/configs.md) from `table()` while it builds
+(docs/_ext/generated.py), so the published tables are always the code's.
 """
 
 import re
@@ -33,7 +33,6 @@ def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
   return out
 
 
-README = SOURCE.parents[1] / "README.md"
 HEADER = "| field | default | meaning |\n|---|---|---|"
 FRONTIER_HEADER = "| `configs/frontier.py` field | default | meaning |\n|---|---|---|"
 
@@ -42,24 +41,5 @@ def table(header: str = HEADER, source: str = SOURCE.read_text()) -> str:
   return "\n".join([header] + [f"| `{name}` | `{default}` | {meaning} |" for name, default, meaning in rows(source)])
 
 
-def tables() -> dict[str, str]:
-  """README header -> its fresh table."""
-  return {HEADER: table(), FRONTIER_HEADER: table(FRONTIER_HEADER, FRONTIER_SOURCE.read_text())}
-
-
-def write_readme(path: Path = README) -> None:
-  """Swap each README table (from its header to the first blank line) for a fresh one."""
-  text = path.read_text()
-  for header, fresh in tables().items():
-    start = text.index(header)
-    end = text.index("\n\n", start)
-    text = text[:start] + fresh + text[end:]
-  path.write_text(text)
-
-
 if __name__ == "__main__":
-  import sys
-  if "--write" in sys.argv[1:]:
-    write_readme()
-  else:
-    print("\n\n".join(tables().values()))
+  print(table() + "\n\n" + table(FRONTIER_HEADER, FRONTIER_SOURCE.read_text()))

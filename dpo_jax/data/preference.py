@@ -3,7 +3,7 @@
 Pipeline:  rows.load_rows(source) -> tokenize_pairs(rows, tokenizer) -> iterate_batches / eval_batches -> dict
 
 Batch contract (the model side, dpo_jax/logprobs.py, relies on it). A DPO batch of B pairs is a dict of
-numpy int32 arrays whose rows INTERLEAVE pairs, so one forward pass serves chosen and rejected:
+numpy int32 arrays whose rows INTERLEAVE pairs, so one forward pass serves chosen and rejected::
 
   input_ids       [2B, T]  row 2i = pair i's prompt + chosen + EOS, row 2i + 1 = prompt + rejected + EOS,
                            right-padded with the pad id to T = max_length
@@ -14,7 +14,7 @@ numpy int32 arrays whose rows INTERLEAVE pairs, so one forward pass serves chose
   pair_mask       [B]      1 for real pairs, 0 for padding pairs (only eval_batches pads)
 
 A shared-prompt DPO batch (kind="dpo_shared") holds each pair's prompt once, so the model runs it once for
-both responses (dpo_jax/logprobs.py); the same pairs, the same log-probs, fewer tokens:
+both responses (dpo_jax/logprobs.py); the same pairs, the same log-probs, fewer tokens::
 
   prompt_ids        [B, P]   pair i's prompt, LEFT-padded (its last token in column P - 1), P = the longest
                              prompt of the data (`TokenizedPairs.prompt_width`)
@@ -57,11 +57,13 @@ SHARED = "dpo_shared"  # the kind of shared-prompt DPO batches
 class TokenizedPairs:
   """Kept pairs in source order; token ids are ragged int32 arrays, one per pair.
 
-  prompt_ids[k]    `[prompt_len]`, left-truncated to max_prompt_length (its end kept), never empty
-  chosen_ids[k]    `[response_len]`, response + EOS truncated to max_length - prompt_len (EOS is cut
-                   first, so it is present only when the whole response fits), never empty
-  rejected_ids[k]  as chosen_ids
-  row_ids          `[num_pairs]` int32, the source row index of each kept pair
+  Fields::
+
+    prompt_ids[k]    `[prompt_len]`, left-truncated to max_prompt_length (its end kept), never empty
+    chosen_ids[k]    `[response_len]`, response + EOS truncated to max_length - prompt_len (EOS is cut
+                     first, so it is present only when the whole response fits), never empty
+    rejected_ids[k]  as chosen_ids
+    row_ids          `[num_pairs]` int32, the source row index of each kept pair
   """
   prompt_ids: tuple[np.ndarray, ...]
   chosen_ids: tuple[np.ndarray, ...]
