@@ -4,9 +4,17 @@
                                       so a test can signal the process mid-training
     DPO_JAX_TEST_KILL_IN_SAVE=20      SIGKILL this process inside orbax's commit of step 20's checkpoint: its
                                       files are written to the temporary folder, the rename never happens
+    DPO_JAX_TEST_FILL_DISK_AT_SAVE=6:/mnt/small/ballast
+                                      just before step 6's checkpoint is saved, write the file /mnt/small/ballast
+                                      until its filesystem is full (refused on one bigger than 64 MiB: a tmpfs
+                                      the test mounted, never a real disk); deleting the file frees the space
+    DPO_JAX_TEST_ENOSPC_IN_SAVE=6     orbax's commit of step 6's checkpoint fails with OSError ENOSPC ("No space
+                                      left on device"): a full disk where no small filesystem can be mounted
 """
 
+import errno
 import os
+import shutil
 import signal
 import sys
 import time
@@ -40,6 +48,47 @@ def _install_faults():
         os.kill(os.getpid(), signal.SIGKILL)
       return await real_finalize(self, *args, **kwargs)
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+  fill = os.environ.get("DPO_JAX_TEST_FILL_DISK_AT_SAVE")
+  if fill:
+    fill_step, ballast = fill.split(":", 1)
+    from dpo_jax.train import checkpoint
+
+    real_save = checkpoint.save
+
+    def save_on_a_full_disk(mngr, step, *args, **kwargs):
+      if step == int(fill_step):
+        fill_filesystem(ballast)
+      return real_save(mngr, step, *args, **kwargs)
+    checkpoint.save = save_on_a_full_disk
+
+  enospc_step = os.environ.get("DPO_JAX_TEST_ENOSPC_IN_SAVE")
+  if enospc_step:
+    from orbax.checkpoint._src.path import atomicity
+
+    real_commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def full_disk(self, *args, **kwargs):
+      if os.path.basename(str(self.get_final())) == enospc_step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get_final()))
+      return await real_commit(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = full_disk
+
+
+def fill_filesystem(ballast: str, limit: int = 64 << 20) -> None:
+  """Write `ballast` until its filesystem has no space left (on a small one only: `limit` bytes at most)."""
+  total = shutil.disk_usage(os.path.dirname(ballast)).total
+  if total > limit:
+    raise RuntimeError(f"fault_trainer: refusing to fill {ballast}'s filesystem of {total} bytes (> {limit})")
+  chunk = b"\0" * 4096
+  with open(ballast, "ab", buffering=0) as f:
+    try:
+      while True:
+        f.write(chunk)
+    except OSError as err:
+      if err.errno != errno.ENOSPC:
+        raise
+  print(f"fault: filled the filesystem of {ballast}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ iterator restarts from), the seed, and the stage. Restoring goes straight into t
 
 from __future__ import annotations
 
+import errno
+import gc
+import logging
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -25,10 +30,31 @@ def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 
+class DiskFull(OSError):
+  """A checkpoint save that found the disk full (ENOSPC) or the quota spent (EDQUOT); the message is the whole
+  report (no `[Errno 28]` prefix): the stage, the step, the filesystem and what a rerun resumes from."""
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True)
-  mngr.wait_until_finished()
+  """Save `step` and wait for it. A full disk is a `DiskFull` (raised on purpose: one line at the command line), not
+  orbax's error with a logged traceback per writer thread and dozens more from its closed event loops."""
+  with _QuietWriters() as quiet:
+    try:
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True)
+      mngr.wait_until_finished()
+      return
+    except Exception as err:  # noqa: BLE001  (re-raised unless the disk is full)
+      cause = disk_full_cause(err)
+      if cause is None or os.environ.get("DPO_JAX_TRACEBACK") == "1":
+        raise  # with what the writer threads reported
+      absl_logging.info("checkpoint step %d in %s: the disk is full: %r", step, mngr.directory, err)
+    quiet.settle()  # out of the except block: `err` no longer holds orbax's frames, so they can be collected
+  code = errno.EDQUOT if cause == os.strerror(errno.EDQUOT) else errno.ENOSPC
+  raise DiskFull(code, disk_full_message(mngr, step, meta.get("stage", ""), cause))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -119,3 +145,151 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
     except Exception as err:  # orbax / tensorstore raise many types for a damaged step; all mean "unreadable"
       _set_aside(mngr, step, err)
   return None
+
+
+# How a full disk reads when it comes back from TensorStore (orbax's array writer) as text, without an errno.
+_DISK_FULL_TEXT = {"No space left on device": os.strerror(errno.ENOSPC), f"os_error_code='{errno.ENOSPC}'":
+                   os.strerror(errno.ENOSPC), "Disk quota exceeded": os.strerror(errno.EDQUOT),
+                   f"os_error_code='{errno.EDQUOT}'": os.strerror(errno.EDQUOT)}
+
+
+def disk_full_cause(err: BaseException) -> str | None:
+  """'No space left on device' / 'Disk quota exceeded' when `err` or anything in its chain (__cause__,
+  __context__, an exception group's members) is ENOSPC / EDQUOT, as an errno or in the text; else None."""
+  seen, todo = set(), [err]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return os.strerror(e.errno)
+    text = str(e)
+    for needle, cause in _DISK_FULL_TEXT.items():
+      if needle in text:
+        return cause
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
+
+
+def _size(n: float) -> str:
+  if n < 1024:
+    return f"{n:.0f} bytes"
+  for unit in ("KiB", "MiB", "GiB"):
+    n /= 1024
+    if n < 1024 or unit == "GiB":
+      return f"{n:.1f} {unit}"
+
+
+def _folder_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def disk_full_message(mngr: ocp.CheckpointManager, step: int, stage: str, cause: str) -> str:
+  """The one line for a save of `step` that found the disk full: which disk, how much is free, how big a checkpoint
+  is, and what a rerun resumes from. The save's partial folder is removed first (one process), so the free space
+  reported is what the user has to work with."""
+  directory = str(mngr.directory)
+  if jax.process_count() == 1:  # another host may still be writing into it
+    for partial in os.listdir(directory):
+      if partial.startswith(f"{step}.orbax-checkpoint-tmp"):
+        shutil.rmtree(os.path.join(directory, partial), ignore_errors=True)
+  usage = shutil.disk_usage(directory)
+  full = "the disk quota is exhausted" if cause == os.strerror(errno.EDQUOT) else "the disk is full"
+  report = (f"{stage + ': ' if stage else ''}{full} ({cause}) while saving checkpoint step {step} to {directory}: its "
+            f"filesystem has {_size(usage.free)} free of {_size(usage.total)}")
+  name = stage or "the stage"
+  try:
+    mngr.reload()
+    latest = mngr.latest_step()
+  except Exception:  # noqa: BLE001  (listing the steps writes nothing, but the report must not fail on it)
+    return f"{report}. Free space there and rerun the same command: it resumes {name} from its newest checkpoint."
+  if latest is None:
+    return (f"{report}. Free space there and rerun the same command: no complete {stage + ' ' if stage else ''}"
+            f"checkpoint was saved yet, so {name} starts again from step 0.")
+  newest = os.path.join(directory, str(latest))
+  return (f"{report}, and one checkpoint takes {_size(_folder_bytes(newest))}. Free more than that there and rerun "
+          f"the same command: it resumes {name} from step {latest}, the newest complete checkpoint ({newest}).")
+
+
+class _QuietWriters(logging.Filter):
+  """While a save runs, hold back what orbax's writer threads report when a write fails: their ERROR records (one
+  traceback each) and the unraisable 'Event loop is closed' errors of TensorStore writes that finish after orbax
+  closed their event loop. On leaving they are replayed as they came, unless `settle` ran (a full disk, which the
+  one-line error explains): then they go to the log as one line each (`--verbosity=0` shows it)."""
+
+  def __init__(self):
+    super().__init__()
+    self._held: list[Any] = []  # LogRecords and unraisable-hook arguments, until `settle`; then their text
+    self._settled = False
+    self._last = time.monotonic()
+
+  def _hold(self, item: Any) -> None:
+    self._held.append(_summary(item) if self._settled else item)
+    self._last = time.monotonic()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+      self._hold(record)
+      return False
+    return True
+
+  def _hold_unraisable(self, unraisable: Any) -> None:
+    self._hold(_Unraisable(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, unraisable.err_msg,
+                           unraisable.object))
+
+  def __enter__(self):
+    self._hook = sys.unraisablehook
+    sys.unraisablehook = self._hold_unraisable
+    logging.getLogger("absl").addFilter(self)  # orbax logs through absl.logging
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("absl").removeFilter(self)
+    sys.unraisablehook = self._hook
+    for item in self._held:
+      if isinstance(item, str):
+        absl_logging.info("during the failed checkpoint save: %s", item)
+      elif isinstance(item, logging.LogRecord):
+        logging.getLogger("absl").handle(item)
+      else:
+        self._hook(item)
+    self._held.clear()
+
+  def settle(self, quiet_for: float = 0.3, at_most: float = 3.0) -> None:
+    """Collect the failed save's leftovers now, while held back, not at the interpreter's exit (where each pending
+    writer coroutine prints a traceback: 'sys.meta_path is None'), and wait until TensorStore's last writes have
+    reported (`quiet_for` seconds without news, `at_most` in all). What is held becomes text: tracebacks would keep
+    the frames, and with them the event loops and tasks, alive."""
+    self._settled = True
+    self._held = [_summary(item) for item in self._held]
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    asyncio_logger.setLevel(logging.CRITICAL)  # 'Task exception was never retrieved' of the failed writes
+    try:
+      start = self._last = time.monotonic()
+      while True:
+        gc.collect()
+        now = time.monotonic()
+        if now - self._last >= quiet_for or now - start >= at_most:
+          return
+        time.sleep(0.05)
+    finally:
+      asyncio_logger.setLevel(level)
+
+
+class _Unraisable:
+  """What `sys.unraisablehook` is called with (`sys.UnraisableHookArgs` cannot be built from Python)."""
+
+  def __init__(self, exc_type, exc_value, exc_traceback, err_msg, object):
+    self.exc_type, self.exc_value, self.exc_traceback = exc_type, exc_value, exc_traceback
+    self.err_msg, self.object = err_msg, object
+
+
+def _summary(item: Any) -> str:
+  if isinstance(item, str):
+    return item
+  if isinstance(item, logging.LogRecord):
+    return item.getMessage()
+  where = f" in {item.object!r}" if item.object is not None else ""
+  return f"{item.err_msg or 'unraisable exception'}{where}: {item.exc_type.__name__}: {item.exc_value}"

