@@ -50,6 +50,7 @@ def test_collective_bytes_count_each_loop_trip():
 
 
 @pytest.mark.parametrize("mode", ["ring", "all_gather"])
+@pytest.mark.slow
 def test_the_measured_attention_bytes_equal_the_analytic_count(mode):
   """sequence=4, 256 tokens: the compiled step's attention collectives are the hand count (within the
   all_gather mode's folded index gather) and the loss equals the unsharded step's."""

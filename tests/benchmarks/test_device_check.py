@@ -4,13 +4,13 @@ script will start there."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 
 ROOT = REPO_ROOT
 MISSING = ("ml_collections", "datasets", "tensorboardX")
@@ -45,9 +45,9 @@ def _child_env(tmp_path) -> dict:
   site = tmp_path / "site"
   site.mkdir()
   (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", DPO_JAX_HOST_MALLOC="system",
-             PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)  # conftest's 8 emulated devices: the check runs on one, as on the GPU machine
+  # conftest's 8 emulated devices dropped: the check runs on one, as on the GPU machine
+  env = without_emulated_devices(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", DPO_JAX_HOST_MALLOC="system",
+                                 PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
   return env
 
 

@@ -130,6 +130,7 @@ def _dpo_rows(t):
   return batch
 
 
+@pytest.mark.slow
 def test_every_kernel_gives_the_models_sequence_logps():
   """The whole model (2 layers, GQA) on a DPO batch: sequence log-probs and their param grads equal across
   'cpu_blocked', 'xla' and 'splash' (interpret), fp32."""

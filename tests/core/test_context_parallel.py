@@ -148,6 +148,7 @@ def test_load_balance_evens_the_causal_work(n):
 
 @pytest.mark.parametrize("mode, n", [("ring", 1), ("ring", 2), ("ring", 4), ("ring", 8), ("all_gather", 2),
                                      ("all_gather", 4), ("all_gather", 8)])
+@pytest.mark.slow
 def test_context_parallel_attention_equals_plain_attention(mode, n, monkeypatch):
   """Forward and grads of q, k, v against the plain masked attention (GQA, two packed segments, padding); ring
   score blocks of 2 tokens, so every tile runs several query and key blocks."""
@@ -182,6 +183,7 @@ def test_context_parallel_attention_equals_plain_attention(mode, n, monkeypatch)
 
 @pytest.mark.parametrize("n, balance, prompt", [(2, "zigzag", 256), (4, "zigzag", 0), (4, "none", 128),
                                                 (8, "zigzag", 0)])
+@pytest.mark.slow
 def test_all_gather_with_the_splash_kernel_equals_plain_attention(n, balance, prompt):
   """all_gather with splash (Pallas interpret mode on CPU) on its causal key windows (`_splash_shard`): forward and
   grads of q, k, v (and a shared prompt's keys) against the plain masked attention; GQA, two packed segments or a
@@ -245,6 +247,7 @@ def test_a_tpu_all_gather_step_lowers_to_splash():
 @pytest.mark.parametrize("layout", ["rows", "packed", "shared"])
 @pytest.mark.parametrize("mode, balance", [("ring", "zigzag"), ("ring", "none"), ("all_gather", "zigzag"),
                                            ("all_gather", "striped")])
+@pytest.mark.slow
 def test_sequence_sharded_step_equals_unsharded(params, layout, mode, balance):
   """mesh (data=2, sequence=4) against no mesh at all: log-probs, DPO loss and every grad (fp32, 1e-5)."""
   batch = make_batch(layout)
@@ -255,6 +258,7 @@ def test_sequence_sharded_step_equals_unsharded(params, layout, mode, balance):
 
 @pytest.mark.parametrize("layout, balance", [("rows", "zigzag"), ("rows", "none"), ("packed", "zigzag"),
                                              ("shared", "zigzag")])
+@pytest.mark.slow
 def test_all_gather_with_splash_gives_the_unsharded_step(params, layout, balance):
   """all_gather with splash (interpret mode) in the model, data=2 x sequence=4: sequence_logps pads every chunk to
   splash's 128-token tiles (`chunk_quantum`); log-probs, loss and grads as without a mesh."""
@@ -267,6 +271,7 @@ def test_all_gather_with_splash_gives_the_unsharded_step(params, layout, balance
 
 
 @pytest.mark.parametrize("mode", cp.CONTEXT_PARALLEL)
+@pytest.mark.slow
 def test_scanned_rematted_layers_give_the_same_step(params, mode):
   """scan_layers + remat (the pod configuration) with sequence=4: same numbers; and the ring's masks are not
   hoisted out of the layer loop as stored residuals (`context_parallel._per_layer`; without it 4.5x here): the step's
@@ -296,6 +301,7 @@ def _step_temp_bytes(cfg, params, batch):
 
 @pytest.mark.parametrize("mode", cp.CONTEXT_PARALLEL)
 @pytest.mark.parametrize("layout", ["rows", "shared"])
+@pytest.mark.slow
 def test_eight_way_sequence_sharding_with_unchunked_logits(params, layout, mode):
   batch = make_batch(layout)
   want = loss_logps_grads(params, batch, MODEL_CFG, None)
@@ -328,6 +334,7 @@ def test_the_model_called_outside_logprobs_names_the_fix(params):
     model.apply({"params": params}, ids, ids, ids)
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_members_run_context_parallel(params):
   """experiments/sweep.py vmaps the step over stacked params: the ring and all_gather shard_maps under vmap give
   the unsharded grads of each member."""

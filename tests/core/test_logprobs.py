@@ -109,6 +109,7 @@ def test_split_pairs_reads_interleaved_rows():
 
 @pytest.mark.parametrize("tie,chunk,dtype", [(True, 5, "float32"), (False, 4, "float32"), (True, 64, "float32"),
                                              (False, 3, "bfloat16")])
+@pytest.mark.slow
 def test_chunked_log_probs_equal_the_full_logits_path(tie, chunk, dtype):
   """Chunking over the sequence (C not dividing T - 1, C > T) gives the same values and gradients."""
   import dataclasses
@@ -127,6 +128,7 @@ def test_chunked_log_probs_equal_the_full_logits_path(tie, chunk, dtype):
     np.testing.assert_allclose(a, b_, **tol)
 
 
+@pytest.mark.slow
 def test_chunked_log_probs_do_not_hold_the_full_logits():
   """Compiled memory of value-and-grad: doubling V adds several [N, T, V] arrays of temporaries to the full
   path, and only [N, C, V]-sized blocks to the chunked one."""

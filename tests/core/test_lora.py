@@ -104,6 +104,7 @@ def test_step_0_is_the_base_and_only_the_adapters_move(base):
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("all-linear",)])
+@pytest.mark.slow
 def test_a_dpo_step_matches_peft_and_torch(targets):
   import transformers
   from torch_models import random_hf_model
@@ -195,6 +196,7 @@ def test_the_kv_cached_sampler_runs_the_adapters(base):
   assert np.abs(np.asarray(scored) - np.asarray(logprobs.sequence_logps(MODEL, base, batch).logps)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_every_loss_variant_and_batch_layout_trains_adapters(base, pairs):
   adapters = perturbed(lora.init_adapters(MODEL, ALL, jax.random.key(6)))
   optimizer, schedule = optim.make_optimizer(CONFIG.optim)
@@ -222,6 +224,7 @@ def _adapter_diff(a, b):
                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
 
 
+@pytest.mark.slow
 def test_on_8_devices_the_update_equals_one_device(base, pairs):
   """Rows, shared-prompt and packed batches over (data=2, fsdp=2, tensor=2) with 2 micro-batches: the same
   adapters after two steps as on one device (compared as the other mesh tests do: to 1% of a step)."""
@@ -242,6 +245,7 @@ def test_on_8_devices_the_update_equals_one_device(base, pairs):
     assert diff.max() <= 2.5 * lr and np.mean(diff > 0.01 * lr) < 1e-3, (name, diff.max())
 
 
+@pytest.mark.slow
 def test_dropout_only_in_train_steps_and_the_same_on_any_mesh(base, pairs):
   dropout = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.3, targets=("all-linear",))
   adapters = perturbed(lora.init_adapters(MODEL, ALL, jax.random.key(8)))

@@ -35,6 +35,7 @@ def params():
   return model_lib.init_params(CFG, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_causal_gradient_of_position_t_wrt_later_tokens_is_zero(params):
   """Every position holds a distinct token id, so the gradient of logits[t] with respect to embedding row
   ids[s] is the gradient with respect to the token at position s alone."""
@@ -58,6 +59,7 @@ def test_scan_layers_equals_unrolled(params):
 
 
 @pytest.mark.parametrize("remat,scan", [("full", False), ("dots_saveable", True), ("full", True)])
+@pytest.mark.slow
 def test_remat_changes_memory_not_math(params, remat, scan):
   p = _stack_layers(dict(params), CFG.num_layers) if scan else params
   cfg = dataclasses.replace(CFG, remat=remat, scan_layers=scan)
@@ -70,6 +72,7 @@ def test_remat_changes_memory_not_math(params, remat, scan):
 
 @pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=True, mlp_bias=True),
                                        dict(compute_dtype="bfloat16"), dict(remat="full", scan_layers=True)])
+@pytest.mark.slow
 def test_row_major_weight_grad_changes_layout_not_math(overrides):
   """`weight_grad_gemm='row_major'` (the CPU default) against XLA's own weight-gradient layout: the same
   logits, the same gradient for every param (fp32 to rounding; bf16 to bf16 rounding), the same param tree."""

@@ -74,6 +74,7 @@ def test_layout_holds_each_prompt_once_left_padded():
 
 @pytest.mark.parametrize("overrides", [{}, dict(logits_chunk_size=5), dict(tie_embeddings=False, qk_norm=True),
                                        dict(scan_layers=True, remat="full"), dict(weight_grad_gemm="xla")])
+@pytest.mark.slow
 def test_logps_and_grads_equal_the_row_batch(overrides):
   """Per-sequence log-probs, token counts, logits sums and lengths, and the grads of the summed log-probs."""
   cfg = dataclasses.replace(MODEL_CFG, **overrides)
@@ -115,6 +116,7 @@ def test_a_response_sees_its_own_prompt_only(params):
   np.testing.assert_array_equal(np.asarray(fn(junk)), before)  # padding ids are never seen
 
 
+@pytest.mark.slow
 def test_dpo_loss_metrics_and_precomputed_references_equal_the_row_batch(params):
   tokenized = make_pairs(6, seed=3, reference=True)
   shared, rows = both(tokenized, np.array([0, 1, 2, 3, 4, 5, -1, -1]))
@@ -128,6 +130,7 @@ def test_dpo_loss_metrics_and_precomputed_references_equal_the_row_batch(params)
       np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_ranked_sets_share_their_prompt():
   """K = 3 responses per prompt under the Plackett-Luce loss: the same metric sums as the row layout."""
   rng = np.random.default_rng(4)

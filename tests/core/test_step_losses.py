@@ -82,6 +82,7 @@ def test_options_and_weighted_combinations_come_from_the_config(setup):
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo", "sft"])
+@pytest.mark.slow
 def test_reference_free_variants_never_run_a_reference_forward(setup, loss_type, monkeypatch):
   with_params = eval_loss(setup, loss_config(type=loss_type))
   without = eval_loss(setup, loss_config(type=loss_type), reference=None)  # no params, no ref_* columns

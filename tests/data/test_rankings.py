@@ -50,6 +50,7 @@ def test_bad_rankings_name_the_row_and_field(row, match):
     rankings.tokenize_rankings([row], TOKENIZER, max_length=16, max_prompt_length=8)
 
 
+@pytest.mark.slow
 def test_plackett_luce_on_k2_rankings_is_exactly_dpo():
   pairs = synthetic_rows(6)
   ranked = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "ranking": [0, 1]} for r in pairs]
@@ -90,6 +91,7 @@ def write_ranked(path, rows_in, k):
   return str(path)
 
 
+@pytest.mark.slow
 def test_the_trainer_runs_plackett_luce_on_three_ranked_responses(tmp_path):
   train_file = write_ranked(tmp_path / "train.jsonl", synthetic_rows(200, 0), 3)
   test_file = write_ranked(tmp_path / "test.jsonl", synthetic_rows(40, 200), 3)

@@ -58,6 +58,7 @@ def test_the_marked_python_blocks_are_found():
 
 
 @pytest.mark.parametrize("body", RUNNABLE)
+@pytest.mark.slow
 def test_a_runnable_python_block_runs(body, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", body], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -93,6 +93,7 @@ def one_device():
   return dict(setup=setup, stacked=stacked, history=history, separate=separate_runs(setup, BETAS, RATES))
 
 
+@pytest.mark.slow
 def test_sweep_equals_separate_runs(one_device):
   stacked, history = one_device["stacked"], one_device["history"]
   assert int(stacked.step[0]) == STEPS and history[0]["loss"].shape == (len(BETAS),)

@@ -33,7 +33,8 @@ def tiny_model(kind, seed):
   return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("kind", ["llama"] + [pytest.param(k, marks=pytest.mark.slow)  # one family in the fast tier
+                                              for k in ("qwen2", "qwen3", "gemma")])
 def test_dpo_step_matches_pytorch(kind):
   policy, reference = tiny_model(kind, 0), tiny_model(kind, 1)  # pi != pi_ref: a non-trivial loss
   batch = random_dpo_batch(3, 4, 24, 96)
@@ -64,6 +65,7 @@ def test_dpo_step_matches_pytorch(kind):
       assert max_abs <= 0.01 * LR, (name, max_abs)
 
 
+@pytest.mark.slow
 def test_the_command_line_tool(tmp_path, capsys):
   from transformers import AutoTokenizer
 

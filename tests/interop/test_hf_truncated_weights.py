@@ -24,6 +24,7 @@ from dpo_jax.interop import hf  # noqa: E402
 from dpo_jax.interop.hf import checkpoints  # noqa: E402
 from dpo_jax.train import errors  # noqa: E402
 from paths import REPO_ROOT  # noqa: E402
+from subprocess_env import without_emulated_devices
 
 LLAMA = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=3,
@@ -115,7 +116,7 @@ def test_the_command_line_reports_a_truncated_checkpoint_in_one_line_before_any_
   _, expected = header_end(file)
   os.truncate(file, expected // 3)
   workdir = tmp_path / "run"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = without_emulated_devices()
   out = subprocess.run([sys.executable, "-m", "dpo_jax.train", "--config", "configs/default.py:tiny",
                         "--config.progress_bar=False", f"--config.hf.model_path={file.parent}", f"--workdir={workdir}"],
                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

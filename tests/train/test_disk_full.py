@@ -17,6 +17,7 @@ import pytest
 
 from dpo_jax.train import checkpoint, errors
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 
 ROOT = REPO_ROOT
 ARGS = ["--config", "configs/default.py:tiny", "--config.stage=sft", "--config.sft.steps=4",
@@ -25,8 +26,8 @@ ARGS = ["--config", "configs/default.py:tiny", "--config.stage=sft", "--config.s
 
 
 def _run(workdir, **faults):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user's first run
-  env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu", **faults)
+  # one CPU device, like a user's first run
+  env = without_emulated_devices(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu", **faults)
   return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_trainer.py"), *ARGS, "--workdir",
                          str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from configs.default import get_config
 from dpo_jax import model as model_lib
 from dpo_jax.train import dry_run
 from config_overrides import override
 from paths import REPO_ROOT
+from subprocess_env import with_emulated_devices
 
 ROOT = REPO_ROOT
 
@@ -62,8 +64,7 @@ def test_packed_batches_compile_in_the_dry_run():
 
 
 def test_train_dry_run_flag_prints_tables_and_runs_no_step(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+  env = with_emulated_devices(4, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   out = subprocess.run(
       [sys.executable, "-m", "dpo_jax.train", "--dry_run", "--config", "configs/default.py:tiny",
        "--config.mesh.fsdp=2", "--config.mesh.data=2", "--workdir", str(tmp_path / "w")],
@@ -74,6 +75,7 @@ def test_train_dry_run_flag_prints_tables_and_runs_no_step(tmp_path):
   assert not os.path.exists(tmp_path / "w"), "a dry run must not write a workdir"
 
 
+@pytest.mark.slow
 def test_a_sequence_axis_divides_the_step_temporaries_and_says_when_only_it_fits(capsys):
   """max_length 512 over mesh.sequence=4: the attention and MLP temporaries shrink with the shards; a capacity
   between the two totals is reported as fitting only with the sequence axis."""

@@ -2,7 +2,6 @@
 traceback (dpo_jax/train/errors.py)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from dpo_jax import sharding
 from dpo_jax.train import config_checks
 from dpo_jax.train import errors, workdir
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 
 ROOT = REPO_ROOT
 
@@ -34,6 +34,7 @@ def test_our_raise_statements_are_on_purpose_and_nothing_else_is():
   assert not errors.raised_on_purpose(caught(sharding.resolve_mesh_shape, {"data": "x"}, 8))  # int('x'): a bug
 
 
+@pytest.mark.slow
 def test_each_kind_of_user_error_is_one_line_and_exit_code_2(tmp_path):
   bad_rows = tmp_path / "bad.jsonl"
   bad_rows.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
@@ -47,7 +48,7 @@ def test_each_kind_of_user_error_is_one_line_and_exit_code_2(tmp_path):
                        "config.hf.model_path"),
       "workdir in use": ([f"--workdir={busy}"], "in use"),
   }
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = without_emulated_devices()
   with workdir.held(str(busy)):  # another run holds this workdir
     procs = {kind: subprocess.Popen(base + flags, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for kind, (flags, _) in cases.items()}

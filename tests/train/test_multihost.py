@@ -20,6 +20,7 @@ from dpo_jax.train import pipeline
 from dpo_jax.train import distributed
 from config_overrides import override
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 
 REPO = REPO_ROOT
 STEPS = 3
@@ -47,9 +48,9 @@ def read_checkpoint(workdir, stage):
 
 def run_two_by_four(workdir, timeout_s=900, extra=None):
   flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **(extra or {})}.items()]
-  env = dict(os.environ, PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="4", TIMEOUT_S=str(timeout_s),
-             LOG_DIR=os.path.join(workdir, "logs"))
-  env.pop("XLA_FLAGS", None)  # the script sets 4 devices per process; conftest's 8 must not leak in
+  # the script adds 4 devices per process to XLA_FLAGS; conftest's 8 must not leak in
+  env = without_emulated_devices(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="4",
+                                 TIMEOUT_S=str(timeout_s), LOG_DIR=os.path.join(workdir, "logs"))
   cmd = [os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config", "configs/default.py:tiny",
          "--workdir", os.path.join(workdir, "run")]
   proc = subprocess.run(cmd + flags, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s + 60)

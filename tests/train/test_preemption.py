@@ -14,6 +14,7 @@ import time
 
 import pytest
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +26,8 @@ ARGS = ["--config", "configs/default.py:tiny", "--config.sft.steps=0", f"--confi
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user's first run
-  env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu", **extra)
-  return env
+  # one CPU device, like a user's first run
+  return without_emulated_devices(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu", **extra)
 
 
 def _cmd(workdir):

@@ -5,7 +5,6 @@ so these tests run in CI; they fail, not skip, where it is missing."""
 
 import dataclasses
 import functools
-import os
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from dpo_jax import model as model_lib, optim, platforms, sharding, step
 from dpo_jax.experiments import sweep
 from dpo_jax.train import dry_run, runtime, topology, tpu_dry_run
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 
 SPLASH = {"splash_mha_fwd_segmented_residuals", "splash_mha_fwd_segmented_no_residuals",
           "splash_mha_dq_segmented_no_residuals", "splash_mha_dkv_segmented_no_residuals"}
@@ -39,6 +39,7 @@ def tiny_report(request):
   return tpu_dry_run.report(config(**{"dry_run.topology": request.param}))
 
 
+@pytest.mark.slow
 def test_tiny_steps_compile_for_two_tpu_generations_with_splash_and_no_cpu_path(tiny_report):
   r = tiny_report
   assert r["mesh"] == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 1}
@@ -64,6 +65,7 @@ def test_tiny_steps_compile_for_two_tpu_generations_with_splash_and_no_cpu_path(
   assert 0 < roof["mfu"] <= 1
 
 
+@pytest.mark.slow
 def test_compiler_flops_count_every_layer_of_a_scanned_model():
   """Scanned and unrolled layers compile to the same FLOPs per step (XLA's own count sees one scanned layer);
   with splash the attention leaves XLA's count and is added back from the kernels' executions."""
@@ -95,6 +97,7 @@ def test_the_cpu_program_holds_the_cpu_only_paths_the_tpu_program_lacks():
     ({"mesh.fsdp": 1, "mesh.sequence": 2, "model.context_parallel": "ring"}, "context-parallel 'ring'"),
     ({"mesh.fsdp": 1, "mesh.sequence": 2, "model.context_parallel": "all_gather"}, "splash (Pallas TPU) on all-"),
 ])
+@pytest.mark.slow
 def test_lora_and_context_parallel_steps_compile(overrides, attention):
   r = tpu_dry_run.report(config(**{"dry_run.topology": "v5e:2x2", "dry_run.steps": ("dpo",), **overrides}))
   (dpo,) = r["steps"]
@@ -107,6 +110,7 @@ def test_lora_and_context_parallel_steps_compile(overrides, attention):
     assert dpo.collectives[kind].sent > 0
 
 
+@pytest.mark.slow
 def test_a_vmapped_sweep_compiles_for_a_tpu():
   c = config()
   topo = topology.parse("v5p:2x2x1")
@@ -130,6 +134,7 @@ def test_a_vmapped_sweep_compiles_for_a_tpu():
   assert SPLASH <= set(report.kernels) and report.cpu_only == []
 
 
+@pytest.mark.slow
 def test_a_shared_prompt_step_compiles_with_splash_on_the_prompt_offset_mask():
   """Shared prompts `[B, P]` + responses `[2B, R]` (the trainer's 'dpo_shared' layout): the responses attend their
   prompt through splash's causal mask offset by P, a second kernel shape in the same step."""
@@ -219,8 +224,7 @@ def test_bad_topology_names_say_what_is_valid(bad):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-  env.pop("XLA_FLAGS", None)
+  env = without_emulated_devices(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   return subprocess.run([sys.executable, "-m", "dpo_jax.train", "--config", "configs/default.py:tiny", *args],
                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -239,6 +243,7 @@ def test_cli_topology_without_dry_run_is_refused(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_cli_dry_run_for_a_topology_prints_the_tables_quietly(tmp_path):
   out = _cli("--dry_run", "--config.dry_run.topology=v5e-4", "--config.mesh.data=2", "--config.mesh.fsdp=2",
              "--config.max_length=256", "--config.max_prompt_length=128", "--config.dry_run.steps=('dpo',)",

@@ -13,6 +13,7 @@ from dpo_jax import step
 from dpo_jax.train import pipeline as trainer
 from dpo_jax.train import metrics
 from paths import REPO_ROOT
+from subprocess_env import without_emulated_devices
 from trainer_runs import read_metrics, tiny
 
 
@@ -23,6 +24,7 @@ def pipeline(tmp_path_factory):
   return workdir, trainer.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_sft_lowers_held_out_nll(pipeline):
   _, summary = pipeline
   assert summary["pi_ref"]["nll"] < summary["init"]["nll"] - 0.5, summary
@@ -55,6 +57,7 @@ def test_rerun_of_a_finished_run_does_not_retrain(pipeline, capsys):
   assert again["pi_theta"]["accuracy"] == summary["pi_theta"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_resuming_with_changed_math_is_refused_unless_asked(pipeline, tmp_path, capsys):
   """A stage resumed under another beta would mix two runs: refused, listing old and new values; logging and eval
   fields are free; config.resume_with_changes=True resumes and says what changed."""
@@ -71,6 +74,7 @@ def test_resuming_with_changed_math_is_refused_unless_asked(pipeline, tmp_path, 
   assert "WARNING: resuming dpo" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stage_sft_alone_then_dpo_alone(tmp_path):
   workdir = str(tmp_path)
   sft = trainer.run(tiny(stage="sft", **{"sft.steps": 10}), workdir)
@@ -110,6 +114,7 @@ def test_missing_column_is_a_clear_error(tmp_path):
     trainer.run(tiny(**{"data.train": path, "data.test": path}), str(tmp_path / "wd"))
 
 
+@pytest.mark.slow
 def test_empty_responses_are_dropped_and_counted(tmp_path, capsys):
   rows = [{"prompt": "review of the film :", "chosen": "it was good .", "rejected": "it was bad ."}] * 16
   rows[3] = dict(rows[3], rejected="")
@@ -145,7 +150,7 @@ def test_the_command_line_runs_the_pipeline_with_sampling(tmp_path):
   """`python -m dpo_jax.train` as a user runs it (one device, config flags), sampling included."""
   import subprocess
   import sys
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = without_emulated_devices()
   cmd = [sys.executable, "-m", "dpo_jax.train", "--config", "configs/default.py:tiny", "--workdir", str(tmp_path),
          "--config.progress_bar=False", "--config.eval.num_prompts=16", "--config.loss.beta=0.2",
          "--config.sft.steps=6", "--config.optim.total_steps=6", "--config.eval.every_steps=0"]
@@ -193,6 +198,7 @@ def test_every_config_field_is_documented():
   assert not missing, f"fields without a '# comment' next to their default in configs/frontier.py: {missing}"
 
 
+@pytest.mark.slow
 def test_precomputed_reference_logps_train_like_the_reference_model(tmp_path, monkeypatch):
   import shutil
   with_model = str(tmp_path / "model_ref")
@@ -240,6 +246,7 @@ def test_precomputed_reference_logps_must_be_finite(tmp_path):
     trainer.run(tiny(**{"data.reference_logps": True}), str(tmp_path / "wd2"))
 
 
+@pytest.mark.slow
 def test_a_reference_free_loss_trains_with_no_reference_held(tmp_path, monkeypatch):
   seen, real_jit = [], step.jit_train_step
 

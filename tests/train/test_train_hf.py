@@ -76,6 +76,7 @@ def torch_dpo_loss(policy_path, reference_path, test_file, max_length, max_promp
   return float(-torch.nn.functional.logsigmoid(BETA * margin).mean())
 
 
+@pytest.mark.slow
 def test_lora_dpo_from_a_checkpoint_exports_a_peft_adapter_that_peft_scores_the_same(checkpoints, test_file,
                                                                                       tmp_path):
   """DPO as configs/hf_dpo.py runs it, with --config.lora.rank=16: adapters over hf.model_path (also pi_ref), exported
