@@ -38,6 +38,7 @@ myst_heading_anchors = 3  # `[text](page.md#a-heading)` links resolve, and are c
 
 # The notebook is rendered with the outputs stored in it (tests/experiments/test_notebook.py executes it).
 nb_execution_mode = "off"
+nb_merge_streams = True  # the runs print a line at a time: one output block per cell, not one per line
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # shapes and units are in the docstrings; the signatures stay readable
