@@ -25,8 +25,6 @@ import re
 import sys
 from typing import Any
 
-from dpo_jax import flops
-
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -43,6 +41,7 @@ class Chip:
   @property
   def peak_bf16_flops(self) -> float:
     """Dense bf16 FLOP/s per chip (`flops.PEAK_BF16_FLOPS` of this device kind)."""
+    from dpo_jax import flops  # here, not at the top: host_memory imports this module before jax may start
     return flops.published_peak(self.device_kind)[0]
 
 

@@ -110,6 +110,18 @@ def test_libtpu_without_tpu_chips_is_no_accelerator(monkeypatch):
   assert host_memory.accelerator_expected() is True
 
 
+def test_the_entry_points_set_glibc_before_jax_is_imported():
+  """configure_at_startup must run before jax starts XLA's threads (the test above): importing host_memory, and
+  topology beside it in dpo_jax/train/__main__.py, imports no jax and starts no thread."""
+  code = ("import os, sys\nfrom dpo_jax.train import host_memory, topology\n"
+          "tasks = '/proc/self/task'  # Linux: one entry per thread\n"
+          "print(sorted(m for m in ('jax', 'jaxlib', 'numpy') if m in sys.modules),\n"
+          "      len(os.listdir(tasks)) if os.path.isdir(tasks) else 1)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["[]", "1"], out.stdout
+
+
 def test_a_bad_environment_value_stops_the_trainer_with_one_line():
   env = dict(os.environ, DPO_JAX_HOST_MALLOC="tcmalloc")
   out = subprocess.run([sys.executable, "-m", "dpo_jax.train", "--helpshort"], capture_output=True, text=True,
