@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from absl import logging as absl_logging
 
+from dpo_jax.train import workdir
+
 
 def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` (created if missing); saves are synchronous and atomic."""
@@ -54,7 +56,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
       absl_logging.info("checkpoint step %d in %s: the disk is full: %r", step, mngr.directory, err)
     quiet.settle()  # out of the except block: `err` no longer holds orbax's frames, so they can be collected
   code = errno.EDQUOT if cause == os.strerror(errno.EDQUOT) else errno.ENOSPC
-  raise DiskFull(code, disk_full_message(mngr, step, meta.get("stage", ""), cause))
+  raise DiskFull(code, disk_full_message(mngr, step, meta.get("stage", ""), code))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -185,19 +187,19 @@ def _folder_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def disk_full_message(mngr: ocp.CheckpointManager, step: int, stage: str, cause: str) -> str:
+def disk_full_message(mngr: ocp.CheckpointManager, step: int, stage: str, code: int) -> str:
   """The one line for a save of `step` that found the disk full: which disk, how much is free, how big a checkpoint
   is, and what a rerun resumes from. The save's partial folder is removed first (one process), so the free space
-  reported is what the user has to work with."""
+  reported is what the user has to work with. `code`: errno.ENOSPC or errno.EDQUOT."""
   directory = str(mngr.directory)
   if jax.process_count() == 1:  # another host may still be writing into it
     for partial in os.listdir(directory):
       if partial.startswith(f"{step}.orbax-checkpoint-tmp"):
         shutil.rmtree(os.path.join(directory, partial), ignore_errors=True)
   usage = shutil.disk_usage(directory)
-  full = "the disk quota is exhausted" if cause == os.strerror(errno.EDQUOT) else "the disk is full"
-  report = (f"{stage + ': ' if stage else ''}{full} ({cause}) while saving checkpoint step {step} to {directory}: its "
-            f"filesystem has {_size(usage.free)} free of {_size(usage.total)}")
+  full = workdir.why_unwritable(OSError(code, os.strerror(code)))  # 'the disk is full', as the workdir check says
+  report = (f"{stage + ': ' if stage else ''}{full} ({os.strerror(code)}) while saving checkpoint step {step} to "
+            f"{directory}: its filesystem has {_size(usage.free)} free of {_size(usage.total)}")
   name = stage or "the stage"
   try:
     mngr.reload()

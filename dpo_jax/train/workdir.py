@@ -24,7 +24,8 @@ PROBE_BYTES = 1 << 20  # a checkpoint's smallest file is bigger; a disk without 
 _HELD: dict[str, int] = {}  # workdir -> lock fd, kept open for the life of the process
 
 
-def _why(err: OSError) -> str:
+def why_unwritable(err: OSError) -> str:
+  """What an OSError of a write says to the user: 'the disk is full', 'permission denied', ..."""
   if err.errno == errno.ENOSPC:
     return "the disk is full"
   if err.errno == errno.EDQUOT:
@@ -50,7 +51,7 @@ def check_writable(workdir: str) -> None:
       if os.path.exists(probe):
         os.remove(probe)
   except OSError as err:
-    raise OSError(err.errno, f"--workdir {workdir!r} cannot be written: {_why(err)} ({err}). Checkpoints and "
+    raise OSError(err.errno, f"--workdir {workdir!r} cannot be written: {why_unwritable(err)} ({err}). Checkpoints and "
                              f"metrics go there; free space, fix its permissions or pass another --workdir. Nothing "
                              f"was computed.") from err
 
