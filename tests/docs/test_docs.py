@@ -59,7 +59,7 @@ def test_the_marked_python_blocks_are_found():
 
 @pytest.mark.parametrize("body", RUNNABLE)
 @pytest.mark.slow
-def test_a_runnable_python_block_runs(body, tmp_path):
+def test_a_runnable_python_block_runs(body):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", body], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -82,7 +82,7 @@ def commands(body: str) -> list[list[str]]:
     lexer.whitespace_split, lexer.commenters = True, "#"
     command = []
     for token in lexer:
-      if token in {"&&", "||", ";", "|", "(", ")", ">", ">>", "<", "&"} or set(token) <= set("&|;()<>"):
+      if set(token) <= set("&|;()<>"):  # an operator: &&, ||, ;, |, ( ), redirections
         out.append(command)
         command = []
       else:
@@ -241,10 +241,13 @@ def test_every_config_field_named_in_the_prose_exists():
 
 
 def _anchors(path: Path) -> set[str]:
-  """MyST / GitHub heading slugs of a Markdown file: lower case, punctuation dropped, spaces to hyphens."""
-  slugs = set()
-  for info_or_line in path.read_text().split("\n"):
-    if m := re.match(r"^#{1,6} (.*)$", info_or_line):
+  """MyST / GitHub heading slugs of a Markdown file: lower case, punctuation dropped, spaces to hyphens. A `# comment`
+  inside a fenced block is no heading."""
+  slugs, fenced = set(), False
+  for line in path.read_text().split("\n"):
+    if re.match(r"^\s*```", line):
+      fenced = not fenced
+    elif not fenced and (m := re.match(r"^#{1,6} (.*)$", line)):
       slugs.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
   return slugs
 
