@@ -33,13 +33,33 @@ def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
   return out
 
 
-HEADER = "| field | default | meaning |\n|---|---|---|"
-FRONTIER_HEADER = "| `configs/frontier.py` field | default | meaning |\n|---|---|---|"
+GROUPS = {"": "Run, batch and logging", "data": "Data", "model": "Model", "hf": "Hugging Face checkpoints",
+          "lora": "LoRA", "mesh": "Mesh", "sharding": "Sharding", "loss": "Loss", "ref_update": "Reference updates",
+          "optim": "Optimizer", "sft": "SFT stage", "eval": "Evaluation", "perf": "Performance accounting",
+          "dry_run": "Dry run", "frontier": "Frontier experiment"}
 
 
-def table(header: str = HEADER, source: str = SOURCE.read_text()) -> str:
-  return "\n".join([header] + [f"| `{name}` | `{default}` | {meaning} |" for name, default, meaning in rows(source)])
+def _cell(text: str) -> str:
+  """Text for a Markdown table cell: a pipe would end the cell, and `<workdir>` would read as an HTML tag."""
+  return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def table(source: str = SOURCE.read_text()) -> str:
+  """One Markdown table per config block (`data.*`, `model.*`, ...; top-level fields first), each under its own
+  heading."""
+  groups: dict[str, list[str]] = {}
+  for name, default, meaning in rows(source):
+    block = name.split(".", 1)[0] if "." in name else ""
+    groups.setdefault(block, []).append(f"| `{name}` | `{_cell(default)}` | {_cell(meaning)} |")
+  unknown = sorted(set(groups) - set(GROUPS))
+  if unknown:
+    raise ValueError(f"scripts/config_table.py: config blocks {unknown} have no title in GROUPS; add one.")
+  out = []
+  for block in sorted(groups, key=lambda b: b != ""):  # top-level fields first, then the blocks in source order
+    out += [f"### {GROUPS[block]}" + (f" (`{block}.*`)" if block else ""), "",
+            "| field | default | meaning |", "|---|---|---|"] + groups[block] + [""]
+  return "\n".join(out)
 
 
 if __name__ == "__main__":
-  print(table() + "\n\n" + table(FRONTIER_HEADER, FRONTIER_SOURCE.read_text()))
+  print(table() + "\n" + table(FRONTIER_SOURCE.read_text()))

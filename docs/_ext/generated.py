@@ -1,7 +1,8 @@
 """Pages the site builds from the code, so they cannot fall behind it (written to docs/generated/, not committed).
 
-- `config_reference.md`: every field of configs/default.py and the `frontier` block of configs/frontier.py, from
-  the comment next to each default (scripts/config_table.py reads them; a field without one fails its test).
+- `config_reference.md`, `frontier_config.md`: every field of configs/default.py and the `frontier` block of
+  configs/frontier.py, from the comment next to each default: `scripts/config_table.py`'s tables (a field without
+  a comment fails its test).
 - `loss_table.md`: one row per `dpo_jax.losses.LOSSES` key: the equation and source from the module docstring's
   variant list, whether it reads pi_ref, length normalisation, label smoothing and its options with defaults. A
   registered loss without a docstring line stops the build.
@@ -72,37 +73,10 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _cell(text: str) -> str:
-  """Text for a Markdown table cell: a pipe would end the cell, and `<workdir>` would read as an HTML tag."""
-  return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
-
-GROUPS = {"": "Run, batch and logging", "data": "Data", "model": "Model", "hf": "Hugging Face checkpoints",
-          "lora": "LoRA", "mesh": "Mesh", "sharding": "Sharding", "loss": "Loss", "ref_update": "Reference updates",
-          "optim": "Optimizer", "sft": "SFT stage", "eval": "Evaluation", "perf": "Performance accounting",
-          "dry_run": "Dry run", "frontier": "Frontier experiment"}
-
-
-def config_reference(rows: list[tuple[str, str, str]]) -> str:
-  """One table per config block (`data.*`, `model.*`, ...; top-level fields first), each under its own heading."""
-  groups: dict[str, list[str]] = {}
-  for name, default, meaning in rows:
-    block = name.split(".", 1)[0] if "." in name else ""
-    groups.setdefault(block, []).append(f"| `{name}` | `{_cell(default)}` | {_cell(meaning)} |")
-  unknown = sorted(set(groups) - set(GROUPS))
-  if unknown:
-    raise ValueError(f"docs/_ext/generated.py: config blocks {unknown} have no title in GROUPS; add one.")
-  out = []
-  for block in sorted(groups, key=lambda b: b != ""):  # top-level fields first, then the blocks in source order
-    out += [f"### {GROUPS[block]}" + (f" (`{block}.*`)" if block else ""), "",
-            "| field | default | meaning |", "|---|---|---|"] + groups[block] + [""]
-  return "\n".join(out)
-
-
 def generate(app=None) -> None:
   table = _config_table_module()
-  _write(OUT / "config_reference.md", config_reference(table.rows()))
-  _write(OUT / "frontier_config.md", config_reference(table.rows(table.FRONTIER_SOURCE.read_text())))
+  _write(OUT / "config_reference.md", table.table())
+  _write(OUT / "frontier_config.md", table.table(table.FRONTIER_SOURCE.read_text()))
   _write(OUT / "loss_table.md", loss_table())
   _write(OUT / "sharding_rules.md", sharding_rules_table())
   notebook = OUT / "notebooks" / "loss_ablation.ipynb"
