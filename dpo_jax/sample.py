@@ -13,7 +13,6 @@ has segment id 0 and is never attended by real tokens, see `model.py`). The whol
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +40,39 @@ def _check_left_padded(prompt_mask_BxP) -> None:
     raise ValueError("generate: prompt_mask has padding between real tokens; prompts must be LEFT-padded.")
 
 
-def _sample_token(key, logits_BxV, temperature: float):
-  """`[B]` int32 draw from softmax(logits / temperature); argmax when temperature is 0."""
+def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Logits with every token outside the top-k / nucleus (top-p) set to -inf; unchanged for (0, 1.0).
+
+  top-p keeps the smallest set of most likely tokens whose probability reaches p (the most likely always kept).
+  Either makes samples come from a distribution other than pi: fine for evaluation, biased for RL
+  (`rollout.check_unbiased_sampling`).
+  """
+  if top_k > 0 and top_k < logits_BxV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV.astype(jnp.float32), axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # probability of the tokens ranked above
+    # The cut-off logit: the smallest one whose higher-ranked tokens hold less than p.
+    cutoff_B1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def _sample_token(key, logits_BxV, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """`[B]` int32 draw from softmax(filtered logits / temperature); argmax when temperature is 0."""
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, logits_BxV / temperature, axis=-1).astype(jnp.int32)
+  logits_BxV = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id", "temperature"))
-def _generate(params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg, max_new_tokens, eos_id, pad_id, temperature):
-  """-> tokens `[B, N]` int32, log pi(token) `[B, N]` fp32 (0 after EOS)."""
+def sample_tokens(params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg, max_new_tokens, eos_id, pad_id, temperature,
+                  top_k=0, top_p=1.0):
+  """The traceable sampling loop (`generate` jits it; `rollout` traces it inside its own jit).
+
+  -> tokens `[B, N]` int32, log pi(token) `[B, N]` fp32 (0 after EOS)."""
   b, p = prompt_ids_BxP.shape
   model = model_lib.make_model(cfg, decode=True)
   cache = model_lib.init_cache(cfg, b, p + max_new_tokens)
@@ -61,7 +83,7 @@ def _generate(params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg, max_new_toke
 
   def step(carry, key):
     cache, logits_BxV, next_pos_B, done_B = carry
-    token_B = _sample_token(key, logits_BxV, temperature)
+    token_B = _sample_token(key, logits_BxV, temperature, top_k, top_p)
     # The model's own log-prob (temperature 1), the quantity `logprobs.sequence_logps` scores.
     token_logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None], axis=-1)[:, 0]
     token_B = jnp.where(done_B, pad_id, token_B)
@@ -78,10 +100,24 @@ def _generate(params, prompt_ids_BxP, prompt_mask_BxP, rng, *, cfg, max_new_toke
   return tokens_NxB.T, logps_NxB.T
 
 
+_generate = jax.jit(sample_tokens, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id", "temperature",
+                                                    "top_k", "top_p"))
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+  if not temperature >= 0.0:
+    raise ValueError(f"generate: temperature={temperature} must be >= 0 (0 is greedy).")
+  if int(top_k) != top_k or top_k < 0:
+    raise ValueError(f"generate: top_k={top_k} must be an integer >= 0 (0 keeps every token).")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"generate: top_p={top_p} must be in (0, 1] (1 keeps every token).")
+
+
 def generate(cfg: model_lib.ModelConfig, params, prompt_ids_BxP, prompt_mask_BxP, *, rng: jax.Array,
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
-             return_logps: bool = False):
-  """Sample `[B, max_new_tokens]` int32 tokens from softmax(logits / temperature), temperature 0 greedy.
+             top_k: int = 0, top_p: float = 1.0, return_logps: bool = False):
+  """Sample `[B, max_new_tokens]` int32 tokens from softmax(logits / temperature), temperature 0 greedy; `top_k`
+  > 0 / `top_p` < 1 restrict each draw to the k most likely tokens / the nucleus (`filter_logits`).
 
   prompt_ids_BxP, prompt_mask_BxP: `[B, P]`, LEFT-padded (mask 0 on the padding, 1 on tokens).
   A row's EOS is kept and followed by `pad_id`. The same `rng` gives the same tokens. With `return_logps`
@@ -91,16 +127,15 @@ def generate(cfg: model_lib.ModelConfig, params, prompt_ids_BxP, prompt_mask_BxP
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1.")
-  if not temperature >= 0.0:
-    raise ValueError(f"generate: temperature={temperature} must be >= 0 (0 is greedy).")
   if np.shape(prompt_ids_BxP) != np.shape(prompt_mask_BxP) or len(np.shape(prompt_ids_BxP)) != 2:
     raise ValueError(f"generate: prompt_ids {np.shape(prompt_ids_BxP)} and prompt_mask {np.shape(prompt_mask_BxP)} "
                      "must be the same [B, P] shape.")
+  check_sampling(temperature, top_k, top_p)
   _check_left_padded(prompt_mask_BxP)
   tokens, logps = _generate(params, jnp.asarray(prompt_ids_BxP, jnp.int32),
                             (jnp.asarray(prompt_mask_BxP) > 0).astype(jnp.int32), rng, cfg=cfg,
                             max_new_tokens=int(max_new_tokens), eos_id=int(eos_id), pad_id=int(pad_id),
-                            temperature=float(temperature))
+                            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
   return (tokens, logps) if return_logps else tokens
 
 
