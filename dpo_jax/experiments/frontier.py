@@ -13,12 +13,15 @@ Every method starts from the same pi_ref and is scored the same way, so the curv
   Best-of-N     a Bradley-Terry reward model (seed eq. 2; `reward_model`) trained from pi_ref on the training
                 labels; max(N) samples of pi_ref per prompt, the one it scores highest kept. Its KL to pi_ref is
                 plotted at log N - (N - 1) / N, an upper bound (see `reward_model`).
+  PPO, PPO-GT   RL on seed eq. 3 (`rlhf`): PPO with a value model on r_phi, and on the ground truth r*; one run
+  GRPO, RLOO    per KL coefficient of `rl.kl_coefs`. GRPO and RLOO (no critic) on r_phi, G samples per prompt.
 
-The trained methods all take config.optim.total_steps updates of config.batch_size pairs with config.optim's
-schedule. At each step of `frontier.eval_steps` the policy draws fresh temperature-1 samples for the held-out
+The preference-trained methods all take config.optim.total_steps updates of config.batch_size pairs with
+config.optim's schedule. At each step of `frontier.eval_steps` the policy draws fresh temperature-1 samples for the held-out
 prompts (config.eval), scored by the ground truth: mean r*(x, y) (`data.synthetic.reward`) and mean
 log pi(y|x) - log pi_ref(y|x), the sequence-level KL(pi || pi_ref) in nats (seed eq. 3's KL term, estimated
-on y ~ pi). Every point uses the same sampling seed.
+on y ~ pi). Every point uses the same sampling seed. The RL methods are measured the same way at
+`rl.eval_steps` (their own steps: one rollout batch and its update each).
 
 Writes <workdir>/frontier.csv (one row per point: method, setting, step, reward, kl, their standard errors,
 mean length), frontier.json (the rows plus the reward model's held-out accuracy and each stage's seconds)
@@ -48,11 +51,11 @@ from dpo_jax import evaluate, optim, step
 from dpo_jax.train import config_checks, errors, metrics as metrics_lib
 from dpo_jax.train import config_checks, loop, pipeline, runtime
 from dpo_jax.train import workdir as workdir_lib
-from dpo_jax.experiments import baselines, reward_model, sweep
+from dpo_jax.experiments import baselines, reward_model, rlhf, sweep
 from dpo_jax.data import preference, synthetic
 
 FIELDS = ("method", "setting", "step", "reward", "reward_stderr", "kl", "kl_stderr", "length", "num_samples")
-METHODS = ("SFT", "DPO", "Preferred-FT", "Unlikelihood", "Best-of-N")
+METHODS = ("SFT", "DPO", "Preferred-FT", "Unlikelihood", "Best-of-N") + rlhf.METHODS
 EVAL_SEED = 2000  # folded into config.seed: the sampling key of every evaluation point
 
 
@@ -88,6 +91,7 @@ def check_config(config: Any) -> None:
     raise ValueError(f"config.frontier.best_of_n={tuple(f.best_of_n)} must be integers >= 1.")
   if config.eval.num_prompts < 1:
     raise ValueError("config.eval.num_prompts must be >= 1: every point is measured on fresh samples.")
+  rlhf.check_config(config)
   if importlib.util.find_spec("matplotlib") is None:  # found now, not after the training
     raise ImportError("the frontier plot needs matplotlib: pip install -e '.[experiments]'")
 
@@ -198,9 +202,9 @@ def run_policy_baseline(exp: Experiment, train_pairs: preference.TokenizedPairs,
        lambda step_num, s: exp.measure(method, setting, step_num, s.params))
 
 
-def run_best_of_n(exp: Experiment, train_pairs: preference.TokenizedPairs,
-                  test_pairs: preference.TokenizedPairs) -> dict:
-  """Train r_phi from pi_ref, sample max(N) responses of pi_ref per held-out prompt, keep r_phi's best of N."""
+def train_reward_model(exp: Experiment, train_pairs: preference.TokenizedPairs,
+                       test_pairs: preference.TokenizedPairs) -> tuple[Any, dict]:
+  """r_phi trained from pi_ref on the training labels (seed eq. 2); returns (params, held-out metrics)."""
   rt, config = exp.rt, exp.rt.config
   f = config.frontier
   optimizer, _ = optim.make_optimizer(dict(
@@ -214,7 +218,13 @@ def run_best_of_n(exp: Experiment, train_pairs: preference.TokenizedPairs,
       log=log if f.reward_model_steps >= 50 else lambda s, m: None)
   print(f"  reward model: held-out accuracy {held_out['accuracy']:.3f} (Bradley-Terry loss {held_out['loss']:.4f}) "
         f"on {held_out['pairs']} pairs", flush=True)
+  return rm_params, held_out
 
+
+def run_best_of_n(exp: Experiment, rm_params: Any) -> None:
+  """Sample max(N) responses of pi_ref per held-out prompt, keep r_phi's best of N."""
+  rt, config = exp.rt, exp.rt.config
+  f = config.frontier
   start = time.perf_counter()
   m = max(int(n) for n in f.best_of_n)
   texts, ids = zip(*exp.prompts)
@@ -234,7 +244,6 @@ def run_best_of_n(exp: Experiment, train_pairs: preference.TokenizedPairs,
                                        "kl_stderr": 0.0, "length": float(np.mean(lengths)),
                                        "num_samples": true_PxM.size // n})
   exp.seconds["best_of_n_sampling"] = round(time.perf_counter() - start, 1)
-  return held_out
 
 
 def write_csv(path: str, points: list[dict]) -> None:
@@ -253,7 +262,8 @@ def read_csv(path: str) -> list[dict]:
 
 
 COLORS = {"SFT": "black", "DPO": "tab:red", "Preferred-FT": "tab:blue", "Unlikelihood": "tab:green",
-          "Best-of-N": "tab:purple"}
+          "Best-of-N": "tab:purple", "PPO": "tab:orange", "PPO-GT": "tab:brown", "GRPO": "tab:cyan",
+          "RLOO": "tab:olive"}
 MARKERS = "os^vDPX*h<>"
 
 
@@ -285,7 +295,8 @@ def plot(points: list[dict], path: str, title: str = "") -> None:
     for k, setting in enumerate(settings if method != "Best-of-N" else []):
       mine = [p for p in rows if p["setting"] == setting]
       ax.scatter([p["kl"] for p in mine], [p["reward"] for p in mine], s=14, color=color, alpha=0.35,
-                 marker=MARKERS[k % len(MARKERS)], label=f"{method} {setting}" if len(settings) > 1 else None)
+                 marker=MARKERS[k % len(MARKERS)],
+                 label=f"{method} {setting}" if len(settings) > 1 and method not in rlhf.METHODS else None)
     front = pareto_front(rows + (sft[:1] if method != "Best-of-N" else []))
     ax.plot([p["kl"] for p in front], [p["reward"] for p in front], color=color, linewidth=2, marker="o",
             markersize=4 if method != "Best-of-N" else 5, label=method, zorder=4)
@@ -336,9 +347,11 @@ def _run_experiment(config: Any, workdir: str) -> dict:
     exp.timed(f"unlikelihood_{alpha:g}", run_policy_baseline, exp, train_pairs, "Unlikelihood", f"alpha={alpha:g}",
               lambda o, s, a=float(alpha): functools.partial(baselines.unlikelihood_train_step, model=model,
                                                              optimizer=o, schedule=s, alpha=a), "dpo")
-  held_out = run_best_of_n(exp, train_pairs, test_pairs)
+  rm_params, held_out = train_reward_model(exp, train_pairs, test_pairs)
+  run_best_of_n(exp, rm_params)
+  rl_runs = rlhf.run_all(exp, pipeline.unique_prompts(train_pairs, tokenizer), rm_params) if config.rl.methods else {}
 
-  summary = {"points": exp.points, "reward_model": held_out, "seconds": exp.seconds,
+  summary = {"points": exp.points, "reward_model": held_out, "rl": rl_runs, "seconds": exp.seconds,
              "prompts": len(prompts), "samples_per_point": len(prompts) * config.eval.samples_per_prompt,
              "config": config.to_dict()}
   rt.writer.close()

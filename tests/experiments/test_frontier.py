@@ -63,6 +63,17 @@ def test_tiny_frontier_writes_every_method_to_csv_json_and_png(tiny_run):
     saved = json.load(fh)
   assert 0.0 <= saved["reward_model"]["accuracy"] <= 1.0 and saved["reward_model"]["pairs"] > 0
   assert set(saved["seconds"]) >= {"sft", "dpo_sweep", "preferred_ft", "reward_model", "best_of_n_sampling"}
+  r = config.rl
+  for method in r.methods:  # every RL method at every KL coefficient, measured at rl.eval_steps like the others
+    assert {(p["setting"], p["step"]) for p in by_method[method]} == {
+        (f"kl={c:g}", s) for c in r.kl_coefs for s in r.eval_steps}, method
+    assert all(p["num_samples"] == summary["samples_per_point"] for p in by_method[method])
+    for c in r.kl_coefs:
+      run = saved["rl"][f"{method} kl={c:g}"]
+      assert run["rollout/kl_coef"] == pytest.approx(c) and math.isfinite(run["policy/approx_kl"])
+      assert 0.0 <= run["policy/clip_frac"] <= 1.0 and run["policy/entropy"] > 0
+      assert ("value/loss" in run) == method.startswith("PPO")
+      assert f"rl_{method}_{c:g}" in saved["seconds"]
   with open(os.path.join(workdir, "frontier.png"), "rb") as fh:
     assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "| DPO | beta=0.1 |" in frontier.format_table(rows)
@@ -92,6 +103,18 @@ def test_plot_from_the_csv_alone(tmp_path):
     ({"frontier.best_of_n": (0, 2)}, "best_of_n"),
     ({"frontier.sft_data": "rejected"}, "sft_data"),
     ({"eval.num_prompts": 0}, "num_prompts"),
+    ({"rl.top_k": 50}, "config.rl: top_k=50"),
+    ({"rl.top_p": 0.9}, "config.rl: top_p=0.9"),
+    ({"rl.temperature": 0.7}, "config.rl: temperature=0.7"),
+    ({"rl.group_size": 1}, "config.rl.group_size=1"),
+    ({"rl.rollout_batch_size": 30}, "rollout_batch_size=30"),
+    ({"rl.methods": ("PPO", "DPO")}, "config.rl.methods"),
+    ({"frontier.reward_model_steps": 0}, "reward_model_steps=0"),
+    ({"rl.eval_steps": (1, 3)}, "config.rl.eval_steps"),
+    ({"rl.kl_coefs": (-0.1,)}, "config.rl.kl_coefs"),
+    ({"rl.score_norm": "z"}, "config.rl.score_norm"),
+    ({"rl.value_init": "random"}, "config.rl.value_init"),
+    ({"rl.kl_estimator": "k2"}, "config.rl.kl_estimator"),
 ])
 def test_bad_frontier_configs_are_refused_before_any_compute(overrides, match, tmp_path):
   config = override(frontier_config(), overrides)
