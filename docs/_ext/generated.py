@@ -7,7 +7,8 @@
   variant list, whether it reads pi_ref, length normalisation, label smoothing and its options with defaults. A
   registered loss without a docstring line stops the build.
 - `sharding_rules.md`: `dpo_jax.sharding.DEFAULT_RULES`, logical axis -> mesh axes.
-- `notebooks/loss_ablation.ipynb`: the committed notebook with its stored outputs, rendered by myst-nb.
+- `notebooks/loss_ablation.ipynb`, `notebooks/rl_steps.ipynb`: the committed notebooks with their stored outputs,
+  rendered by myst-nb.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "generated"
+NOTEBOOKS = ("loss_ablation.ipynb", "rl_steps.ipynb")  # notebooks/ -> generated/notebooks/, each a page
 
 
 def _config_table_module():
@@ -79,11 +81,11 @@ def generate(app=None) -> None:
   _write(OUT / "frontier_config.md", table.table(table.FRONTIER_SOURCE.read_text()))
   _write(OUT / "loss_table.md", loss_table())
   _write(OUT / "sharding_rules.md", sharding_rules_table())
-  notebook = OUT / "notebooks" / "loss_ablation.ipynb"
-  source = ROOT / "notebooks" / "loss_ablation.ipynb"
-  if not notebook.exists() or notebook.read_bytes() != source.read_bytes():
-    notebook.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, notebook)
+  for name in NOTEBOOKS:
+    notebook, source = OUT / "notebooks" / name, ROOT / "notebooks" / name
+    if not notebook.exists() or notebook.read_bytes() != source.read_bytes():
+      notebook.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(source, notebook)
 
 
 def setup(app):

@@ -299,5 +299,6 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
   assert "<img" in notebook, "the notebook page shows no stored figure"
   for page in ["index", "getting_started", "training", "configs", "data", "hf", "lora", "losses", "sweeps",
                "scale/multihost", "scale/dry_run", "scale/batch_layouts", "scale/context_parallel", "accelerators",
-               "benchmarks", "frontier", "reliability", "core_api", "api/index", "design", "testing", "status"]:
+               "benchmarks", "frontier", "rlhf", "reliability", "core_api", "api/index", "api/rollout", "api/rl",
+               "api/rl_step", "generated/notebooks/rl_steps", "design", "testing", "status"]:
     assert (out / f"{page}.html").is_file(), page

@@ -78,3 +78,40 @@ def test_notebook_runs(tmp_path):
   assert "final step per variant" in text and "simpo" in text
   assert os.path.isfile(tmp_path / "ablation" / "loss_ablation.png")
   assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 2
+
+
+RL_NOTEBOOK = os.path.join(ROOT, "notebooks", "rl_steps.ipynb")
+RL_COLUMNS = ["step", "mean r*", "rollout KL", "approx-KL", "clip frac", "entropy"]
+RL_RERUN = "rerun python scripts/execute_notebook.py --notebook notebooks/rl_steps.ipynb --workdir /tmp/rl_steps_nb"
+
+
+def _rl_tables(text):
+  """{method: [[step, mean r*, rollout KL, approx-KL, clip frac, entropy], ...]}: the rows under each
+  'METHOD: S steps of ...' line and its header."""
+  lines, tables = text.splitlines(), {}
+  for i, line in enumerate(lines):
+    if m := re.match(r"^(\w+): (\d+) steps of ", line):
+      assert re.split(r"\s{2,}", lines[i + 1].strip()) == RL_COLUMNS, lines[i + 1]
+      tables[m.group(1)] = [[float(v) for v in row.split()] for row in lines[i + 2:i + 2 + int(m.group(2))]]
+  return tables
+
+
+def test_rl_notebook_stores_its_tables():
+  """notebooks/rl_steps.ipynb as the docs render it (myst-nb never executes it): every cell's stored stdout, a PPO
+  and a GRPO table of finite numbers, no library log lines and no execution timestamps. Cheap: nothing runs."""
+  nbformat = pytest.importorskip("nbformat")
+  nb = nbformat.read(RL_NOTEBOOK, as_version=4)
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  # stdout only: a warning (stderr) or an error in the stored run would be rendered on the site.
+  assert outputs and all(o.get("output_type") == "stream" and o.get("name") == "stdout" for o in outputs), RL_RERUN
+  text = "".join(o.get("text", "") for o in outputs)
+  tables = _rl_tables(text)
+  assert sorted(tables) == ["GRPO", "PPO"], f"{sorted(tables)}: {RL_RERUN}"
+  for method, rows in tables.items():
+    assert len(rows) >= 2 and [r[0] for r in rows] == list(range(1, len(rows) + 1)), (method, rows)
+    assert all(len(r) == len(RL_COLUMNS) and all(math.isfinite(v) for v in r) for r in rows), (method, rows)
+    assert rows[0][2] == 0.0, (method, rows[0])  # step 1 samples pi_ref itself: its sequence KL is exactly 0
+    assert all(0.0 <= r[4] <= 1.0 and r[5] > 0.0 for r in rows), (method, rows)  # clip fraction, entropy
+  assert "held-out r*" in text, RL_RERUN
+  assert not _library_records(text) and "libtpu" not in text, _library_records(text)
+  assert not any("execution" in c.metadata for c in nb.cells), RL_RERUN
