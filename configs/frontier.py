@@ -84,5 +84,5 @@ def get_config(arg=None):
     c.optim.update(total_steps=10, warmup_steps=2)
     c.eval.update(samples_per_prompt=1)
     c.rl.update(kl_coefs=(0.1,), steps=2, eval_steps=(2,), rollout_batch_size=32, group_size=4, epochs=1,
-                num_minibatches=2)
+                num_minibatches=2, target_kl=1.0, kl_horizon=100)  # the adaptive controller runs too
   return c

@@ -276,37 +276,50 @@ def pareto_front(points: list[dict]) -> list[dict]:
   return front
 
 
+ZOOM_KL = 13.0  # nats: the right panel's KL range, where every method but the longest RL runs lies
+
+
 def plot(points: list[dict], path: str, title: str = "") -> None:
   """Reward against KL. Each method's curve is its Pareto front over all its settings and checkpoints (the
   best reward it reached at each KL budget; trained methods start at pi_ref); every measured point is drawn
-  faintly under it, one marker per setting."""
+  faintly under it, one marker per setting. When some point lies past `ZOOM_KL` nats, a second panel shows
+  the KL range below it, where the methods crowd."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+  zoom = max((p["kl"] for p in points), default=0.0) > ZOOM_KL
+  fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(14, 5.6) if zoom else (8, 5.2), dpi=120, squeeze=False)
   sft = [p for p in points if p["method"] == "SFT"]
-  for method in dict.fromkeys(p["method"] for p in points):
-    if method == "SFT":
-      continue
-    rows = [p for p in points if p["method"] == method]
-    color = COLORS.get(method, "gray")
-    settings = list(dict.fromkeys(p["setting"] for p in rows))
-    for k, setting in enumerate(settings if method != "Best-of-N" else []):
-      mine = [p for p in rows if p["setting"] == setting]
-      ax.scatter([p["kl"] for p in mine], [p["reward"] for p in mine], s=14, color=color, alpha=0.35,
-                 marker=MARKERS[k % len(MARKERS)],
-                 label=f"{method} {setting}" if len(settings) > 1 and method not in rlhf.METHODS else None)
-    front = pareto_front(rows + (sft[:1] if method != "Best-of-N" else []))
-    ax.plot([p["kl"] for p in front], [p["reward"] for p in front], color=color, linewidth=2, marker="o",
-            markersize=4 if method != "Best-of-N" else 5, label=method, zorder=4)
-  if sft:
-    ax.plot([0.0], [sft[0]["reward"]], "k*", markersize=13, label="SFT (pi_ref)", zorder=5)
-  ax.set_xlabel("KL(pi || pi_ref), nats per sequence (fresh samples; best-of-N: log N - (N-1)/N)")
-  ax.set_ylabel("mean ground-truth reward r*(x, y)")
-  ax.set_title(title or "Reward vs KL on the synthetic sentiment task (curve: each method's Pareto front)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, loc="lower right")
+  for i, ax in enumerate(axes[0]):
+    for method in dict.fromkeys(p["method"] for p in points):
+      if method == "SFT":
+        continue
+      rows = [p for p in points if p["method"] == method]
+      color = COLORS.get(method, "gray")
+      settings = list(dict.fromkeys(p["setting"] for p in rows))
+      for k, setting in enumerate(settings if method != "Best-of-N" else []):
+        mine = [p for p in rows if p["setting"] == setting]
+        ax.scatter([p["kl"] for p in mine], [p["reward"] for p in mine], s=14, color=color, alpha=0.35,
+                   marker=MARKERS[k % len(MARKERS)],
+                   label=f"{method} {setting}" if len(settings) > 1 and method not in rlhf.METHODS else None)
+      front = pareto_front(rows + (sft[:1] if method != "Best-of-N" else []))
+      ax.plot([p["kl"] for p in front], [p["reward"] for p in front], color=color, linewidth=2, marker="o",
+              markersize=4 if method != "Best-of-N" else 5, label=method, zorder=4)
+    if sft:
+      ax.plot([0.0], [sft[0]["reward"]], "k*", markersize=13, label="SFT (pi_ref)", zorder=5)
+    ax.set_xlabel("KL(pi || pi_ref), nats per sequence (fresh samples; best-of-N: log N - (N-1)/N)")
+    ax.grid(alpha=0.3)
+    if i == 1:  # the zoom: KL below ZOOM_KL, rewards of the points there
+      inside = [p["reward"] for p in points if p["kl"] <= ZOOM_KL]
+      ax.set_xlim(-0.3, ZOOM_KL)
+      ax.set_ylim(min(inside) - 0.5, max(inside) + 0.5)
+      ax.set_title(f"KL below {ZOOM_KL:g} nats")
+    else:
+      ax.set_ylabel("mean ground-truth reward r*(x, y)")
+      ax.set_title(title or "Reward vs KL on the synthetic sentiment task (curve: each method's Pareto front)",
+                   fontsize=10 if zoom else None)
+      ax.legend(fontsize=7, ncol=2, loc="lower right")
   fig.tight_layout()
   fig.savefig(path + ".tmp.png")
   plt.close(fig)

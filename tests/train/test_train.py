@@ -193,7 +193,7 @@ def test_every_config_field_is_documented():
   frontier_config = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(frontier_config)
   frontier_documented = {name for name, _, _ in table.rows(table.FRONTIER_SOURCE.read_text())}
-  missing = [f for f in fields(frontier_config.get_config()) if f.startswith("frontier.")
+  missing = [f for f in fields(frontier_config.get_config()) if f.startswith(("frontier.", "rl."))
              and f not in frontier_documented]
   assert not missing, f"fields without a '# comment' next to their default in configs/frontier.py: {missing}"
 
