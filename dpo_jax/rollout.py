@@ -171,5 +171,6 @@ def jit_rollout(cfg: model_lib.ModelConfig, model: Any, *, mesh: Mesh, rules: sh
   rows = sharding_lib.named_sharding(mesh, rules, ("batch", None))
   fn = functools.partial(_rollout, cfg=cfg, model=model, max_new_tokens=int(max_new_tokens), eos_id=int(eos_id),
                          pad_id=int(pad_id), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-  return jax.jit(fn, in_shardings=(param_shardings, reference_shardings, rows, rows, NamedSharding(mesh, PartitionSpec())),
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(fn, in_shardings=(param_shardings, reference_shardings, rows, rows, replicated),
                  out_shardings=rollout_shardings(mesh, rules))

@@ -10,6 +10,8 @@ Each run starts from pi_ref and repeats `config.rl.steps` times:
    Scores are shifted so that pi_ref's samples (the first rollout) score 0 on average (`rl.score_norm`; the N+
    details recipe), and a response cut without EOS loses `rl.missing_eos_penalty`.
 3. One update (`rl_step.ppo_step` or `rl_step.group_step`) of `rl.epochs` x `rl.num_minibatches` optimizer steps.
+   Its metrics (rollout score and KL, approx-KL, clip fraction, entropy, value loss, ...) go to
+   <workdir>/metrics.jsonl and TensorBoard as stage `rl_<method>_kl=<kl_coef>`, one record per RL step.
 
 The KL coefficient is each method's knob, swept over `rl.kl_coefs` as DPO sweeps beta. The KL enters every method's
 reward as k1 = log pi - log pi_ref (seed eq. 3's penalty, `rl.token_rewards`). The value model of PPO starts from
@@ -184,6 +186,7 @@ def run_method(exp: Any, method: str, kl_coef: float, train_prompts: list, score
     scores = scores - r.missing_eos_penalty * (1.0 - np.asarray(ro.ended, np.float64))
     state, metrics = update(state, rl_step.make_batch(ro, scores, coef), jax.random.fold_in(key, 2 * step_num + 1))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    rt.writer.write(step_num, metrics, stage=f"rl_{method}_{setting}")  # every update, in metrics.jsonl
     if r.target_kl:
       coef = rl.adaptive_kl_coef(coef, metrics["rollout/kl"], target=r.target_kl, horizon=r.kl_horizon,
                                  n_steps=r.rollout_batch_size)

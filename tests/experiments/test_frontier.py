@@ -77,6 +77,11 @@ def test_tiny_frontier_writes_every_method_to_csv_json_and_png(tiny_run):
       assert 0.0 <= run["policy/clip_frac"] <= 1.0 and run["policy/entropy"] > 0
       assert ("value/loss" in run) == method.startswith("PPO")
       assert f"rl_{method}_{c:g}" in saved["seconds"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:  # every RL update is logged
+    records = [json.loads(line) for line in fh]
+  for method in r.methods:
+    mine = [x for x in records if x["stage"] == f"rl_{method}_kl={r.kl_coefs[0]:g}"]
+    assert [x["step"] for x in mine] == list(range(1, r.steps + 1)) and "policy/approx_kl" in mine[0], method
   with open(os.path.join(workdir, "frontier.png"), "rb") as fh:
     assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "| DPO | beta=0.1 |" in frontier.format_table(rows)
