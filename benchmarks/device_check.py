@@ -35,7 +35,10 @@ that needs ml_collections, datasets or tensorboardX (not dpo_jax.train, configs/
    the order of their expected memory; torch: `torch.cuda.max_memory_allocated` of its row), compiled = the
    step's arguments + temporaries + outputs - aliased (`compiled.memory_analysis()`), x torch = torch's time /
    this row's. Torch runs first and hands its cached memory back before the jax rows, as jax never does.
-3. Budget: before each speed row the time it needs is estimated (the slowest jax row so far, else a prior), and
+3. Rollouts: benchmarks/rollout_throughput.py in this process (its own table, also written to DIR/rollout/): the
+   jitted KV-cache sampler and a whole RL rollout against transformers' `generate` on the same weights and prompts,
+   torch on cuda. Run when at least `ROLLOUT_MIN_S` of the budget is left (always with --smoke, at its smoke size).
+4. Budget: before each speed row the time it needs is estimated (the slowest jax row so far, else a prior), and
    a row that would end after --budget_s is skipped with a note, so the run always ends and writes its tables.
 """
 
@@ -71,6 +74,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import dpo_step as bench  # noqa: E402
+from benchmarks import rollout_throughput  # noqa: E402
+
+ROLLOUT_MIN_S = 90.0  # budget left for the rollout section (two sizes x two batches, each with HF generate)
 from dpo_jax import attention, flops, logprobs, model as model_lib, step  # noqa: E402
 
 # configs/default.py's `tiny` model, written out (configs/*.py need ml_collections).
@@ -437,6 +443,8 @@ def render(results: dict) -> str:
     out.append(md_table(["row", "attention", "step s", "min-max s", "tokens/s", "MFU", "device peak", "compiled",
                          "x torch", "build s", "note"], [speed_cells(r) for r in s["rows"]]))
     out.append("")
+  if results.get("rollout"):  # rollout_throughput.py's report, its title one level down
+    out += ["## 3. Rollouts: " + results["rollout"].lstrip("# ")]
   if results.get("errors"):
     out += ["## Errors", ""] + [f"- {e}" for e in results["errors"]] + [""]
   out.append(f"elapsed {results['elapsed_s']:.1f} s{'' if results['complete'] else ' (incomplete)'}")
@@ -497,6 +505,17 @@ def main(argv: list[str] | None = None) -> int:
     results["speed"] = speed(sizes, args.layers or None, start + args.budget_s, on_row)
   except Exception as e:
     results["errors"].append(f"speed: {type(e).__name__}: {e}")
+  left = start + args.budget_s - time.perf_counter()
+  if args.smoke or left >= ROLLOUT_MIN_S:
+    folder = os.path.join(args.out, "rollout")
+    try:
+      rollout_throughput.main((["--smoke"] if args.smoke else []) + ["--out", folder])
+      with open(os.path.join(folder, "rollout_throughput.md")) as f:
+        results["rollout"] = f.read()
+    except Exception as e:
+      results["errors"].append(f"rollout: {type(e).__name__}: {e}")
+  else:
+    results["errors"].append(f"rollout: skipped, {left:.0f} s of the budget left (< {ROLLOUT_MIN_S:.0f} s)")
   results["complete"] = True
   print(write(args.out, results, start), flush=True)
   failed = [r["quantity"] for r in results.get("correctness", {}).get("rows", []) if not r["passed"]]

@@ -60,7 +60,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; an 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs.default import get_config  # noqa: E402
 from dpo_jax import evaluate, model as model_lib, sample  # noqa: E402
 
 FIRST_TOKEN = 3  # ids 0..2 are the embedded tokenizer's pad, eos, unk
@@ -79,10 +78,27 @@ COLUMNS = ["size", "params", "batch", "new tokens", "ours tokens/s", "ours rollo
            "ratio (ours / HF)", "our compile s", "max abs logp diff (nats)"]
 
 
+# configs/default.py's model fields that differ from ModelConfig's defaults, written out for machines without
+# ml_collections (the GPU image has none); tests/benchmarks/test_rollout_throughput_script.py holds them equal.
+DEFAULT_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=2,
+                     tie_embeddings=True)
+TINY_MODEL = dict(DEFAULT_MODEL, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def config_model_fields(size: str) -> dict:
+  """configs/default.py's `config.model` (its 'tiny' variant for size 'tiny'); `DEFAULT_MODEL` / `TINY_MODEL`
+  over ModelConfig's defaults where ml_collections is not installed."""
+  try:
+    from configs.default import get_config
+  except ImportError:  # no ml_collections: the fields written out above
+    return dict(TINY_MODEL if size == "tiny" else DEFAULT_MODEL)
+  return dict(get_config("tiny" if size == "tiny" else None).model)
+
+
 def model_config(size: str) -> model_lib.ModelConfig:
   """configs/default.py's model (`size` 'default', or its variant 'tiny'), or it updated with `SIZES[size]`, as
   `train.runtime.model_config` builds it for a run without `hf.model_path`."""
-  fields = dict(get_config("tiny" if size == "tiny" else None).model)
+  fields = config_model_fields(size)
   if size not in ("default", "tiny"):
     if size not in SIZES:
       raise SystemExit(f"error: --sizes: unknown size {size!r}; choose from default, tiny, {', '.join(SIZES)}.")

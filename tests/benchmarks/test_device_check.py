@@ -87,6 +87,8 @@ def test_smoke_run(tmp_path):
   assert rows["jax"]["attention"] == "cpu_blocked" and rows["jax-xla"]["attention"] == "xla"
 
   tables = (out / "tables.md").read_text()
-  for heading in ("# Device check", "## 1. Correctness", "## 2. Speed"):
+  for heading in ("# Device check", "## 1. Correctness", "## 2. Speed", "## 3. Rollouts"):
     assert heading in tables, f"{heading!r} missing from tables.md:\n{tables}"
+  # The rollout section ran without ml_collections (the model fields written out) and compared both samplers.
+  assert "| tiny |" in results["rollout"] and "ratio (ours / HF)" in results["rollout"], results["rollout"]
   assert "no accelerator in this run" in tables  # a CPU-only run says its first comparison is trivial

@@ -56,3 +56,19 @@ def test_smoke_run(tmp_path):
   (r,) = result["rows"]
   assert r["ours_tokens_per_s"] == pytest.approx(8 * 4 / r["ours_s"]), r
   assert result["header"]["torch_threads"] >= 1 and result["header"]["cpu"], result["header"]
+
+
+def test_written_out_model_fields_equal_configs_default():
+  """The GPU image has no ml_collections: the script then builds the model from its written-out fields, which must
+  be configs/default.py's (default and tiny)."""
+  import importlib.util
+  import os
+  from configs.default import get_config
+  from dpo_jax import model as model_lib
+  path = os.path.join(REPO_ROOT, "benchmarks", "rollout_throughput.py")
+  spec = importlib.util.spec_from_file_location("_rollout_throughput", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  for variant, fields in ((None, bench.DEFAULT_MODEL), ("tiny", bench.TINY_MODEL)):
+    assert model_lib.ModelConfig.from_dict(fields) == model_lib.ModelConfig.from_dict(dict(get_config(variant).model)), (
+        f"benchmarks/rollout_throughput.py's {variant or 'default'} model fields differ from configs/default.py's")
