@@ -42,15 +42,19 @@ def ppo_state(reference, opt):
   return step.create_train_state({"policy": reference, "value": rl_step.scalar_head_model(reference, 32)}, opt)
 
 
+def one_ppo_update(reference, opt, settings):
+  """One unsharded PPO update from pi = pi_ref on 16 toy rollouts -> (batch, state, metrics)."""
+  ids, mask = prompts(16)
+  _, batch = toy_batch(reference, reference, ids, mask, jax.random.key(0))
+  state, metrics = jax.jit(rl_step.make_ppo_step(model_lib.make_model(CFG), opt, settings))(
+      ppo_state(reference, opt), batch, jax.random.key(1))
+  return batch, state, metrics
+
+
 def test_ppo_first_update_sees_ratio_one_and_pi_ref_stays_bit_identical(reference):
   """One epoch, one minibatch: the loss is evaluated before the update, where pi = pi_old exactly."""
   before = jax.tree.map(np.array, reference)
-  opt = optimizer()
-  ids, mask = prompts(16)
-  _, batch = toy_batch(reference, reference, ids, mask, jax.random.key(0))
-  settings = rl_step.RLSettings(epochs=1, num_minibatches=1)
-  state, metrics = jax.jit(rl_step.make_ppo_step(model_lib.make_model(CFG), opt, settings))(
-      ppo_state(reference, opt), batch, jax.random.key(1))
+  _, state, metrics = one_ppo_update(reference, optimizer(), rl_step.RLSettings(epochs=1, num_minibatches=1))
   assert float(metrics["policy/approx_kl"]) < 1e-10 and float(metrics["policy/clip_frac"]) == 0.0
   assert float(metrics["rollout/kl"]) == 0.0  # pi == pi_ref at the rollout: k1 is 0 token by token
   assert int(state.step) == 1
@@ -108,12 +112,8 @@ def test_group_step_refuses_groups_of_one(reference):
 
 
 def test_k3_in_the_loss_replaces_the_kl_in_the_reward(reference):
-  opt = optimizer()
-  ids, mask = prompts(16)
-  _, batch = toy_batch(reference, reference, ids, mask, jax.random.key(0))
-  settings = rl_step.RLSettings(epochs=1, num_minibatches=1, kl_in_loss=True)
-  _, metrics = jax.jit(rl_step.make_ppo_step(model_lib.make_model(CFG), opt, settings))(
-      ppo_state(reference, opt), batch, jax.random.key(1))
+  _, _, metrics = one_ppo_update(reference, optimizer(), rl_step.RLSettings(epochs=1, num_minibatches=1,
+                                                                            kl_in_loss=True))
   assert float(metrics["policy/k3_kl"]) == 0.0  # pi == pi_ref before the update
 
 
@@ -142,11 +142,8 @@ def test_ppo_step_on_eight_devices_matches_one_device(reference):
   rules = sharding.DEFAULT_RULES
   shard = sharding.ShardingContext(mesh, rules)
   opt = optimizer()
-  ids, mask = prompts(16)
-  _, batch = toy_batch(reference, reference, ids, mask, jax.random.key(0))
   settings = rl_step.RLSettings(epochs=1, num_minibatches=2)
-  single_state, single = jax.jit(rl_step.make_ppo_step(model_lib.make_model(CFG), opt, settings))(
-      ppo_state(reference, opt), batch, jax.random.key(1))
+  batch, single_state, single = one_ppo_update(reference, opt, settings)
   shardings = rl_step.ppo_state_shardings(CFG, opt, mesh, rules)
   fn = rl_step.jit_rl_step(rl_step.make_ppo_step(model_lib.make_model(CFG, shard), opt, settings, shard),
                            state_shardings=shardings, mesh=mesh, rules=rules)
