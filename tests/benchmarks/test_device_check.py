@@ -89,6 +89,43 @@ def test_smoke_run(tmp_path):
   tables = (out / "tables.md").read_text()
   for heading in ("# Device check", "## 1. Correctness", "## 2. Speed", "## 3. Rollouts"):
     assert heading in tables, f"{heading!r} missing from tables.md:\n{tables}"
-  # The rollout section ran without ml_collections (the model fields written out) and compared both samplers.
-  assert "| tiny |" in results["rollout"] and "ratio (ours / HF)" in results["rollout"], results["rollout"]
   assert "no accelerator in this run" in tables  # a CPU-only run says its first comparison is trivial
+  check_rollout_report(out / "rollout", results["rollout"], log)
+
+
+ROLLOUT_COLUMNS = ["size", "params", "batch", "new tokens", "ours tokens/s", "ours rollout tokens/s",
+                   "HF generate tokens/s", "ratio (ours / HF)", "our compile s", "max abs logp diff (nats)"]
+LOGP_ATOL = 1e-3  # nats per token; fp32 on both sides gives ~1e-6
+
+
+def table_rows(markdown: str) -> list[dict[str, str]]:
+  """The markdown table's rows as {column: cell}."""
+  lines = [line for line in markdown.splitlines() if line.startswith("|")]
+  assert len(lines) >= 3, f"no markdown table in:\n{markdown}"
+  split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+  header = split(lines[0])
+  return [dict(zip(header, split(line))) for line in lines[2:]]
+
+
+def number(cell: str) -> float:
+  return float(cell.replace(",", ""))
+
+
+def check_rollout_report(folder, markdown: str, log: str) -> None:
+  """benchmarks/rollout_throughput.py --smoke, run by the device check without ml_collections (its model fields
+  written out): the table has its columns, every throughput is a positive number, and our sampler's log-probs equal
+  torch's teacher-forced ones on the same weights (so the columns time the same model)."""
+  assert (folder / "rollout_throughput.md").read_text() == markdown
+  (row,) = table_rows(markdown)  # --smoke: one size, one batch size
+  assert list(row) == ROLLOUT_COLUMNS, f"columns changed: {list(row)}"
+  assert (row["size"], row["batch"], row["new tokens"]) == ("tiny", "8", "4"), row
+  for column in ("ours tokens/s", "ours rollout tokens/s", "HF generate tokens/s", "ratio (ours / HF)", "params"):
+    assert number(row[column]) > 0, f"{column} = {row[column]!r}:\n{log}"
+  assert number(row["our compile s"]) >= 0, row
+  assert number(row["max abs logp diff (nats)"]) < LOGP_ATOL, (
+      f"our sampler's log-probs differ from torch's teacher-forced ones on the same weights by "
+      f"{row['max abs logp diff (nats)']} nats: the checkpoint export or the KV-cache decode computes another model")
+  result = json.loads((folder / "rollout_throughput.json").read_text())
+  (r,) = result["rows"]
+  assert r["ours_tokens_per_s"] == pytest.approx(8 * 4 / r["ours_s"]), r
+  assert result["header"]["torch_threads"] >= 1 and result["header"]["cpu"], result["header"]
