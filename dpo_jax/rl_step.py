@@ -74,13 +74,18 @@ def values(model: Any, params: Mapping[str, Any], seq: Any, num_new_tokens: int)
   return _read_out(params, rollout_lib.response_hidden(model, params["backbone"], seq, num_new_tokens))
 
 
-def sequence_scores(model: Any, params: Mapping[str, Any], seq: Mapping[str, jax.Array]) -> jax.Array:
-  """A reward model's score of each response `[B]` fp32, read at its last real token (the EOS when it has one)."""
+def scores_at(model: Any, params: Mapping[str, Any], seq: Mapping[str, jax.Array], column_B: jax.Array) -> jax.Array:
+  """A scalar-head model's output `[B]` fp32 read at column `column_B[b]` of row b (`input_ids`, `positions`,
+  `attention_mask` `[B, T]`)."""
   hidden_BxTxD = model_lib.apply_params(model, params["backbone"], seq["input_ids"], seq["positions"],
                                         seq["attention_mask"], method="hidden")
+  return _read_out(params, jnp.take_along_axis(hidden_BxTxD, column_B[:, None, None], axis=1))[:, 0]
+
+
+def sequence_scores(model: Any, params: Mapping[str, Any], seq: Mapping[str, jax.Array]) -> jax.Array:
+  """A reward model's score of each response `[B]` fp32, read at its last real token (the EOS when it has one)."""
   p = seq["input_ids"].shape[1] - seq["response_mask"].shape[1]
-  last_B = p - 1 + jnp.sum(seq["response_mask"] > 0, axis=1).astype(jnp.int32)
-  return _read_out(params, jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1))[:, 0]
+  return scores_at(model, params, seq, p - 1 + jnp.sum(seq["response_mask"] > 0, axis=1).astype(jnp.int32))
 
 
 # ---- the update loop shared by both steps ----

@@ -27,14 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax import evaluate as evaluate_lib, losses, step
+from dpo_jax import evaluate as evaluate_lib, losses, rl_step, step
 from dpo_jax.data import preference
 
 
 def init(backbone_params: Any, hidden_size: int) -> dict:
-  """Reward-model params from a decoder's params (copied: the caller's pytree is left as it is)."""
-  return {"backbone": jax.tree.map(jnp.array, backbone_params),
-          "head": {"kernel": jnp.zeros((hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+  """Reward-model params from a decoder's params (copied: the caller's pytree is left as it is), head at zero."""
+  return rl_step.scalar_head_model(backbone_params, hidden_size)
 
 
 def last_token_index(attention_mask_NxT: jax.Array) -> jax.Array:
@@ -44,11 +43,7 @@ def last_token_index(attention_mask_NxT: jax.Array) -> jax.Array:
 
 def rewards(model: Any, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
   """r_phi of every row `[N]` (fp32) for a right-padded batch (`input_ids`, `positions`, `attention_mask`)."""
-  hidden_NxTxD = model.apply({"params": params["backbone"]}, batch["input_ids"], batch["positions"],
-                             batch["attention_mask"], method="hidden")
-  last_NxD = jnp.take_along_axis(hidden_NxTxD, last_token_index(batch["attention_mask"])[:, None, None],
-                                 axis=1)[:, 0]
-  return last_NxD.astype(jnp.float32) @ params["head"]["kernel"] + params["head"]["bias"]
+  return rl_step.scores_at(model, params, batch, last_token_index(batch["attention_mask"]))
 
 
 def loss(params: Mapping[str, Any], batch: Mapping[str, jax.Array], *, model: Any) -> tuple[jax.Array, dict]:
