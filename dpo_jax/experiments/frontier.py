@@ -17,8 +17,8 @@ Every method starts from the same pi_ref and is scored the same way, so the curv
   GRPO, RLOO    per KL coefficient of `rl.kl_coefs`. GRPO and RLOO (no critic) on r_phi, G samples per prompt.
 
 The preference-trained methods all take config.optim.total_steps updates of config.batch_size pairs with
-config.optim's schedule. At each step of `frontier.eval_steps` the policy draws fresh temperature-1 samples for the held-out
-prompts (config.eval), scored by the ground truth: mean r*(x, y) (`data.synthetic.reward`) and mean
+config.optim's schedule. At each step of `frontier.eval_steps` the policy draws fresh temperature-1 samples for the
+held-out prompts (config.eval), scored by the ground truth: mean r*(x, y) (`data.synthetic.reward`) and mean
 log pi(y|x) - log pi_ref(y|x), the sequence-level KL(pi || pi_ref) in nats (seed eq. 3's KL term, estimated
 on y ~ pi). Every point uses the same sampling seed. The RL methods are measured the same way at
 `rl.eval_steps` (their own steps: one rollout batch and its update each).

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from dpo_jax import evaluate, optim, rl, rl_step, rollout as rollout_lib, step
-from dpo_jax.data import synthetic
+from dpo_jax.data import preference, synthetic
 
 METHODS = ("PPO", "PPO-GT", "GRPO", "RLOO")
 SCORE_NORMS = ("mean", "mean_std", "none")
@@ -140,6 +140,18 @@ def prompt_batches(prompts: list, per_step: int, repeats: int, seed: int, pad_id
     yield [prompts[i][0] for i in chosen], ids, mask
 
 
+def rollout_fn(exp: Any) -> tuple[Callable, int]:
+  """(the run's jitted, sharded rollout `fn(policy, reference, ids, mask, rng)`, the pad id its prompts use),
+  compiled once per run and shared by every RL run and the score calibration."""
+  rt, config = exp.rt, exp.rt.config
+  pad_id, eos_id = preference.special_ids(exp.tokenizer)
+  shardings = step.param_shardings(rt.model_cfg, rt.mesh, rt.rules)
+  new_tokens = config.rl.max_new_tokens or config.eval.max_new_tokens
+  return rt.jitted(f"rl_rollout_{new_tokens}", lambda: rollout_lib.jit_rollout(
+      rt.model_cfg, rt.model, mesh=rt.mesh, rules=rt.rules, param_shardings=shardings, reference_shardings=shardings,
+      max_new_tokens=new_tokens, eos_id=eos_id, pad_id=pad_id)), pad_id
+
+
 def run_method(exp: Any, method: str, kl_coef: float, train_prompts: list, scorer: Scorer,
                rm_params: Any | None) -> dict:
   """One RL run from pi_ref; measures the policy at `rl.eval_steps` through `exp.measure`. Returns the last
@@ -151,17 +163,10 @@ def run_method(exp: Any, method: str, kl_coef: float, train_prompts: list, score
   opt_config = rl_optimizer_config(config)
   optimizer, _ = optim.make_optimizer(opt_config)
   compiled = f"{s}_{sorted(opt_config.items())}"  # a step is compiled once per settings and optimizer
-  tokenizer = exp.tokenizer
-  eos_id = tokenizer.eos_token_id
-  pad_id = eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-  ref_shardings = step.param_shardings(rt.model_cfg, rt.mesh, rt.rules)
-  new_tokens = r.max_new_tokens or config.eval.max_new_tokens
-  sample = rt.jitted(f"rl_rollout_{new_tokens}", lambda: rollout_lib.jit_rollout(
-      rt.model_cfg, rt.model, mesh=rt.mesh, rules=rt.rules, param_shardings=ref_shardings,
-      reference_shardings=ref_shardings, max_new_tokens=new_tokens, eos_id=eos_id, pad_id=pad_id))
+  sample, pad_id = rollout_fn(exp)
   if method.startswith("PPO"):
     shardings = rl_step.ppo_state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
-    value = (dict(rm_params) if r.value_init == "reward_model"
+    value = (rm_params if r.value_init == "reward_model"  # copied by create_train_state
              else rl_step.scalar_head_model(exp.reference, rt.model_cfg.hidden_size))
     state = step.create_train_state({"policy": exp.reference, "value": value}, optimizer, shardings)
     update = rt.jitted(f"rl_ppo_{compiled}", lambda: rl_step.jit_rl_step(
@@ -204,14 +209,10 @@ def calibrate(scorer: Scorer, exp: Any, train_prompts: list, norm: str) -> Score
   """Fix the score shift (and scale) from pi_ref's own samples of `rl.rollout_batch_size` training prompts."""
   if norm == "none":
     return scorer
-  rt, config = exp.rt, exp.rt.config
-  tokenizer = exp.tokenizer
-  pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+  config = exp.rt.config
+  sample, pad_id = rollout_fn(exp)
   texts, ids, mask = next(prompt_batches(train_prompts, config.rl.rollout_batch_size, 1, config.seed + 4, pad_id))
-  ro = rollout_lib.rollout(rt.model_cfg, exp.reference, exp.reference, ids, mask,
-                           rng=jax.random.fold_in(jax.random.key(config.seed), 3001),
-                           max_new_tokens=config.rl.max_new_tokens or config.eval.max_new_tokens,
-                           eos_id=tokenizer.eos_token_id, pad_id=pad_id, model=rt.plain_model)
+  ro = sample(exp.reference, exp.reference, ids, mask, jax.random.fold_in(jax.random.key(config.seed), 3001))
   raw = np.asarray(scorer.score(ro, texts), np.float64)
   return dataclasses.replace(scorer, shift=float(raw.mean()),
                              scale=float(raw.std()) if norm == "mean_std" and raw.std() > 0 else 1.0)
