@@ -25,8 +25,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed: param init, data order, sampling.
   c.stage = "pipeline"  # 'pipeline' (SFT on chosen -> DPO -> evaluate), 'sft' alone, 'dpo' alone (it starts
-  #                       from this workdir's SFT result, else hf.model_path), or 'precompute' (write pi_ref's
-  #                       log-probs as columns into <workdir>/reference_logps/{train,test}.jsonl).
+  #                       from this workdir's SFT result, else hf.model_path), 'precompute' (write pi_ref's
+  #                       log-probs as columns into <workdir>/reference_logps/{train,test}.jsonl), 'reward_model'
+  #                       (a Bradley-Terry reward model from pi_ref, saved to <workdir>/reward_model), or
+  #                       'online_dpo' (the policy samples, config.online.judge labels, DPO trains; from pi_ref).
 
   c.data = ml_collections.ConfigDict(dict(
       train="",  # '' = the embedded synthetic task; else a local .json/.jsonl/.parquet file, a dataset folder
@@ -189,6 +191,38 @@ def get_config(arg=None):
   c.max_length = 32  # tokens per sequence: prompt + response + EOS (padded to this).
   c.max_prompt_length = 12  # prompt tokens kept (its end) before the response.
 
+  c.online = ml_collections.ConfigDict(dict(  # stage 'online_dpo' (dpo_jax/train/online.py)
+      rounds=40,  # rounds of: sample the round's prompts, judge, pair, DPO steps (as config.loss, optim, batch_size,
+      #             lora and mesh say). pi_ref stays where the stage started.
+      steps_per_round=1,  # DPO optimizer steps per round (config.batch_size pairs each): 1 = online DPO (TRL's
+      #                     OnlineDPOTrainer); more = iterative DPO (Dong et al. 2024). The schedule spans
+      #                     rounds * steps_per_round steps (config.optim.total_steps is not used).
+      prompts_per_round=32,  # training prompts sampled per round (the data's prompt column, each prompt once per
+      #                        pass, shuffled); must divide by the data-parallel size.
+      samples_per_prompt=2,  # n >= 2 responses per prompt; the pair is the judge's best against its worst.
+      keep_pairs=False,  # True: each round trains on the pairs of every round so far (iterative DPO's growing
+      #                    dataset); False: on this round's pairs only.
+      judge="synthetic",  # who scores the samples: 'synthetic' (r* of the embedded task), 'reward_model' (a folder
+      #                     from --config.stage=reward_model), 'hf' (an HF *ForSequenceClassification folder, its
+      #                     own tokenizer, Llama / Mistral / Qwen2 / Qwen3), 'callable' (a Python function).
+      judge_path="",  # 'reward_model': the folder ('' = <workdir>/reward_model); 'hf': the checkpoint folder;
+      #                 'callable': 'module:function' (or 'path/file.py:function'), called as fn(prompts,
+      #                 completions) on flat lists of strings and returning one float per completion.
+      judge_batch_size=64,  # sequences per reward-model forward ('reward_model', 'hf').
+      tie_margin=0.0,  # a prompt whose best and worst scores differ by <= this has no pair (dropped, counted).
+      max_new_tokens=0,  # sample length cap, tokens; 0 = max_length - max_prompt_length (a pair fits one row).
+      temperature=1.0,  # sampling temperature (the logged KL is an unbiased estimate only at 1.0).
+      top_k=0,  # sample from the k most likely tokens; 0 = all.
+      top_p=1.0,  # nucleus sampling mass; 1.0 = all.
+  ))
+
+  c.reward_model = ml_collections.ConfigDict(dict(  # stage 'reward_model' (dpo_jax/train/reward_model.py)
+      steps=400,  # Bradley-Terry updates from pi_ref (its backbone, a zero scalar head) on the training pairs.
+      batch_size=32,  # pairs per update; must divide by the data-parallel size.
+      learning_rate=3e-4,  # peak learning rate (AdamW settings and schedule from config.optim).
+      warmup_steps=10,  # linear warmup steps.
+  ))
+
   c.sft = ml_collections.ConfigDict(dict(
       steps=300,  # SFT optimizer steps (0 skips SFT: pi_ref is then the initial params).
       batch_size=32,  # global sequences (chosen responses) per SFT step.
@@ -237,6 +271,8 @@ def get_config(arg=None):
     c.eval.update(every_steps=10, batch_size=32, num_prompts=16, samples_per_prompt=1, max_new_tokens=12)
     c.log_every_steps = 5
     c.checkpoint_every_steps = 10
+    c.online.update(rounds=4, steps_per_round=2, prompts_per_round=8, samples_per_prompt=4)
+    c.reward_model.update(steps=10, batch_size=8, warmup_steps=2)
   elif arg == "1b":  # ~1.1B params (TinyLlama-1.1B's shape) for a GPU or TPU: bf16 compute, fp32 params and Adam
     c.model.update(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                    num_kv_heads=4, tie_embeddings=False, compute_dtype="auto", scan_layers=True,

@@ -13,7 +13,7 @@ adaptive controller changes it without a recompile). The rollout's `logps` are p
 minibatch sees ratio 1 exactly, because both come from the same teacher-forced forward (`rollout`).
 
 Value (and reward) models are params `{"backbone": decoder params, "head": {"kernel": [D], "bias": []}}`: a
-decoder whose LM head is replaced by a scalar read-out (`experiments/reward_model.py` trains one of these).
+decoder whose LM head is replaced by a scalar read-out (`train/reward_model.py` trains one of these).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
                                       just before step 6's checkpoint is saved, write the file /mnt/small/ballast
                                       until its filesystem is full (refused on one bigger than 64 MiB: a tmpfs
                                       the test mounted, never a real disk); deleting the file frees the space
+    DPO_JAX_TEST_KILL_AT_ONLINE_STEP=5
+                                      SIGKILL this process once online DPO has run its step 5 (and saved that
+                                      step's checkpoint, if one is due)
     DPO_JAX_TEST_ENOSPC_IN_SAVE=6     orbax's commit of step 6's checkpoint fails with OSError ENOSPC ("No space
                                       left on device"): a full disk where no small filesystem can be mounted
 """
@@ -61,6 +64,19 @@ def _install_faults():
         fill_filesystem(ballast)
       return real_save(mngr, step, *args, **kwargs)
     checkpoint.save = save_on_a_full_disk
+
+  online_kill = os.environ.get("DPO_JAX_TEST_KILL_AT_ONLINE_STEP")
+  if online_kill:
+    from dpo_jax.train import loop
+
+    real_requested = loop.preemption_requested
+
+    def kill_at(step_num):
+      if step_num == int(online_kill):
+        print(f"fault: SIGKILL after online DPO step {online_kill}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+      return real_requested(step_num)
+    loop.preemption_requested = kill_at
 
   enospc_step = os.environ.get("DPO_JAX_TEST_ENOSPC_IN_SAVE")
   if enospc_step:

@@ -73,6 +73,8 @@ class TokenizedPairs:
   pad_id: int
   eos_id: int
   reference_logps: np.ndarray | None = None  # [num_pairs, 2] precomputed log pi_ref (chosen, rejected), nats
+  widths: tuple[int, int] | None = None  # (P, R) of shared-prompt batches, fixed (online DPO: every round's pairs
+  #                                        one shape, one compile); None = the longest prompt and response here
 
   @property
   def num_pairs(self) -> int:
@@ -80,13 +82,13 @@ class TokenizedPairs:
 
   @functools.cached_property
   def prompt_width(self) -> int:
-    """P of shared-prompt batches: the longest prompt, in tokens."""
-    return max(len(p) for p in self.prompt_ids)
+    """P of shared-prompt batches: `widths[0]`, else the longest prompt, in tokens."""
+    return self.widths[0] if self.widths else max(len(p) for p in self.prompt_ids)
 
   @functools.cached_property
   def response_width(self) -> int:
-    """R of shared-prompt batches: the longest response (EOS included), in tokens."""
-    return max(len(r) for r in self.chosen_ids + self.rejected_ids)
+    """R of shared-prompt batches: `widths[1]`, else the longest response (EOS included), in tokens."""
+    return self.widths[1] if self.widths else max(len(r) for r in self.chosen_ids + self.rejected_ids)
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:

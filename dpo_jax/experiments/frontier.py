@@ -48,9 +48,9 @@ import jax
 import numpy as np
 
 from dpo_jax import evaluate, optim, step
-from dpo_jax.train import config_checks, errors, loop, metrics as metrics_lib, pipeline, runtime
+from dpo_jax.train import config_checks, errors, loop, metrics as metrics_lib, pipeline, reward_model, runtime
 from dpo_jax.train import workdir as workdir_lib
-from dpo_jax.experiments import baselines, reward_model, rlhf, sweep
+from dpo_jax.experiments import baselines, rlhf, sweep
 from dpo_jax.data import preference, synthetic
 
 FIELDS = ("method", "setting", "step", "reward", "reward_stderr", "kl", "kl_stderr", "length", "num_samples")

@@ -23,7 +23,7 @@ from dpo_jax import context_parallel, lora as lora_lib, losses, optim, sharding
 from dpo_jax.data import packing, preference
 from dpo_jax.data import rows as rows_lib
 from dpo_jax.interop.hf import checkpoints as hf_checkpoints, peft as peft_io
-from dpo_jax.train import reference_update
+from dpo_jax.train import online, reference_update
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                               "default.py")
@@ -77,6 +77,10 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "model.rms_norm_eps": _POSITIVE,
     "model.initializer_range": _NON_NEGATIVE,
     "model.logits_chunk_size": (lambda v: v >= 0, ">= 0 (0 = all positions at once)"),
+    "reward_model.steps": _AT_LEAST_1,
+    "reward_model.batch_size": _AT_LEAST_1,
+    "reward_model.learning_rate": _POSITIVE,
+    "reward_model.warmup_steps": _NON_NEGATIVE,
 }
 
 
@@ -185,7 +189,7 @@ def check_override_flags(argv: Sequence[str], default_config: str = DEFAULT_CONF
 
 # ---- the whole config, before any compile ----
 
-STAGES = ("pipeline", "sft", "dpo", "precompute")
+STAGES = ("pipeline", "sft", "dpo", "precompute", "reward_model", "online_dpo")
 
 
 PROMPT_SHARING = ("auto", "on", "off")  # config.data.prompt_sharing
@@ -236,8 +240,13 @@ def validate_config(config: Any, num_devices: int) -> None:
           f"device, not divisible by config.optim.grad_accum_steps={accum}. Change either.")
   if jax.process_count() > 1 and config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must divide over {jax.process_count()} hosts.")
-  if config.data.get("packing", False):
+  if config.data.get("packing", False) and config.stage != "online_dpo":
     validate_packing(config, data_parallel)
+  if config.stage == "reward_model" and config.reward_model.batch_size % data_parallel:
+    raise ValueError(f"config.reward_model.batch_size={config.reward_model.batch_size} is not divisible by the "
+                     f"data-parallel size {data_parallel}; use a multiple of it.")
+  if config.stage == "online_dpo":
+    online.check_config(config, data_parallel)
 
 
 def validate_context_parallel(config: Any, n: int) -> None:

@@ -182,11 +182,13 @@ RESUME_FIELDS = {
                              "optim.schedule", "optim.end_lr_ratio"),
     "dpo": _RESUME_COMMON + ("batch_size", "loss", "optim", "data.packing", "data.pairs_per_row", "data.pack_length",
                              "data.prompt_sharing", "data.reference_logps", "hf.reference_path", "lora", "ref_update"),
+    "online_dpo": _RESUME_COMMON + ("batch_size", "loss", "optim", "data.prompt_sharing", "hf.reference_path", "lora",
+                                    "online"),
 }
 
 
 RESUME_SAFE = ("optim.grad_accum_steps", "model.remat", "model.logits_chunk_size", "model.attention_impl",
-               "model.weight_grad_gemm", "model.scan_layers", "lora.export")
+               "model.weight_grad_gemm", "model.scan_layers", "lora.export", "online.judge_batch_size")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -200,6 +202,8 @@ def resume_fields(config: Any, stage: str) -> dict[str, Any]:
   fields = RESUME_FIELDS.get(stage, ())
   # A constant schedule is the same whatever the step count, so a run may be extended (or chunked: ablation.py).
   free = ("optim.total_steps", "sft.steps") if config.optim.schedule == "constant" else ()
+  if stage == "online_dpo":  # its schedule spans online.rounds * online.steps_per_round instead
+    free += ("optim.total_steps",)
   return {k: v for k, v in _flat(config.to_dict()).items()
           if any(k == f or k.startswith(f + ".") for f in fields) and k not in RESUME_SAFE + free}
 

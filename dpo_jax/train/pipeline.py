@@ -24,7 +24,8 @@ from dpo_jax import evaluate, flops, logprobs as logprobs_lib, lora as lora_lib,
 from dpo_jax.data import packing, preference, synthetic
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
-from dpo_jax.train import checkpoint, config_checks, loop, reference_update, runtime, workdir as workdir_lib
+from dpo_jax.train import checkpoint, config_checks, judges, loop, online, reference_update, reward_model, runtime
+from dpo_jax.train import workdir as workdir_lib
 
 
 def export_hf(rt: runtime.Runtime, params: Any, tokenizer: Any) -> str:
@@ -69,18 +70,6 @@ def base_is_hf_model(rt: runtime.Runtime) -> bool:
   return bool(rt.config.hf.model_path) and not os.path.isdir(os.path.join(rt.workdir, "sft", "checkpoints"))
 
 
-def dpo_kind(config: Any, tokenized: Any) -> str:
-  """The layout of unpacked DPO batches of `tokenized`: 'dpo_shared' (each prompt once, `[B, P]` + `[K B, R]`)
-  or 'dpo' (`[K B, T]` rows), per config.data.prompt_sharing; 'auto' shares when that holds fewer tokens per
-  unit (P + K R < K T: the longest prompt once and K of the longest response, against K rows of max_length)."""
-  mode = config.data.prompt_sharing
-  k = getattr(tokenized, "num_responses", 2)
-  if mode == "on" or (mode == "auto" and tokenized.prompt_width + k * tokenized.response_width
-                      < k * tokenized.max_length):
-    return preference.SHARED
-  return "dpo"
-
-
 def run_sft(rt: runtime.Runtime, params: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs) -> Any:
   """Seed's pi_ref = argmax E log pi(y_w | x): maximum likelihood on (prompt, chosen). Returns the params."""
   config = rt.config
@@ -114,7 +103,7 @@ def dpo_eval(rt: runtime.Runtime, params: Any, reference: Any, test: preference.
   sums_fn = rt.jitted("dpo_sums", lambda: jax.jit(
       functools.partial(step.eval_sums, model=rt.model, loss_cfg=rt.config.loss)))
   return evaluate.preference_metrics(sums_fn, params, reference, test, batch_size=rt.config.eval.batch_size,
-                                     to_global=rt.to_global, kind=dpo_kind(rt.config, test), feed=rt.feed())
+                                     to_global=rt.to_global, kind=runtime.dpo_kind(rt.config, test), feed=rt.feed())
 
 
 def run_dpo(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs, test: preference.TokenizedPairs, *,
@@ -123,35 +112,23 @@ def run_dpo(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs, t
   in every step, or None when the batches carry precomputed reference log-probs or the loss is reference-free;
   then `start` is donated to the policy (no copy) and deleted. Returns the policy."""
   config = rt.config
-  optimizer, schedule = runtime.stage_optimizer(config, "dpo")
-  spec = runtime.lora_spec(config)
-  if spec is None:
-    shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
-    frozen_shardings = None if reference is None else shardings.params
-  else:  # the state holds the adapters; `start` is the frozen base, passed to every step in pi_ref's place
-    shardings = step.lora_state_shardings(rt.model, spec, optimizer, rt.mesh, rt.rules)
-    frozen_shardings = step.param_shardings(rt.model_cfg, rt.mesh, rt.rules)
   if config.data.get("packing", False):  # a batch of the packed shapes: [R, L] rows, [R * P] pair slots
     empty = np.full((config.batch_size // config.data.pairs_per_row, config.data.pairs_per_row), -1)
     example = packing.make_packed_batch(train, empty,
                                         row_length=packing.row_length(config.data.pack_length, config.max_length))
     kind = "dpo"
   else:
-    kind = dpo_kind(config, train)
+    kind = runtime.dpo_kind(config, train)
     example = preference.make_batch(train, np.arange(config.batch_size) % train.num_pairs, kind=kind)
   example.pop("row_ids")
-  dpo_step = step.jit_train_step(
-      functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
-                        grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard, lora=spec,
-                        seed=config.seed + 2),
-      state_shardings=shardings, reference_shardings=frozen_shardings,
-      batch_shardings=rt.batch_shardings(example), mesh=rt.mesh)
+  dpo_step, optimizer, shardings, spec = runtime.dpo_train_step(rt, example, with_reference=reference is not None)
   mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
   ref_mode = config.ref_update.mode if "ref_update" in config else "off"
   reference_update.check_resume(mngr, ref_mode)
   base = start if spec is not None else None  # LoRA keeps the base; otherwise nothing holds it after the state
   if spec is not None:
-    state = loop.start_state(rt, mngr, initial_adapters(rt, spec, shardings.params), optimizer, shardings, donate=True)
+    state = loop.start_state(rt, mngr, runtime.initial_adapters(rt, spec, shardings.params), optimizer, shardings,
+                             donate=True)
     step_fn = lambda s, b: dpo_step(s, base, b)
   elif ref_mode == "off":
     state = loop.start_state(rt, mngr, start, optimizer, shardings, donate=reference is None)
@@ -175,27 +152,13 @@ def run_dpo(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs, t
   return policy(state)
 
 
-def initial_adapters(rt: runtime.Runtime, spec: lora_lib.LoraSpec, shardings: Any) -> Any:
-  """Where the adapters start: the PEFT folder config.lora.adapter_path, else fresh (A uniform, B zero)."""
-  path = rt.config.lora.adapter_path
-  if path:
-    _, adapters = peft_io.load_peft_adapter(path, rt.plain_model, rt.model_cfg, shardings, expect=spec)
-    print(f"loaded LoRA adapters from config.lora.adapter_path={path} ({model_lib.count_params(adapters):,} params)")
-    return adapters
-  adapters = lora_lib.init_adapters(rt.plain_model, spec, jax.random.fold_in(jax.random.key(rt.config.seed), 7),
-                                    shardings)
-  print(f"LoRA: {model_lib.count_params(adapters):,} adapter params (rank {spec.rank}, alpha {spec.alpha}, targets "
-        f"{list(spec.targets)}) over {model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} frozen")
-  return adapters
-
-
 def reference_logps(rt: runtime.Runtime, reference: Any, tokenized: preference.TokenizedPairs) -> np.ndarray:
   """log pi_ref of every pair's (chosen, rejected) responses, `[num_pairs, 2]` nats, in tokenized order."""
   score = rt.jitted("ref_logps", lambda: jax.jit(
       lambda p, b: logprobs_lib.sequence_logps(rt.model, p, b).logps))
   out = []
   for local in preference.eval_batches(tokenized, global_batch=rt.config.eval.batch_size,
-                                       kind=dpo_kind(rt.config, tokenized)):
+                                       kind=runtime.dpo_kind(rt.config, tokenized)):
     mask = local.pop("row_ids") >= 0
     logps = np.asarray(jax.device_get(score(reference, rt.to_global(local)))).reshape(-1, 2)
     out.append(logps[mask])
@@ -308,7 +271,11 @@ def _run_stages(config: Any, workdir: str) -> dict:
     summary["files"] = write_reference_logps(rt, reference, {"train": train, "test": test}, rows)
     rt.writer.close()
     return summary
-  elif without_reference:
+  elif config.stage == "reward_model":
+    summary["reward_model"] = reward_model.run_stage(rt, runtime.dpo_start(rt), train, test)
+    rt.writer.close()
+    return summary
+  elif without_reference and config.stage != "online_dpo":
     policy = run_dpo(rt, runtime.dpo_start(rt), train, test, reference=None)
     reference = policy.base if isinstance(policy, lora_lib.LoraParams) else runtime.reference_params(rt)
   else:
@@ -316,12 +283,19 @@ def _run_stages(config: Any, workdir: str) -> dict:
     reference = runtime.reference_params(rt, start)
   summary["pi_ref"] = {"nll": sft_eval(rt, reference, test)["loss"]}
 
-  if config.stage in ("pipeline", "dpo"):
-    if not without_reference:
+  if config.stage == "online_dpo":
+    judge = judges.make(config, rt, tokenizer)
+    policy, summary["online"] = online.run(rt, start, reference, unique_prompts(train, tokenizer), tokenizer,
+                                           judge=judge, eval_fn=lambda p: dpo_eval(rt, p, reference, test))
+    del start
+  if config.stage in ("pipeline", "dpo", "online_dpo"):
+    if config.stage != "online_dpo" and not without_reference:
       policy = run_dpo(rt, start, train, test, reference=reference)
       del start
     held_out = dpo_eval(rt, policy, reference, test)
-    rt.writer.write(config.optim.total_steps, held_out, stage="dpo", split="test")
+    final_step = summary["online"]["steps"] if config.stage == "online_dpo" else config.optim.total_steps
+    rt.writer.write(final_step, held_out, stage="online_dpo" if config.stage == "online_dpo" else "dpo",
+                    split="test")
     summary["pi_theta"] = {"accuracy": held_out["rewards/accuracies"], "margin": held_out["rewards/margins"],
                            "dpo_loss": held_out["loss"], "nll": sft_eval(rt, policy, test)["loss"]}
     if config.loss.type == "sigmoid" and not config.loss.types:  # at pi = pi_ref every margin is 0
@@ -338,6 +312,11 @@ def _run_stages(config: Any, workdir: str) -> dict:
   if jax.process_index() == 0:
     print("\nheld-out evaluation (reward r* and KL on fresh temperature-1 samples for held-out prompts):")
     print(table)
+    if "online" in summary:
+      o = summary["online"]
+      print(f"online DPO: {o['rounds']} rounds, {o['steps']} DPO steps, {o['samples']} samples judged by "
+            f"{config.online.judge}, {o['pairs']} pairs ({o['tie_frac']:.1%} of prompts tied); sampling "
+            f"{o['sample_seconds']:.1f} s, judging {o['judge_seconds']:.1f} s")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({k: v for k, v in summary.items()}, f, indent=1, default=float)
   return summary

@@ -7,6 +7,7 @@ Used by the pipeline and by `--dry_run`, which sizes the same model and optimize
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ import jax
 from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, optim, sharding, step
 from dpo_jax.data import preference, schemas, synthetic
 from dpo_jax.interop import hf
+from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import checkpoint, metrics as metrics_lib
 
 
@@ -197,12 +199,12 @@ def initial_params(rt: Runtime) -> Any:
 
 def dpo_start(rt: Runtime) -> Any:
   """Where DPO starts: this workdir's SFT result if the SFT stage ran here, else `hf.model_path`, else (the
-  pipeline with sft.steps=0) the seeded random init, regenerated."""
+  pipeline, online_dpo or reward_model stage with sft.steps=0) the seeded random init, regenerated."""
   if os.path.isdir(os.path.join(rt.workdir, "sft", "checkpoints")):
     return load_sft_result(rt)
   if rt.config.hf.model_path:
     return load_hf_params(rt, "hf.model_path")
-  if rt.config.stage == "pipeline" and not rt.config.sft.steps:
+  if rt.config.stage in ("pipeline", "online_dpo", "reward_model") and not rt.config.sft.steps:
     return initial_params(rt)
   return load_sft_result(rt)  # raises, saying how to make one
 
@@ -215,7 +217,11 @@ def reference_params(rt: Runtime, start: Any | None = None) -> Any:
 
 
 def stage_optimizer(config: Any, stage: str):
+  """(optimizer, schedule) of 'sft', 'dpo' (config.optim) or 'online_dpo' (over rounds * steps_per_round steps)."""
   cfg = dict(config.optim)
+  if stage == "online_dpo":
+    total = config.online.rounds * config.online.steps_per_round
+    cfg.update(total_steps=total, warmup_steps=min(config.optim.warmup_steps, total))
   if stage == "sft":
     cfg.update(learning_rate=config.sft.learning_rate, warmup_steps=min(config.sft.warmup_steps, config.sft.steps),
                total_steps=max(config.sft.steps, 1))
@@ -243,3 +249,53 @@ def load_sft_result(rt: Runtime) -> Any:
   if restored is None:
     raise FileNotFoundError(f"no SFT checkpoint in {directory}; run --config.stage=sft first.")
   return restored[0].params
+
+
+def dpo_kind(config: Any, tokenized: Any) -> str:
+  """The layout of unpacked DPO batches of `tokenized`: 'dpo_shared' (each prompt once, `[B, P]` + `[K B, R]`)
+  or 'dpo' (`[K B, T]` rows), per config.data.prompt_sharing; 'auto' shares when that holds fewer tokens per
+  unit (P + K R < K T: the longest prompt once and K of the longest response, against K rows of max_length)."""
+  mode = config.data.prompt_sharing
+  k = getattr(tokenized, "num_responses", 2)
+  if mode == "on" or (mode == "auto" and tokenized.prompt_width + k * tokenized.response_width
+                      < k * tokenized.max_length):
+    return preference.SHARED
+  return "dpo"
+
+
+def dpo_train_step(rt: Runtime, example: dict, *, with_reference: bool,
+                   stage: str = "dpo") -> tuple[Callable, Any, step.TrainState, Any]:
+  """The DPO stages' jitted step `fn(state, frozen, batch)` for batches shaped like `example`, with its optimizer,
+  state shardings and LoRA spec (None: full fine-tuning). `frozen` is pi_ref's params (None when not
+  `with_reference`: precomputed reference log-probs or a reference-free loss); with LoRA the state holds the
+  adapters and `frozen` is the base, pi_ref, in every step."""
+  config = rt.config
+  optimizer, schedule = stage_optimizer(config, stage)
+  spec = lora_spec(config)
+  if spec is None:
+    shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
+    frozen_shardings = shardings.params if with_reference else None
+  else:
+    shardings = step.lora_state_shardings(rt.model, spec, optimizer, rt.mesh, rt.rules)
+    frozen_shardings = step.param_shardings(rt.model_cfg, rt.mesh, rt.rules)
+  dpo_step = step.jit_train_step(
+      functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
+                        grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard, lora=spec,
+                        seed=config.seed + 2),
+      state_shardings=shardings, reference_shardings=frozen_shardings,
+      batch_shardings=rt.batch_shardings(example), mesh=rt.mesh)
+  return dpo_step, optimizer, shardings, spec
+
+
+def initial_adapters(rt: Runtime, spec: lora_lib.LoraSpec, shardings: Any) -> Any:
+  """Where the adapters start: the PEFT folder config.lora.adapter_path, else fresh (A uniform, B zero)."""
+  path = rt.config.lora.adapter_path
+  if path:
+    _, adapters = peft_io.load_peft_adapter(path, rt.plain_model, rt.model_cfg, shardings, expect=spec)
+    print(f"loaded LoRA adapters from config.lora.adapter_path={path} ({model_lib.count_params(adapters):,} params)")
+    return adapters
+  adapters = lora_lib.init_adapters(rt.plain_model, spec, jax.random.fold_in(jax.random.key(rt.config.seed), 7),
+                                    shardings)
+  print(f"LoRA: {model_lib.count_params(adapters):,} adapter params (rank {spec.rank}, alpha {spec.alpha}, targets "
+        f"{list(spec.targets)}) over {model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} frozen")
+  return adapters

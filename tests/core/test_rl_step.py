@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from dpo_jax import evaluate, model as model_lib, optim, rl_step, rollout, sample, sharding, step
-from dpo_jax.experiments import reward_model
+from dpo_jax.train import reward_model
 
 CFG = model_lib.ModelConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, initializer_range=0.3)

@@ -10,7 +10,7 @@ import pytest
 
 from configs.default import get_config
 from dpo_jax import logprobs, model as model_lib, step
-from dpo_jax.train import config_checks, pipeline
+from dpo_jax.train import config_checks, runtime
 from dpo_jax.data import preference, rankings
 from train_steps import run_steps
 
@@ -179,13 +179,13 @@ def test_the_trainer_shares_prompts_when_that_is_fewer_tokens():
   tokenized = make_pairs(20)  # longest prompt 7, longest response up to 24: 7 + 2 R against 2 x 24
   config.data.prompt_sharing = "auto"
   expected = preference.SHARED if tokenized.prompt_width + 2 * tokenized.response_width < 48 else "dpo"
-  assert pipeline.dpo_kind(config, tokenized) == expected
+  assert runtime.dpo_kind(config, tokenized) == expected
   short = dataclasses.replace(make_pairs(20, seed=7), max_length=4 * MAX_LENGTH)
-  assert pipeline.dpo_kind(config, short) == preference.SHARED  # rows of 96 tokens: sharing is fewer
+  assert runtime.dpo_kind(config, short) == preference.SHARED  # rows of 96 tokens: sharing is fewer
   config.data.prompt_sharing = "off"
-  assert pipeline.dpo_kind(config, short) == "dpo"
+  assert runtime.dpo_kind(config, short) == "dpo"
   config.data.prompt_sharing = "on"
-  assert pipeline.dpo_kind(config, tokenized) == preference.SHARED
+  assert runtime.dpo_kind(config, tokenized) == preference.SHARED
   config.data.prompt_sharing = "yes"
   with pytest.raises(ValueError, match=r"config.data.prompt_sharing='yes'; choose one of \('auto', 'on', 'off'\)"):
     config_checks.validate_config(config, 1)

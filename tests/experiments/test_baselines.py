@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dpo_jax import logprobs, model as model_lib, optim, step
-from dpo_jax.experiments import baselines, reward_model
+from dpo_jax.experiments import baselines
+from dpo_jax.train import reward_model
 from dpo_jax.data import preference
 from tests.batches import random_dpo_batch
 

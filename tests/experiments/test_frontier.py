@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from dpo_jax.experiments import reward_model
+from dpo_jax.train import reward_model
 from dpo_jax.experiments import frontier
 from tests.config_overrides import override
 from paths import REPO_ROOT

@@ -208,6 +208,15 @@ def load_hf_checkpoint(path: str, *, mesh: Any = None, rules: Any = None,
   """
   import transformers
 
+  check_folder(path, mesh, rules, caller="load_hf_checkpoint")
+  hf_config = transformers.AutoConfig.from_pretrained(path)
+  cfg = families.model_config_from_hf(hf_config, **config_overrides)
+  return cfg, read_params(path, cfg, hf_config.model_type, weight_map(path), mesh=mesh, rules=rules)
+
+
+def check_folder(path: str, mesh: Any, rules: Any, *, caller: str) -> None:
+  """Raise FileNotFoundError unless `path` is a folder with a `config.json`, ValueError unless mesh and rules are
+  both given or both None; `caller` names the loader in that error."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"hf checkpoint {path}: no such folder; expected a local folder with {_CONFIG_FILE} "
                             f"and {_SINGLE_FILE} (or {_INDEX_FILE} + shards), as written by save_pretrained.")
@@ -215,11 +224,24 @@ def load_hf_checkpoint(path: str, *, mesh: Any = None, rules: Any = None,
     raise FileNotFoundError(f"hf checkpoint {path}: no {_CONFIG_FILE}; save the model with save_pretrained, "
                             "which writes it next to the weights.")
   if (mesh is None) != (rules is None):
-    raise ValueError("load_hf_checkpoint: pass both mesh and rules (e.g. config.sharding.rules), or neither.")
-  hf_config = transformers.AutoConfig.from_pretrained(path)
-  cfg = families.model_config_from_hf(hf_config, **config_overrides)
-  layout = layouts.layout_of(hf_config.model_type)
-  files = weight_map(path)
+    raise ValueError(f"{caller}: pass both mesh and rules (e.g. config.sharding.rules), or neither.")
+
+
+def read_tensor(files: Mapping[str, str], name: str) -> np.ndarray:
+  """One tensor of a checkpoint as numpy (bf16 read exactly, as fp32); `files` is `weight_map`'s."""
+  return layouts.to_numpy(_TensorReader({name: files[name]}).get(name))
+
+
+def read_params(path: str, cfg: ModelConfig, model_type: str, files: Mapping[str, str], *, mesh: Any = None,
+                rules: Any = None) -> dict[str, Any]:
+  """Decoder params for `cfg` from the tensors `files` (HF name -> safetensors file, as from `weight_map`),
+  converted and placed one tensor at a time as `load_hf_checkpoint` describes; `path` names the folder in errors.
+
+  `files` must hold exactly the decoder's tensors (a tied `lm_head.weight` may be there too): a caller reading a
+  checkpoint with more (a classifier's `score.weight`) leaves those out. Raises ValueError for tensors that do
+  not match cfg.
+  """
+  layout = layouts.layout_of(model_type)
   try:
     layouts.check_names(set(files), cfg, layout)
   except ValueError as e:
@@ -252,7 +274,7 @@ def load_hf_checkpoint(path: str, *, mesh: Any = None, rules: Any = None,
         leaf_path = (f"layers_{i}",) + rule.path
         x = layouts.convert_in(rule, name, reader.get(name), dtype)
         layouts.set_path(params, leaf_path, _place(x, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
-  return cfg, params
+  return params
 
 
 def _logical_axes(cfg: ModelConfig, mesh: Any) -> Any:

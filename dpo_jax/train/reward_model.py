@@ -1,4 +1,6 @@
-"""A Bradley-Terry reward model (seed eq. 2), trained as its own stage, and best-of-N sampling with it.
+"""A Bradley-Terry reward model (seed eq. 2), trained as its own stage, saved and loaded, and best-of-N with it.
+
+    python -m dpo_jax.train --config.stage=reward_model --workdir runs/rm   # -> runs/rm/reward_model/
 
     r_phi(x, y) = w . h(x, y)[last] + b          h: the decoder's final normed hidden states, `last` = EOS
     L_R(phi)    = -E_(x, y_w, y_l) log sigmoid(r_phi(x, y_w) - r_phi(x, y_l))                    (seed eq. 2)
@@ -10,6 +12,11 @@ only sees differences, so the reward's offset is arbitrary; the head starts at z
 
 Params are a plain pytree: {"backbone": decoder params, "head": {"kernel": [D], "bias": []}}.
 
+The trainer's `--config.stage=reward_model` (`run_stage`) trains one from pi_ref (this workdir's SFT result, else
+hf.model_path) on the data's preference pairs and saves it with `save` to <workdir>/reward_model/: the params
+with orbax and `reward_model.json` (the model config, the held-out accuracy). `load(path)` reads it back onto a
+mesh; online DPO's `reward_model` judge (dpo_jax/train/judges.py) scores with it.
+
 Best-of-N (the DPO paper's baseline, sec. 6): draw N responses from pi_ref, keep the one r_phi scores
 highest. Its KL to pi_ref is reported as the usual analytic value log N - (N - 1) / N (Stiennon et al. 2020),
 which Beirami et al. 2024 show is an upper bound on the true KL: plotted at it, best-of-N is if anything
@@ -18,8 +25,11 @@ drawn to the right of where it is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -27,8 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax import evaluate as evaluate_lib, losses, rl_step, step
+from dpo_jax import evaluate as evaluate_lib, losses, model as model_lib, optim, rl_step, step
 from dpo_jax.data import preference
+
+META_FILE = "reward_model.json"
 
 
 def init(backbone_params: Any, hidden_size: int) -> dict:
@@ -95,6 +107,67 @@ def train(model: Any, params: Any, train_pairs: preference.TokenizedPairs, test_
       log(step_num + 1, {k: float(v) for k, v in jax.device_get(metrics).items()})
   eval_fn = jax.jit(lambda p, b: loss(p, b, model=model)[1])
   return state.params, evaluate(eval_fn, state.params, test_pairs, batch_size=eval_batch_size, to_global=to_global)
+
+
+# ---- the trainer's stage, and the saved folder ----
+
+def save(path: str, params: Any, cfg: model_lib.ModelConfig, meta: Mapping[str, Any]) -> None:
+  """Write `params` (orbax, under <path>/params) and <path>/reward_model.json ({"model": cfg's fields, **meta}).
+  The JSON is written last: a folder without it is an unfinished save, which `load` refuses."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  if os.path.exists(os.path.join(path, META_FILE)):
+    os.remove(os.path.join(path, META_FILE))
+  ocp.StandardCheckpointer().save(os.path.join(path, "params"), params, force=True)
+  if jax.process_index() == 0:
+    model = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "platform"}  # the loading host decides it
+    with open(os.path.join(path, META_FILE + ".tmp"), "w") as f:
+      json.dump({"model": model, **meta}, f, indent=1, default=float)
+    os.replace(os.path.join(path, META_FILE + ".tmp"), os.path.join(path, META_FILE))
+
+
+def load(path: str, *, mesh: Any = None, rules: Any = None) -> tuple[model_lib.ModelConfig, Any, dict]:
+  """(ModelConfig, params, meta) of a folder written by `save` (`--config.stage=reward_model`); params restored
+  straight into their shardings on `mesh` (decoder as a policy's, head replicated) when mesh and rules are given."""
+  import orbax.checkpoint as ocp
+  meta_file = os.path.join(path, META_FILE)
+  if not os.path.isfile(meta_file):
+    raise FileNotFoundError(f"{path!r} is not a finished reward model folder (no {META_FILE}). Train one with "
+                            "`python -m dpo_jax.train --config.stage=reward_model --workdir DIR` and pass "
+                            "DIR/reward_model, or use an HF *ForSequenceClassification folder with judge='hf'.")
+  with open(meta_file) as f:
+    meta = json.load(f)
+  cfg = model_lib.ModelConfig.from_dict(meta.pop("model"))
+  like = jax.eval_shape(lambda: rl_step.scalar_head_model(model_lib.abstract_params(cfg), cfg.hidden_size))
+  if mesh is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = {"backbone": step.param_shardings(cfg, mesh, rules), "head": {"kernel": replicated, "bias": replicated}}
+    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), like)
+  return cfg, params, meta
+
+
+def run_stage(rt: Any, start: Any, train_pairs: preference.TokenizedPairs,
+              test_pairs: preference.TokenizedPairs) -> dict:
+  """`--config.stage=reward_model`: r_phi from pi_ref = `start` (backbone copied, zero head), trained for
+  config.reward_model.steps on the training labels, saved to <workdir>/reward_model; returns its held-out metrics
+  and path. Not resumed mid-way (a killed run trains again from pi_ref: it is a short stage)."""
+  config = rt.config
+  r = config.reward_model
+  optimizer, _ = optim.make_optimizer(dict(config.optim, learning_rate=r.learning_rate, total_steps=r.steps,
+                                           warmup_steps=min(r.warmup_steps, r.steps)))
+  log = lambda s, m: print(f"reward_model step {s}: loss {m['loss']:.4f} accuracy {m['accuracy']:.3f}", flush=True)
+  params, held_out = train(rt.plain_model, init(start, rt.model_cfg.hidden_size), train_pairs, test_pairs,
+                           optimizer=optimizer, steps=r.steps, batch_size=r.batch_size, seed=config.seed + 2,
+                           eval_batch_size=config.eval.batch_size, to_global=rt.to_global, log=log)
+  path = os.path.join(rt.workdir, "reward_model")
+  save(path, params, rt.model_cfg, {"held_out": held_out, "steps": r.steps, "tokenizer": config.data.tokenizer,
+                                    "hf_model_path": config.hf.model_path})
+  print(f"reward model: held-out accuracy {held_out['accuracy']:.3f} (Bradley-Terry loss {held_out['loss']:.4f}) on "
+        f"{held_out['pairs']} pairs; saved to {path} (judge with --config.stage=online_dpo "
+        f"--config.online.judge=reward_model --config.online.judge_path={path})", flush=True)
+  return {"held_out": held_out, "path": path}
 
 
 # ---- best-of-N ----
