@@ -76,6 +76,9 @@ def check_config(config: Any, data_parallel: int) -> None:
                      f"+ the samples' length must fit config.max_length={config.max_length}, the training row; set it "
                      f"<= {config.max_length - config.max_prompt_length} (0 = exactly that).")
   sample.check_sampling(o.temperature, o.top_k, o.top_p)
+  if o.temperature <= 0:
+    raise ValueError(f"config.online.temperature={o.temperature}: greedy samples of one prompt are identical, so every "
+                     "pair would be a tie; sample at a temperature > 0 (1.0 = the policy itself).")
   judges_lib.check_config(o)
   refused = {"data.packing": config.data.get("packing", False), "data.reference_logps": config.data.reference_logps,
              "ref_update.mode": config.ref_update.mode != "off" if "ref_update" in config else False}

@@ -119,7 +119,8 @@ def save(path: str, params: Any, cfg: model_lib.ModelConfig, meta: Mapping[str, 
   os.makedirs(path, exist_ok=True)
   if os.path.exists(os.path.join(path, META_FILE)):
     os.remove(os.path.join(path, META_FILE))
-  ocp.StandardCheckpointer().save(os.path.join(path, "params"), params, force=True)
+  with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the (async) write to finish
+    ckptr.save(os.path.join(path, "params"), params, force=True)
   if jax.process_index() == 0:
     model = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "platform"}  # the loading host decides it
     with open(os.path.join(path, META_FILE + ".tmp"), "w") as f:
@@ -139,12 +140,14 @@ def load(path: str, *, mesh: Any = None, rules: Any = None) -> tuple[model_lib.M
   with open(meta_file) as f:
     meta = json.load(f)
   cfg = model_lib.ModelConfig.from_dict(meta.pop("model"))
-  like = jax.eval_shape(lambda: rl_step.scalar_head_model(model_lib.abstract_params(cfg), cfg.hidden_size))
+  head = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32), "bias": jax.ShapeDtypeStruct((), jnp.float32)}
+  like = {"backbone": model_lib.abstract_params(cfg), "head": head}  # rl_step.scalar_head_model's shapes
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = {"backbone": step.param_shardings(cfg, mesh, rules), "head": {"kernel": replicated, "bias": replicated}}
     like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
-  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), like)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), like)
   return cfg, params, meta
 
 
