@@ -42,6 +42,13 @@ def get_config(arg=None):
       reward_model_steps=400,  # Bradley-Terry reward model updates (batches of config.batch_size pairs).
       reward_model_learning_rate=3e-4,  # its peak learning rate (schedule and AdamW settings from config.optim).
       best_of_n=(1, 2, 4, 8, 16, 32, 64),  # N of the best-of-N points; max(N) samples of pi_ref per held-out prompt.
+      online_methods=("Online DPO", "Online DPO-GT", "Iterative DPO", "Iterative DPO-GT"),  # DPO on the policy's
+      #                own samples (dpo_jax/train/online.py), judged by the reward model or ('-GT') by r*; () = none.
+      online_betas=(0.1, 0.5),  # beta of every online / iterative DPO run, one run each.
+      iterative_rounds=4,  # iterative DPO: rounds, optim.total_steps / this DPO steps each (online DPO: one per
+      #                      round of batch_size prompts, 2 samples each).
+      iterative_samples=8,  # iterative DPO: samples per prompt; the pair is the judge's best against its worst.
+      iterative_prompts_per_round=256,  # iterative DPO: prompts sampled per round (the pool grows by <= this).
   ))
   c.rl = ml_collections.ConfigDict(dict(
       methods=("PPO", "PPO-GT", "GRPO", "RLOO"),  # RL baselines run after best-of-N (dpo_jax/experiments/rlhf.py):
@@ -80,7 +87,8 @@ def get_config(arg=None):
   c.eval.update(samples_per_prompt=8)  # per point: 8 samples for each of the 48 held-out prompts
   if arg == "tiny":
     c.frontier.update(betas=(0.1, 0.5), eval_steps=(5, 10), unlikelihood_alphas=(1.0,), reward_model_steps=10,
-                      best_of_n=(1, 2, 4))
+                      best_of_n=(1, 2, 4), online_betas=(0.5,), iterative_rounds=2, iterative_samples=4,
+                      iterative_prompts_per_round=16)
     c.optim.update(total_steps=10, warmup_steps=2)
     c.eval.update(samples_per_prompt=1)
     c.rl.update(kl_coefs=(0.1,), steps=2, eval_steps=(2,), rollout_batch_size=32, group_size=4, epochs=1,

@@ -15,6 +15,11 @@ Every method starts from the same pi_ref and is scored the same way, so the curv
                 plotted at log N - (N - 1) / N, an upper bound (see `reward_model`).
   PPO, PPO-GT   RL on seed eq. 3 (`rlhf`): PPO with a value model on r_phi, and on the ground truth r*; one run
   GRPO, RLOO    per KL coefficient of `rl.kl_coefs`. GRPO and RLOO (no critic) on r_phi, G samples per prompt.
+  Online DPO    DPO on the policy's own samples (dpo_jax/train/online.py), one run per beta of
+                `frontier.online_betas`: 2 samples per prompt, labelled by r_phi ('-GT': by r*), one step per round
+                of config.batch_size prompts. Iterative DPO: `frontier.iterative_rounds` rounds of
+                `frontier.iterative_samples` samples per prompt, best against worst, pairs kept, the DPO steps
+                spread evenly over the rounds.
 
 The preference-trained methods all take config.optim.total_steps updates of config.batch_size pairs with
 config.optim's schedule. At each step of `frontier.eval_steps` the policy draws fresh temperature-1 samples for the
@@ -47,14 +52,16 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from dpo_jax import evaluate, optim, step
-from dpo_jax.train import config_checks, errors, loop, metrics as metrics_lib, pipeline, reward_model, runtime
+from dpo_jax import evaluate, optim, sharding, step
+from dpo_jax.train import config_checks, errors, judges, loop, metrics as metrics_lib, online, pipeline, reward_model
+from dpo_jax.train import runtime
 from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.experiments import baselines, rlhf, sweep
 from dpo_jax.data import preference, synthetic
 
 FIELDS = ("method", "setting", "step", "reward", "reward_stderr", "kl", "kl_stderr", "length", "num_samples")
-METHODS = ("SFT", "DPO", "Preferred-FT", "Unlikelihood", "Best-of-N") + rlhf.METHODS
+ONLINE_METHODS = ("Online DPO", "Online DPO-GT", "Iterative DPO", "Iterative DPO-GT")
+METHODS = ("SFT", "DPO", "Preferred-FT", "Unlikelihood", "Best-of-N") + rlhf.METHODS + ONLINE_METHODS
 EVAL_SEED = 2000  # folded into config.seed: the sampling key of every evaluation point
 
 
@@ -91,6 +98,20 @@ def check_config(config: Any) -> None:
   if config.eval.num_prompts < 1:
     raise ValueError("config.eval.num_prompts must be >= 1: every point is measured on fresh samples.")
   rlhf.check_config(config)
+  unknown = [m for m in f.online_methods if m not in ONLINE_METHODS]
+  if unknown:
+    raise ValueError(f"config.frontier.online_methods has {unknown}; choose from {ONLINE_METHODS} (() runs none).")
+  if f.online_methods and (not f.online_betas or any(not b > 0 for b in f.online_betas)):
+    raise ValueError(f"config.frontier.online_betas={tuple(f.online_betas)} must be a non-empty tuple of numbers > 0.")
+  if f.iterative_rounds < 1 or steps % f.iterative_rounds:
+    raise ValueError(f"config.frontier.iterative_rounds={f.iterative_rounds} must be >= 1 and divide "
+                     f"config.optim.total_steps={steps} (the DPO steps are spread evenly over the rounds).")
+  if any(m.endswith("DPO") for m in f.online_methods) and not f.reward_model_steps:
+    raise ValueError("config.frontier.online_methods has a method judged by the reward model, but "
+                     "config.frontier.reward_model_steps=0 trains none; set it > 0 or keep only the '-GT' methods.")
+  shape = sharding.resolve_mesh_shape(config.mesh, jax.device_count())  # (data, fsdp, ...)
+  for method in f.online_methods:
+    online.check_config(online_config(config, method, f.online_betas[0]), shape[0] * shape[1])
   if importlib.util.find_spec("matplotlib") is None:  # found now, not after the training
     raise ImportError("the frontier plot needs matplotlib: pip install -e '.[experiments]'")
 
@@ -245,6 +266,47 @@ def run_best_of_n(exp: Experiment, rm_params: Any) -> None:
   exp.seconds["best_of_n_sampling"] = round(time.perf_counter() - start, 1)
 
 
+def online_config(config: Any, method: str, beta: float) -> Any:
+  """config for one online run: `method` of ONLINE_METHODS at `beta` (config.online's sampling fields kept)."""
+  f = config.frontier
+  c = config.copy_and_resolve_references()
+  iterative = method.startswith("Iterative")
+  with c.unlocked():
+    c.loss.beta = float(beta)
+    c.online.update(judge="synthetic" if method.endswith("-GT") else "reward_model", judge_path="",
+                    samples_per_prompt=f.iterative_samples if iterative else 2, keep_pairs=iterative,
+                    rounds=f.iterative_rounds if iterative else config.optim.total_steps,
+                    steps_per_round=config.optim.total_steps // f.iterative_rounds if iterative else 1,
+                    prompts_per_round=f.iterative_prompts_per_round if iterative else config.batch_size)
+  return c
+
+
+def run_online(exp: Experiment, train_prompts: list, rm_params: Any | None) -> dict:
+  """Every method of frontier.online_methods at every beta of frontier.online_betas, from pi_ref, measured at
+  frontier.eval_steps (DPO steps, as the offline methods); returns {run: its online summary and seconds}."""
+  rt, config = exp.rt, exp.rt.config
+  f = config.frontier
+  eval_steps = set(f.eval_steps)
+  by_rm = None
+  if rm_params is not None:
+    scorer = rlhf.reward_model_scorer(rt.plain_model, rm_params)  # r_phi on the sampled tokens
+    by_rm = judges.Judge("reward model", lambda prompts, completions, ro: scorer.score(ro, prompts))
+  out = {}
+  for method in f.online_methods:
+    judge = judges.synthetic_judge() if method.endswith("-GT") else by_rm
+    for beta in f.online_betas:
+      setting = f"beta={float(beta):g}"
+      run_rt = dataclasses.replace(rt, config=online_config(config, method, beta))
+      measure = lambda step_num, policy, m=method, s=setting: (
+          exp.measure(m, s, step_num, policy) if step_num in eval_steps else None)
+      start = time.perf_counter()
+      _, summary = online.run(run_rt, exp.reference, exp.reference, train_prompts, exp.tokenizer, judge=judge,
+                              measure=measure, workdir_state=False, name=f"online_{method}_{setting}")
+      out[f"{method} {setting}"] = {**summary, "seconds": round(time.perf_counter() - start, 1)}
+      exp.seconds[f"online_{method}_{setting}"] = out[f"{method} {setting}"]["seconds"]
+  return out
+
+
 def write_csv(path: str, points: list[dict]) -> None:
   with open(path + ".tmp", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -262,7 +324,8 @@ def read_csv(path: str) -> list[dict]:
 
 COLORS = {"SFT": "black", "DPO": "tab:red", "Preferred-FT": "tab:blue", "Unlikelihood": "tab:green",
           "Best-of-N": "tab:purple", "PPO": "tab:orange", "PPO-GT": "tab:brown", "GRPO": "tab:cyan",
-          "RLOO": "tab:olive"}
+          "RLOO": "tab:olive", "Online DPO": "crimson", "Online DPO-GT": "salmon", "Iterative DPO": "darkmagenta",
+          "Iterative DPO-GT": "orchid"}
 MARKERS = "os^vDPX*h<>"
 
 
@@ -301,7 +364,7 @@ def plot(points: list[dict], path: str, title: str = "") -> None:
         mine = [p for p in rows if p["setting"] == setting]
         ax.scatter([p["kl"] for p in mine], [p["reward"] for p in mine], s=14, color=color, alpha=0.35,
                    marker=MARKERS[k % len(MARKERS)],
-                   label=f"{method} {setting}" if len(settings) > 1 and method not in rlhf.METHODS else None)
+                   label=f"{method} {setting}" if len(settings) > 1 and method in ("DPO", "Unlikelihood") else None)
       front = pareto_front(rows + (sft[:1] if method != "Best-of-N" else []))
       ax.plot([p["kl"] for p in front], [p["reward"] for p in front], color=color, linewidth=2, marker="o",
               markersize=4 if method != "Best-of-N" else 5, label=method, zorder=4)
@@ -361,9 +424,12 @@ def _run_experiment(config: Any, workdir: str) -> dict:
                                                              optimizer=o, schedule=s, alpha=a), "dpo")
   rm_params, held_out = train_reward_model(exp, train_pairs, test_pairs)
   run_best_of_n(exp, rm_params)
-  rl_runs = rlhf.run_all(exp, pipeline.unique_prompts(train_pairs, tokenizer), rm_params) if config.rl.methods else {}
+  train_prompts = pipeline.unique_prompts(train_pairs, tokenizer)
+  rl_runs = rlhf.run_all(exp, train_prompts, rm_params) if config.rl.methods else {}
+  online_runs = run_online(exp, train_prompts, rm_params) if f.online_methods else {}
 
-  summary = {"points": exp.points, "reward_model": held_out, "rl": rl_runs, "seconds": exp.seconds,
+  summary = {"points": exp.points, "reward_model": held_out, "rl": rl_runs, "online": online_runs,
+             "seconds": exp.seconds,
              "prompts": len(prompts), "samples_per_point": len(prompts) * config.eval.samples_per_prompt,
              "config": config.to_dict()}
   rt.writer.close()

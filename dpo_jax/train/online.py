@@ -256,12 +256,13 @@ def summarize(metrics: Sequence[dict]) -> dict:
 
 def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple[str, np.ndarray]], tokenizer: Any,
         *, judge: judges_lib.Judge, eval_fn: Callable[[Any], dict] | None = None,
-        measure: Callable[[int, Any], None] | None = None, workdir_state: bool = True) -> tuple[Any, dict]:
+        measure: Callable[[int, Any], None] | None = None, workdir_state: bool = True,
+        name: str = STAGE) -> tuple[Any, dict]:
   """Online / iterative DPO from pi_ref's params `start` (the policy's first params; with LoRA the frozen base) and
   the frozen `reference`. `prompts`: (text, token ids) of the distinct training prompts. `eval_fn(policy)`: the
   held-out metrics at eval.every_steps; `measure(step, policy)`: a callback after each step (the frontier's eval
   points). `workdir_state`: checkpoints and round files in <workdir>/online_dpo (the trainer), or none (the
-  frontier). Returns (the policy, the stage summary)."""
+  frontier). `name`: the stage name of its metrics records. Returns (the policy, the stage summary)."""
   config = rt.config
   o = config.online
   total_steps = o.rounds * o.steps_per_round
@@ -296,7 +297,7 @@ def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple
   sampling_params = lambda s: s.params if spec is None else merge(start, s.params)
 
   done = int(jax.device_get(state.step))
-  rt.writer.drop_after(STAGE, done)
+  rt.writer.drop_after(name, done)
   block, blocks = rt.feed()
   host = preference.host_pairs(config.batch_size, block, blocks)
   bar = None
@@ -340,7 +341,7 @@ def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple
         values.update(rnd.metrics, **{"online/round": float(round_num), "online/pool_pairs": float(
             pool.num_pairs if pool is not None else 0), "perf/train_seconds": time.perf_counter() - t0})
       if values:
-        rt.writer.write(done, values, stage=STAGE)
+        rt.writer.write(done, values, stage=name)
       if bar is not None:
         bar.update(1)
         if round_end:
@@ -348,7 +349,7 @@ def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple
                            "loss": f"{values.get('loss', float('nan')):.4f}"}, refresh=False)
       if round_end and ((round_num + 1) % max(1, config.log_every_steps // o.steps_per_round) == 0
                         or round_num + 1 == o.rounds):
-        say(metrics_lib.format_line(f"{STAGE} round {round_num + 1}/{o.rounds}", done, values,
+        say(metrics_lib.format_line(f"{name} round {round_num + 1}/{o.rounds}", done, values,
                                     ("online/score", "online/score_gap", "online/tie_frac", "online/kl",
                                      "online/length", "loss", "rewards/accuracies")))
       if measure is not None:
@@ -363,8 +364,8 @@ def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple
         raise loop.Preempted(STAGE, done, str(mngr.directory))
       if eval_fn is not None and config.eval.every_steps and done % config.eval.every_steps == 0 and done < total_steps:
         held_out = eval_fn(policy.of(state))
-        rt.writer.write(done, held_out, stage=STAGE, split="test")
-        say(metrics_lib.format_line(f"{STAGE} held-out", done, metrics_lib.to_python(held_out),
+        rt.writer.write(done, held_out, stage=name, split="test")
+        say(metrics_lib.format_line(f"{name} held-out", done, metrics_lib.to_python(held_out),
                                     ("loss", "rewards/accuracies", "rewards/margins")))
     round_metrics.append(rnd.metrics)
     if o.keep_pairs:

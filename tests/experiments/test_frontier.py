@@ -82,6 +82,21 @@ def test_tiny_frontier_writes_every_method_to_csv_json_and_png(tiny_run):
   for method in r.methods:
     mine = [x for x in records if x["stage"] == f"rl_{method}_kl={r.kl_coefs[0]:g}"]
     assert [x["step"] for x in mine] == list(range(1, r.steps + 1)) and "policy/approx_kl" in mine[0], method
+  steps = config.optim.total_steps
+  for method in f.online_methods:  # online / iterative DPO: every beta, measured at the DPO eval steps
+    assert {(p["setting"], p["step"]) for p in by_method[method]} == {
+        (f"beta={b:g}", s) for b in f.online_betas for s in f.eval_steps}, method
+    for b in f.online_betas:
+      run = saved["online"][f"{method} beta={b:g}"]
+      iterative = method.startswith("Iterative")
+      rounds, n = (f.iterative_rounds, f.iterative_samples) if iterative else (steps, 2)
+      prompts = f.iterative_prompts_per_round if iterative else config.batch_size
+      assert (run["rounds"], run["steps"], run["samples"]) == (rounds, steps, rounds * prompts * n), method
+      assert 0 < run["pairs"] <= rounds * prompts and 0.0 <= run["tie_frac"] < 1.0
+      mine = [x for x in records if x["stage"] == f"online_{method}_beta={b:g}" and "online/score" in x]
+      assert [x["online/round"] for x in mine] == list(range(rounds)), method
+      if iterative:  # pairs kept: the pool grows round by round
+        assert [x["online/pool_pairs"] for x in mine] == sorted(x["online/pool_pairs"] for x in mine)
   with open(os.path.join(workdir, "frontier.png"), "rb") as fh:
     assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "| DPO | beta=0.1 |" in frontier.format_table(rows)
@@ -123,6 +138,11 @@ def test_plot_from_the_csv_alone(tmp_path):
     ({"rl.score_norm": "z"}, "config.rl.score_norm"),
     ({"rl.value_init": "random"}, "config.rl.value_init"),
     ({"rl.kl_estimator": "k2"}, "config.rl.kl_estimator"),
+    ({"frontier.online_methods": ("Online DPO", "Offline DPO")}, "config.frontier.online_methods"),
+    ({"frontier.online_betas": (0.0,)}, "config.frontier.online_betas"),
+    ({"frontier.iterative_rounds": 3}, "config.frontier.iterative_rounds=3"),
+    ({"frontier.iterative_samples": 1}, "a pair needs two responses"),
+    ({"frontier.reward_model_steps": 0, "rl.methods": ()}, "judged by the reward model"),
 ])
 def test_bad_frontier_configs_are_refused_before_any_compute(overrides, match, tmp_path):
   config = override(frontier_config(), overrides)

@@ -220,3 +220,22 @@ def test_padding_past_the_embedding_table_changes_nothing(saved):
   scores = [np.asarray(_scores_jit(make_model(cfg), params, x, mask, None)) for x in (ids, past)]
   assert np.all(np.isfinite(scores[1]))
   np.testing.assert_array_equal(scores[1], scores[0])
+
+
+def test_the_online_hf_judge_scores_prompt_plus_response_as_torch_does(saved, tmp_path):
+  """judge='hf' (dpo_jax/train/judges.py): the folder's own tokenizer, `prompt + response` texts, `[B, n]` scores."""
+  import shutil
+  import types
+  from dpo_jax.train import judges
+  model, path = saved["qwen3"]
+  folder = tmp_path / "qwen3_rm"
+  shutil.copytree(path, folder)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(synthetic.TOKENIZER_DIR))
+  tokenizer.save_pretrained(folder)
+  judge = judges.hf_judge(str(folder), types.SimpleNamespace(mesh=None, rules=None), batch_size=3)
+  prompts = ["Write a review:", "Your verdict?"]
+  responses = [[" a great film", " dull"], [" i loved it", " bad"]]
+  ours = judge(prompts, responses)
+  theirs = np.array([[_torch_scores(model, [tokenizer(p + r)["input_ids"]])[0] for r in rs]
+                     for p, rs in zip(prompts, responses)])
+  assert ours.shape == (2, 2) and _max_rel_error(ours, theirs) <= 1e-5
