@@ -156,11 +156,12 @@ def make_round(ro_tokens: np.ndarray, ro_mask: np.ndarray, scores_PxN: np.ndarra
   keep = np.flatnonzero(kept)
   gap = scores_PxN[keep, chosen[keep]] - scores_PxN[keep, rejected[keep]]
   metrics = {"online/score": float(scores_PxN.mean()), "online/score_std": float(scores_PxN.std()),
-             "online/chosen_score": float(scores_PxN[keep, chosen[keep]].mean()) if keep.size else float("nan"),
-             "online/rejected_score": float(scores_PxN[keep, rejected[keep]].mean()) if keep.size else float("nan"),
              "online/score_gap": float(gap.mean()) if keep.size else 0.0, "online/pairs": float(keep.size),
              "online/tie_frac": float(1.0 - keep.size / p), "online/prompts": float(p), "online/samples": float(p * n),
              "online/length": float(lengths.mean()), **extra}
+  if keep.size:  # a round of ties has no pairs to average (and TensorBoard refuses NaN)
+    metrics.update({"online/chosen_score": float(scores_PxN[keep, chosen[keep]].mean()),
+                    "online/rejected_score": float(scores_PxN[keep, rejected[keep]].mean())})
   return Round(prompt_index[keep], [response(i, chosen[i]) for i in keep], [response(i, rejected[i]) for i in keep],
                metrics)
 
@@ -314,6 +315,10 @@ def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple
   for round_num in range(done // o.steps_per_round, o.rounds):
     first_step = round_num * o.steps_per_round
     rnd = load_round(rounds_dir, round_num) if workdir_state and done > first_step else None
+    if rnd is None and done > first_step:  # resampling from a mid-round policy would train on other pairs
+      raise FileNotFoundError(f"{STAGE}: the checkpoint in {directory} is at step {done}, inside round {round_num}, "
+                              f"whose pairs file {round_path(rounds_dir, round_num)} is missing; restore it or start "
+                              "in a new --workdir.")
     if rnd is None:
       rnd = sample_round(rt, sampling_params(state), reference, prompts, judge, tokenizer, round_num)
       if workdir_state:

@@ -241,3 +241,13 @@ def test_kill_9_mid_round_and_at_a_round_boundary_resume_to_the_uninterrupted_su
       k: expected_summary[k] for k in ("pi_ref", "pi_theta", "online")}
   assert summary["online"]["samples"] == 4 * 8 * 4  # rounds x prompts x n, each round counted once
 
+
+
+def test_the_example_rule_judges_load_by_path_and_score():
+  path = os.path.join(REPO_ROOT, "examples", "rule_judges.py")
+  fmt = judges.callable_judge(f"{path}:sentence_format")
+  assert fmt(["Q?"], [["Yes, it is.", "yes it is", " ".join(["Word"] * 50) + "."]]).tolist() == [[1.0, 0.0, 0.9]]
+  exact = judges.callable_judge(f"{path}:sum_exact_match")
+  assert exact(["What is 12 + 30?", "Hello"], [["42, surely", "It is 41"], ["42", "hi"]]).tolist() == [
+      [1.0, 0.0], [0.0, 0.0]]
+  assert judges.callable_judge(f"{path}:brevity")(["x"], [["a b c", "a"]]).tolist() == [[-3.0, -1.0]]
