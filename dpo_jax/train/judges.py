@@ -142,7 +142,7 @@ def hf_judge(path: str, rt: Any, batch_size: int) -> Judge:
     return hf.score_texts(model, params, info, tokenizer, [p + c for p, c in zip(prompts, completions)],
                           batch_size=batch_size)
 
-  print(f"judge: HF sequence classifier {path} ({info['model_type']}, pad id {info['pad_token_id']})")
+  print(f"judge: HF sequence classifier {path} ({info.model_type}, pad id {info.pad_token_id})")
   return Judge(f"hf {path}", score)
 
 

@@ -41,19 +41,9 @@ _scores_jit = jax.jit(reward_models.classifier_scores, static_argnums=(0, 4))
 
 
 def _classifier(cls, seed: int = 0, **kwargs):
-  """Random fp32 classifier; norms and biases randomised (as `random_hf_model`), the score row of unit scale."""
-  torch.manual_seed(seed)
+  """Random fp32 classifier (`random_hf_model`: norms and biases randomised, the score row of unit scale)."""
   config = cls(**{**TINY, "num_labels": 1, **kwargs}, attn_implementation="eager")
-  model = transformers.AutoModelForSequenceClassification.from_config(config).float().eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-      elif name == "score.weight":
-        p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-  return model
+  return random_hf_model(config, seed, auto_class=transformers.AutoModelForSequenceClassification)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def test_scores_match_torch(saved, family):
   model, path = saved[family]
   cfg, params, info = hf.load_sequence_classifier(path)
   assert (info.model_type, info.num_labels, info.pad_token_id) == (family, 1, EOS)
-  assert info["pad_token_id"] == EOS and info.architecture == model.config.architectures[0]
+  assert info.pad_token_id == EOS and info.architecture == model.config.architectures[0]
   assert cfg.tie_embeddings and "lm_head" not in params["backbone"]
   np.testing.assert_array_equal(params["head"]["kernel"], model.score.weight[0].detach().numpy())
   assert params["head"]["bias"].shape == () and params["head"]["bias"] == 0

@@ -152,6 +152,10 @@ REFUSALS = [
     ({"data.reference_logps": True}, "reference_logps=True needs config.stage='dpo'"),
     ({"ref_update.mode": "soft"}, "ref_update.mode does not apply to stage 'online_dpo'"),
     ({"reward_model.steps": 0}, "reward_model.steps"),
+    ({"reward_model.batch_size": 0}, "reward_model.batch_size"),
+    ({"reward_model.learning_rate": 0.0}, "reward_model.learning_rate"),
+    ({"reward_model.warmup_steps": -1}, "reward_model.warmup_steps"),
+    ({"stage": "reward_model", "reward_model.batch_size": 6}, "reward_model.batch_size=6 is not divisible"),
 ]
 
 

@@ -46,13 +46,6 @@ class ClassifierInfo:
   #: none (transformers then reads the last column, and refuses batches of more than one row).
   pad_token_id: int | None
 
-  def __getitem__(self, field: str) -> Any:
-    """``info["pad_token_id"]`` reads like ``info.pad_token_id``, for callers that keep the info as a mapping."""
-    if field not in {f.name for f in dataclasses.fields(self)}:
-      raise KeyError(f"ClassifierInfo has no field {field!r}; its fields: "
-                     f"{[f.name for f in dataclasses.fields(self)]}.")
-    return getattr(self, field)
-
 
 def classifier_model(cfg: ModelConfig, shard: Any = None) -> Any:
   """The decoder `classifier_scores` and `score_texts` run: ``make_model(cfg, shard)`` for the loaded config
