@@ -164,7 +164,8 @@ def load_callable(spec: str) -> Callable:
     try:
       module = importlib.import_module(module_name)
     except ImportError as e:
-      raise ValueError(f"{where}: cannot import {module_name!r} ({e}); put it on PYTHONPATH or give a .py path.") from None
+      raise ValueError(f"{where}: cannot import {module_name!r} ({e}); put it on PYTHONPATH or give a .py "
+                       "path.") from None
   fn = getattr(module, fn_name, None)
   if not callable(fn):
     raise ValueError(f"{where}: {module_name!r} has no function {fn_name!r}.")

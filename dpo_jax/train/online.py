@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from dpo_jax import evaluate, lora as lora_lib, losses, rollout as rollout_lib, sample, step
+from dpo_jax import evaluate, lora as lora_lib, losses, rollout as rollout_lib, sample, sharding as sharding_lib, step
 from dpo_jax.data import preference
 from dpo_jax.train import checkpoint, judges as judges_lib, loop, metrics as metrics_lib, runtime
 
@@ -231,8 +231,11 @@ def sample_round(rt: runtime.Runtime, policy_params: Any, reference: Any, prompt
   pad_id, eos_id = preference.special_ids(tokenizer)
   index = round_prompts(len(prompts), o.prompts_per_round, config.seed + 5, round_num)
   ids, mask = evaluate.left_pad_prompts([prompts[int(i)][1] for i in index for _ in range(n)], pad_id)
+  rows = sharding_lib.named_sharding(rt.mesh, rt.rules, ("batch", None))
+  # Every host holds the whole round's prompts; each device takes its rows (also across hosts).
+  on_mesh = lambda x: jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
   start = time.perf_counter()
-  ro = rollout_fn(rt, tokenizer)(policy_params, reference, ids, mask,
+  ro = rollout_fn(rt, tokenizer)(policy_params, reference, on_mesh(ids), on_mesh(mask),
                                  jax.random.fold_in(jax.random.key(config.seed), 4000 + round_num))
   tokens, resp_mask = judges_lib.host_array(ro.response_ids), judges_lib.host_array(ro.response_mask)
   kl = judges_lib.host_array((ro.logps - ro.ref_logps).sum(axis=1))

@@ -140,7 +140,8 @@ def load(path: str, *, mesh: Any = None, rules: Any = None) -> tuple[model_lib.M
   with open(meta_file) as f:
     meta = json.load(f)
   cfg = model_lib.ModelConfig.from_dict(meta.pop("model"))
-  head = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32), "bias": jax.ShapeDtypeStruct((), jnp.float32)}
+  head = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32),
+          "bias": jax.ShapeDtypeStruct((), jnp.float32)}
   like = {"backbone": model_lib.abstract_params(cfg), "head": head}  # rl_step.scalar_head_model's shapes
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

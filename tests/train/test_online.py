@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import model as model_lib, rl_step, rollout as rollout_lib
-from dpo_jax.data import preference
+from dpo_jax.data import preference, synthetic
 from dpo_jax.train import config_checks, judges, online, pipeline, reward_model, runtime
 from paths import REPO_ROOT
 from subprocess_env import without_emulated_devices
@@ -177,7 +177,10 @@ def test_reward_model_stage_then_iterative_lora_dpo_judged_by_it(tmp_path, capsy
   """stage=reward_model saves r_phi; stage=online_dpo with it as the judge, LoRA, grad accumulation, kept pairs
   and a sequence axis (8 devices: data 4 x sequence 2)."""
   workdir = str(tmp_path)
-  base = {"sft.steps": 0, "mesh.sequence": 2, "eval.num_prompts": 8, "eval.every_steps": 3}
+  with open(synthetic.test_path()) as f, open(tmp_path / "test.jsonl", "w") as out:
+    out.writelines(line for line, _ in zip(f, range(32)))  # a short held-out set: the evaluations are not the point
+  base = {"sft.steps": 0, "mesh.sequence": 2, "eval.num_prompts": 8, "eval.every_steps": 3,
+          "data.test": str(tmp_path / "test.jsonl")}
   rm = pipeline.run(tiny(**base, stage="reward_model"), workdir)
   assert os.path.isfile(os.path.join(workdir, "reward_model", reward_model.META_FILE))
   assert 0.0 <= rm["reward_model"]["held_out"]["accuracy"] <= 1.0
