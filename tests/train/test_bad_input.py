@@ -234,7 +234,8 @@ def test_tokenizer_without_pad_pads_with_eos_and_says_so(tmp_path, capsys):
     ("--noconfig.progres_bar", r"Did you mean 'progress_bar'\?"),
     ("--config.seed.x=1", r"config.seed is a value \(0\), not a group"),
     ("--config.data.batch_size=0", r"config.data has no field 'batch_size'\. Did you mean config\.batch_size "
-                                   r"\(or config\.eval\.batch_size, config\.sft\.batch_size\)\?"),
+                                   r"\(or config\.eval\.batch_size, config\.reward_model\.batch_size, "
+                                   r"config\.sft\.batch_size\)\?"),
     ("--config.optim.beta=0.5", r"config.optim has no field 'beta'\. Did you mean config\.loss\.beta\?"),
 ])
 def test_unknown_config_field_suggests_the_closest_name(flag, pattern):
