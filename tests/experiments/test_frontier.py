@@ -174,3 +174,16 @@ def test_command_line_overrides_are_checked_against_the_frontier_config():
     config_checks.check_override_flags(["--config.frontier.betaz=(0.1,)"], default)
   with pytest.raises(SystemExit, match="frontier"):  # the trainer's own config has no frontier block
     config_checks.check_override_flags(["--config.frontier.sft_data=chosen"])
+
+
+def test_merging_two_runs_needs_identical_shared_rows():
+  spec = importlib.util.spec_from_file_location("merge_frontier", os.path.join(ROOT, "scripts", "merge_frontier.py"))
+  merge = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(merge)
+  row = lambda m, s, step, r: {"method": m, "setting": s, "step": step, "reward": r, "reward_stderr": 0.1, "kl": 1.0,
+                               "kl_stderr": 0.1, "length": 12.0, "num_samples": 8}
+  base = [row("SFT", "", 0, 0.0), row("DPO", "beta=0.1", 10, 1.0), row("PPO", "kl=0.2", 5, 2.0)]
+  add = [row("SFT", "", 0, 0.0), row("DPO", "beta=0.1", 10, 1.0), row("Online DPO", "beta=0.1", 10, 3.0)]
+  assert [r["method"] for r in merge.merge(base, add)] == ["SFT", "DPO", "PPO", "Online DPO"]
+  with pytest.raises(SystemExit, match="disagree on 1 of 2 shared rows"):
+    merge.merge(base, [row("SFT", "", 0, 0.5)] + add[1:])
