@@ -324,7 +324,7 @@ def read_csv(path: str) -> list[dict]:
 
 COLORS = {"SFT": "black", "DPO": "tab:red", "Preferred-FT": "tab:blue", "Unlikelihood": "tab:green",
           "Best-of-N": "tab:purple", "PPO": "tab:orange", "PPO-GT": "tab:brown", "GRPO": "tab:cyan",
-          "RLOO": "tab:olive", "Online DPO": "crimson", "Online DPO-GT": "salmon", "Iterative DPO": "darkmagenta",
+          "RLOO": "tab:olive", "Online DPO": "navy", "Online DPO-GT": "salmon", "Iterative DPO": "darkmagenta",
           "Iterative DPO-GT": "orchid"}
 MARKERS = "os^vDPX*h<>"
 
