@@ -16,8 +16,9 @@ configs/default.py's loss (beta 0.1) and optimizer (lr 1e-3, cosine):
 The online methods' judge is `--judge` (default r* of the embedded task: what the pairs' labels are drawn from; the
 reward model path of the frontier is in docs/frontier.md). Every run is measured by the trainer's own evaluation:
 held-out preference accuracy on the test pairs' labels, and mean r* and KL(pi || pi_ref) on fresh temperature-1
-samples for 200 held-out prompts (config.eval). Wall time is the stage's, from the command to its summary (compiles
-included); sample / judge seconds are the online stage's own split. `--smoke`: the tiny config, a few steps (a test).
+samples, 2 for each held-out prompt (config.eval: 200 prompts at most; the task has 48). Wall time is the stage's,
+from the command to its summary (compiles included); sample / judge seconds are the online stage's own split.
+`--smoke`: the tiny config, a few steps.
 """
 
 from __future__ import annotations
