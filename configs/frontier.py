@@ -87,8 +87,8 @@ def get_config(arg=None):
   c.eval.update(samples_per_prompt=8)  # per point: 8 samples for each of the 48 held-out prompts
   if arg == "tiny":
     c.frontier.update(betas=(0.1, 0.5), eval_steps=(5, 10), unlikelihood_alphas=(1.0,), reward_model_steps=10,
-                      best_of_n=(1, 2, 4), online_betas=(0.5,), iterative_rounds=2, iterative_samples=4,
-                      iterative_prompts_per_round=16)
+                      best_of_n=(1, 2, 4), online_methods=("Online DPO", "Iterative DPO-GT"), online_betas=(0.5,),
+                      iterative_rounds=2, iterative_samples=4, iterative_prompts_per_round=16)  # both judges, shapes
     c.optim.update(total_steps=10, warmup_steps=2)
     c.eval.update(samples_per_prompt=1)
     c.rl.update(kl_coefs=(0.1,), steps=2, eval_steps=(2,), rollout_batch_size=32, group_size=4, epochs=1,

@@ -284,8 +284,13 @@ def run(rt: runtime.Runtime, start: Any, reference: Any, prompts: Sequence[tuple
   example = preference.make_batch(dummy, np.zeros(config.batch_size, np.int64), kind=kind)
   example.pop("row_ids")
   uses_reference = losses.needs_reference(losses.from_config(config.loss)[0])  # SimPO, ORPO, ...: no pi_ref forward
-  dpo_step, optimizer, shardings, spec = runtime.dpo_train_step(rt, example, with_reference=uses_reference,
-                                                                stage=STAGE)
+  # One compile per step program: runs of one process (the frontier's methods at one beta) that differ only in
+  # sampling, judging or pairing share it. The key holds everything the step is built from.
+  lora_fields = config.lora.to_dict() if "lora" in config else {}
+  step_key = json.dumps([config.loss.to_dict(), config.optim.to_dict(), total_steps, lora_fields, config.seed, kind,
+                         {k: (v.shape, str(v.dtype)) for k, v in example.items()}], default=str, sort_keys=True)
+  dpo_step, optimizer, shardings, spec = rt.jitted(f"online_dpo_step_{step_key}", lambda: runtime.dpo_train_step(
+      rt, example, with_reference=uses_reference, stage=STAGE))
   policy = Policy(spec, start if spec is not None else None)
   first = runtime.initial_adapters(rt, spec, shardings.params) if spec is not None else start
   if mngr is not None:
