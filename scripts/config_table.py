@@ -35,7 +35,7 @@ def rows(source: str = SOURCE.read_text()) -> list[tuple[str, str, str]]:
 
 GROUPS = {"": "Run, batch and logging", "data": "Data", "model": "Model", "hf": "Hugging Face checkpoints",
           "lora": "LoRA", "mesh": "Mesh", "sharding": "Sharding", "loss": "Loss", "ref_update": "Reference updates",
-          "optim": "Optimizer", "sft": "SFT stage", "eval": "Evaluation", "perf": "Performance accounting",
+          "optim": "Optimizer", "sft": "SFT stage", "eval": "Evaluation", "perf": "Performance accounting and the compile cache",
           "dry_run": "Dry run", "frontier": "Frontier experiment", "rl": "RL baselines of the frontier",
           "online": "Online and iterative DPO (stage online_dpo)", "reward_model": "Reward model stage"}
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from dpo_jax import flops, step
 from dpo_jax.data import packing, preference
-from dpo_jax.train import checkpoint, metrics as metrics_lib, runtime
+from dpo_jax.train import checkpoint, compile_cache, metrics as metrics_lib, runtime, startup
 
 
 def _check_finite(name: str, step_num: int, values: dict, row_ids: np.ndarray, ckpt_dir: str) -> None:
@@ -131,8 +131,16 @@ def train_loop(rt: runtime.Runtime, *, name: str, step_fn: Callable, state: step
     if step_num >= num_steps:
       break
     row_ids = local.pop("row_ids")
+    first = step_num == start
+    if first:
+      counter, t0 = compile_cache.Counter(), time.perf_counter()
     state, m = step_fn(state, rt.to_global(local))
-    if step_num == start:  # the first call compiled the step (synchronously, before dispatch): not step time
+    if first:  # the first call compiled the step (synchronously, before dispatch): not step time
+      t1 = time.perf_counter()
+      jax.block_until_ready(m)
+      for line in startup.first_step_lines(name, t1 - t0, time.perf_counter() - t1, counter.hits, counter.misses,
+                                           compile_cache.folder()):
+        say(line)
       window["start"] = time.perf_counter()
     if pending is not None:
       finish(pending)

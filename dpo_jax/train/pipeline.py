@@ -24,7 +24,8 @@ from dpo_jax import evaluate, flops, logprobs as logprobs_lib, lora as lora_lib,
 from dpo_jax.data import packing, preference, synthetic
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
-from dpo_jax.train import checkpoint, config_checks, judges, loop, online, reference_update, reward_model, runtime
+from dpo_jax.train import checkpoint, compile_cache, config_checks, judges, loop, online, reference_update, reward_model
+from dpo_jax.train import runtime, startup
 from dpo_jax.train import workdir as workdir_lib
 
 
@@ -232,6 +233,8 @@ def run(config: Any, workdir: str) -> dict:
   Raises `Preempted` after SIGTERM, once the current step is checkpointed (rerun to resume).
   """
   config_checks.validate_config(config, jax.device_count())
+  compile_cache.enable(config.perf.get("compile_cache", "auto"))  # before the first compile
+  startup.reset()
   # Writable, not full, and ours alone, before any data or compute.
   with workdir_lib.held(workdir, claimant=jax.process_index() == 0):
     return _run_stages(config, workdir)
@@ -239,14 +242,18 @@ def run(config: Any, workdir: str) -> dict:
 
 def _run_stages(config: Any, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  tokenizer = runtime.load_tokenizer(config.data.tokenizer, config.hf.model_path, config.hf.trust_remote_code)
-  train, test, rows, stats = runtime.load_pairs(config, tokenizer)
+  with startup.phase("load"):
+    tokenizer = runtime.load_tokenizer(config.data.tokenizer, config.hf.model_path, config.hf.trust_remote_code)
+  with startup.phase("tokenize"):
+    train, test, rows, stats = runtime.load_pairs(config, tokenizer)
   runtime.report_data(stats)
   runtime.check_data_fits_loss(config, stats)
   loop.install_preemption_handler()
   rt = runtime.build_runtime(config, workdir, len(tokenizer))
   print(f"mesh {dict(rt.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); model "
         f"{model_lib.count_params(model_lib.abstract_params(rt.model_cfg)):,} params; stage {config.stage}")
+  if config.model.get("remat") == "auto" and jax.process_index() == 0:
+    print(f"remat: {runtime.resolve_remat(config, rt.model_cfg)[1]}")
 
   summary: dict = {"config": config.to_dict(), "data": stats}
   prompts = unique_prompts(test, tokenizer)
