@@ -96,10 +96,14 @@ def get_config(arg=None):
       #                                 (tokens i, i+n, ...), 'none' (contiguous: the last shard works ~2n-1 times the
       #                                 first). Log-probs are unchanged by it.
       matmul_precision="default",  # 'highest' for full-fp32 matmuls on TPU (default there is bf16 passes).
-      remat="none",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable'.
+      remat="auto",  # gradient checkpointing per layer: 'none' | 'full' | 'dots_saveable' | 'auto' ('full' when the
+      #                estimated saved activations exceed half a device's memory left after params, AdamW, grads and
+      #                pi_ref, else 'none'; the dry run and the trainer print the estimate).
       scan_layers=False,  # jax.lax.scan over layers: fast compile for deep models.
-      logits_chunk_size=0,  # > 0: log-probs computed this many positions at a time, never holding [2B, T, vocab]
-      #                       logits (same numbers; memory grows with the chunk, not T). 0 = all at once.
+      logits_chunk_size="auto",  # log-probs computed this many positions at a time, never holding [2B, T, vocab]
+      #                            logits (same numbers; memory grows with the chunk, not T); "0" = all at once;
+      #                            'auto' = chunks of <= 256 MiB of logits per device when they exceed 1 GiB (the
+      #                            dry run prints the choice; dpo_jax/logprobs.py's logits_chunk).
       weight_grad_gemm="auto",  # every projection's weight gradient x^T dy: 'row_major' transposes the narrower
       #                           of x and dy as its own array and runs a row-major GEMM (on XLA:CPU faster than
       #                           its strided copy of dy fused into the backward; README benchmark), 'xla' leaves
@@ -244,6 +248,9 @@ def get_config(arg=None):
       #                  device kind (dpo_jax/flops.py), or on CPU a matmul measured at start-up.
       device_memory_gib=0.0,  # --dry_run: memory per device to check the plan against (e.g. 95 for a TPU v5p
       #                         chip, 80 for an H100); 0 = no check (a TPU topology's dry run: its chip's HBM).
+      compile_cache="auto",  # JAX's persistent compilation cache folder: reruns, resumes and sweep members read
+      #                        compiled steps instead of compiling (dpo_jax/train/compile_cache.py). 'auto' =
+      #                        $JAX_COMPILATION_CACHE_DIR, else ~/.cache/dpo_jax/xla; '' = off.
   ))
 
   c.dry_run = ml_collections.ConfigDict(dict(
@@ -275,8 +282,7 @@ def get_config(arg=None):
     c.reward_model.update(steps=10, batch_size=8, warmup_steps=2)
   elif arg == "1b":  # ~1.1B params (TinyLlama-1.1B's shape) for a GPU or TPU: bf16 compute, fp32 params and Adam
     c.model.update(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
-                   num_kv_heads=4, tie_embeddings=False, compute_dtype="auto", scan_layers=True,
-                   logits_chunk_size=512)
+                   num_kv_heads=4, tie_embeddings=False, compute_dtype="auto", scan_layers=True)
     c.max_length, c.max_prompt_length = 2048, 1024
     c.batch_size = 8
   elif arg == "lora":  # DPO with rank-8 adapters on every projection of the pi_ref that SFT makes

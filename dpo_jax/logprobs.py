@@ -32,13 +32,14 @@ equal the unsharded ones up to fp32 summation order).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from dpo_jax import context_parallel, model as model_lib
-from dpo_jax.sharding import constrain
+from dpo_jax.sharding import constrain, logical_to_spec
 
 
 # bf16 compute (`model.compute_dtype='bfloat16'`, fp32 params, fp32 log-softmax) against fp32: the largest relative
@@ -48,6 +49,40 @@ from dpo_jax.sharding import constrain
 # (worst absolute 0.49 nats, mean |logp| 86 nats); after 300-1800 SFT steps (seeds 0-2) 6.2e-3. The bound is ~3x.
 # Checked by tests/core/test_mixed_precision.py and on a GPU by benchmarks/device_check.py.
 BF16_LOGPS_RTOL = 2e-2
+
+
+# `model.logits_chunk_size='auto'` (`logits_chunk`): the LM head runs in chunks when one device's fp32 logits for a
+# forward would exceed AUTO_CHUNK_BYTES, each chunk then holding at most AUTO_CHUNK_BLOCK_BYTES of them. Chunking
+# recomputes the head's forward in the backward pass (one more head matmul), so it pays only where the logits are
+# large: on the smollm2-135m shape (benchmarks/dpo_step.py: V = 49,152, 2 pairs x 512 tokens, fp32, 2-core AMD EPYC)
+# two chunks of 192 positions saved 272 MiB of a 6.8 GiB step (4%) and cost 9% of its time; the backward holds ~3
+# arrays of the logits' size (logits, softmax, their gradient), so past 1 GiB of logits the saving is >= 3 GiB.
+AUTO_CHUNK_BYTES = 2 ** 30
+AUTO_CHUNK_BLOCK_BYTES = 256 * 2 ** 20
+
+
+def logits_chunk(cfg: Any, rows: int, positions: int, shard: Any = None) -> tuple[int, str]:
+  """(chunk size C, why) of `cfg.logits_chunk_size` for the head's `[rows, positions, V]` fp32 logits per forward.
+
+  An int setting is returned as is. 'auto' chunks when the per-device logits (rows over the mesh axes the 'batch'
+  logical axis is sharded over) exceed AUTO_CHUNK_BYTES, into the fewest chunks of <= AUTO_CHUNK_BLOCK_BYTES (C a
+  multiple of 8); else C = 0, all at once.
+  """
+  setting = getattr(cfg, "logits_chunk_size", 0)
+  if setting != "auto":
+    return setting, "set"
+  shards = 1
+  if shard is not None:
+    axes = logical_to_spec(("batch",), shard.rules)[0]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    shards = max(1, min(rows, math.prod(shard.mesh.shape[a] for a in axes)))
+  per_device = -(-rows // shards) * positions * cfg.vocab_size * 4
+  need = f"[{-(-rows // shards)}, {positions}, {cfg.vocab_size}] fp32 logits per device = {per_device / 2 ** 20:.0f} MiB"
+  if per_device <= AUTO_CHUNK_BYTES:
+    return 0, f"'auto': all at once ({need} <= {AUTO_CHUNK_BYTES / 2 ** 20:.0f} MiB)"
+  chunks = -(-per_device // AUTO_CHUNK_BLOCK_BYTES)
+  chunk = min(-(-positions // chunks // 8) * 8, positions) if positions >= 8 else positions
+  return chunk, f"'auto': {chunk} positions per chunk ({need} > {AUTO_CHUNK_BYTES / 2 ** 20:.0f} MiB)"
 
 
 class SequenceLogps(NamedTuple):
@@ -165,9 +200,13 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> S
   A packed batch (`pack_slots` `[R, P]`) gives per-segment results `[R * 2P]` in the unpacked order; a
   shared-prompt batch per response `[K B]` (module docstring).
   """
-  chunk = getattr(getattr(model, "cfg", None), "logits_chunk_size", 0)
+  cfg, shard = getattr(model, "cfg", None), getattr(model, "shard", None)
+  ids = batch["input_ids"]
+  # The head scores T - 1 positions of each row ([N, R] of a shared-prompt batch; per device under 'sequence').
+  positions = ids.shape[1] - (0 if shares_prompts(batch) else 1)
+  shards = context_parallel.degree(shard)
+  chunk, _ = logits_chunk(cfg, ids.shape[0], -(-positions // shards), shard)
   head = lambda h: model_lib.apply_params(model, params, h, method="logits")
-  shards = context_parallel.degree(getattr(model, "shard", None))
   if shards > 1:
     return _sequence_sharded_logps(model, params, batch, head, chunk, shards)
   if shares_prompts(batch):

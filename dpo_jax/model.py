@@ -87,7 +87,9 @@ class ModelConfig:
   compute_dtype: str = "float32"
   matmul_precision: str = "default"  # 'highest' for true fp32 matmuls on TPU
   remat: str = "none"  # one of REMAT_POLICIES
-  logits_chunk_size: int = 0  # > 0: log-probs from the LM head in sequence chunks (logprobs.py); 0: all at once
+  # > 0: log-probs from the LM head in sequence chunks (logprobs.py); 0: all at once; 'auto': chunk when the logits
+  # are large (`logprobs.logits_chunk`).
+  logits_chunk_size: int | str = "auto"
   scan_layers: bool = False
   weight_grad_gemm: str = "auto"  # one of WEIGHT_GRAD_GEMMS: 'row_major' on CPU, 'xla' elsewhere when 'auto'
   attention_impl: str = "auto"  # one of attention.ATTENTION_IMPLS; 'auto' picks by platform and shapes
@@ -118,8 +120,12 @@ class ModelConfig:
                        f"{list(context_parallel.LOAD_BALANCE)}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
-    if self.logits_chunk_size < 0:
-      raise ValueError(f"model: logits_chunk_size={self.logits_chunk_size} must be >= 0 (0 = no chunking).")
+    if isinstance(self.logits_chunk_size, str) and self.logits_chunk_size.isdigit():  # a config flag's string
+      object.__setattr__(self, "logits_chunk_size", int(self.logits_chunk_size))
+    if self.logits_chunk_size != "auto" and (not isinstance(self.logits_chunk_size, int)
+                                             or self.logits_chunk_size < 0):
+      raise ValueError(f"model: logits_chunk_size={self.logits_chunk_size!r} must be an int >= 0 (0 = no chunking) "
+                       "or 'auto'.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     if self.resolved_head_dim % 2:

@@ -53,7 +53,7 @@ def plan_config(model: str, tokens: int, remat: str, chips: int) -> object:
   from configs.default import get_config
   c = get_config()
   c.model.update(MODELS[model], compute_dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=remat,
-                 logits_chunk_size=1024, attention_impl="auto")
+                 logits_chunk_size="1024", attention_impl="auto")
   sequence = 8 if tokens >= 32768 else 1
   c.mesh.update(data=1, fsdp=chips // sequence, sequence=sequence, tensor=1)
   c.batch_size = chips // sequence

@@ -76,7 +76,6 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "model.rope_theta": _POSITIVE,
     "model.rms_norm_eps": _POSITIVE,
     "model.initializer_range": _NON_NEGATIVE,
-    "model.logits_chunk_size": (lambda v: v >= 0, ">= 0 (0 = all positions at once)"),
     "reward_model.steps": _AT_LEAST_1,
     "reward_model.batch_size": _AT_LEAST_1,
     "reward_model.learning_rate": _POSITIVE,
@@ -106,6 +105,10 @@ def check_ranges(config: Any) -> None:
   found, value = _lookup(config, "data.on_bad_row")
   if found:
     rows_lib.check_on_bad_row(value)
+  found, value = _lookup(config, "model.logits_chunk_size")
+  if found and not (value == "auto" or str(value).isdigit()):
+    raise ValueError(f"config.model.logits_chunk_size={value!r} is not a chunk size: use 'auto' or a whole number "
+                     ">= 0 (0 = all positions at once). Fix --config.model.logits_chunk_size.")
 
 
 def closest(name: str, names: Any) -> str:

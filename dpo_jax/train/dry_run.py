@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import lora as lora_lib, losses, model as model_lib, sharding, step
+from dpo_jax import logprobs, lora as lora_lib, losses, model as model_lib, sharding, step
 
 GiB = 1024 ** 3
 
@@ -178,6 +178,12 @@ def report(config: Any, *, compile_step: bool = True) -> dict:
                [(r.path, r.shape, r.dtype, r.logical_axes, r.spec, r.device_shape, _fmt_bytes(r.device_bytes))
                 for r in rows]))
 
+  chunk, why = logprobs.logits_chunk(model_cfg, 2 * config.batch_size, config.max_length - 1,
+                                     sharding.ShardingContext(mesh, rules))
+  print(f"LM head: logits_chunk_size={model_cfg.logits_chunk_size!r} -> {chunk} ({why}; a batch of "
+        f"{2 * config.batch_size} rows x {config.max_length - 1} scored positions)")
+  if config.model.get("remat") == "auto":
+    print(f"remat: {runtime.resolve_remat(config, model_cfg)[1]}")
   activations = None
   if compile_step:
     mem = step_memory(config, model_lib.make_model(model_cfg, sharding.ShardingContext(mesh, rules)), model_cfg,

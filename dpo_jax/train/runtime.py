@@ -17,7 +17,7 @@ from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, optim, 
 from dpo_jax.data import preference, schemas, synthetic
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
-from dpo_jax.train import checkpoint, metrics as metrics_lib
+from dpo_jax.train import checkpoint, metrics as metrics_lib, startup
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -162,18 +162,80 @@ NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", 
                    "weight_grad_gemm", "attention_impl", "context_parallel", "context_load_balance")
 
 
-def model_config(config: Any, platform: str = "") -> model_lib.ModelConfig:
+def model_config(config: Any, platform: str = "", devices: int | None = None,
+                 device_bytes: float | None = None) -> model_lib.ModelConfig:
   """The model of `config` (`config.model`, or the checkpoint `hf.model_path` with config.model's numerics), built
-  for `platform` ('' = where this process runs; 'tpu' for a TPU topology's dry run from a CPU host)."""
+  for `platform` ('' = where this process runs; 'tpu' for a TPU topology's dry run from a CPU host).
+
+  `model.remat='auto'` is resolved here (`resolve_remat`) for `devices` devices of `device_bytes` each (default:
+  this process's devices, `device_memory`)."""
+  remat = config.model.get("remat", "none")
+  fields = {**config.model, "remat": "none" if remat == "auto" else remat}
   if not config.hf.model_path:
-    return model_lib.ModelConfig.from_dict({**config.model, "platform": platform})
-  from transformers import AutoConfig
-  numerics = {f: config.model[f] for f in NUMERICS_FIELDS}
-  numerics["platform"] = platform
-  return hf.model_config_from_hf(
-      AutoConfig.from_pretrained(config.hf.model_path, trust_remote_code=config.hf.trust_remote_code), **numerics)
+    cfg = model_lib.ModelConfig.from_dict({**fields, "platform": platform})
+  else:
+    from transformers import AutoConfig
+    numerics = {f: fields[f] for f in NUMERICS_FIELDS}
+    numerics["platform"] = platform
+    cfg = hf.model_config_from_hf(
+        AutoConfig.from_pretrained(config.hf.model_path, trust_remote_code=config.hf.trust_remote_code), **numerics)
+  if remat == "auto":
+    cfg = dataclasses.replace(cfg, remat=resolve_remat(config, cfg, devices, device_bytes)[0])
+  return cfg
 
 
+def device_memory(config: Any) -> tuple[float, str]:
+  """(bytes of one device, where the number comes from): config.perf.device_memory_gib when > 0, else the device
+  allocator's limit (GPU / TPU), else on CPU the available RAM (/proc/meminfo) shared by the local devices."""
+  perf = config.get("perf")
+  override = float(perf.get("device_memory_gib", 0.0)) if perf is not None else 0.0
+  if override > 0:
+    return override * 2 ** 30, "config.perf.device_memory_gib"
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return float(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind}'s memory"
+  try:
+    with open("/proc/meminfo") as f:
+      available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration):
+    available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return available / jax.local_device_count(), f"available RAM / {jax.local_device_count()} local device(s)"
+
+
+def resolve_remat(config: Any, cfg: model_lib.ModelConfig, devices: int | None = None,
+                  device_bytes: float | None = None) -> tuple[str, str]:
+  """(remat, why) for `model.remat='auto'`: 'none' when the DPO step's saved activations fit in half of what one
+  device has left after the params, AdamW's moments, the gradients and pi_ref; else 'full' (each layer's input
+  saved, the layer recomputed in the backward: ~1/3 more FLOPs).
+
+  Saved activations are estimated per token and layer as (6 D + 2 K hd + 4 I) values in the compute dtype (the
+  norms' inputs and outputs, q / k / v, the attention output, the MLP's gate, up, activation and product), for the
+  2 x batch_size x max_length tokens of a step split over the devices that split the batch (and the sequence).
+  """
+  devices = devices or jax.device_count()
+  if device_bytes is None:
+    device_bytes, source = device_memory(config)
+  else:
+    source = "given"
+  data, fsdp, sequence, tensor = (sharding.resolve_mesh_shape(config.mesh, devices)[sharding.MESH_AXES.index(a)]
+                                  for a in ("data", "fsdp", "sequence", "tensor"))
+  compute = 2 if cfg.compute_dtype == "bfloat16" else 4
+  tokens = 2 * config.batch_size * config.max_length / max(config.optim.get("grad_accum_steps", 1), 1)
+  tokens /= data * fsdp * sequence
+  hd = cfg.resolved_head_dim
+  per_token = (6 * cfg.hidden_size + 2 * cfg.num_kv_heads * hd + 4 * cfg.intermediate_size) * compute
+  activations = cfg.num_layers * tokens * per_token / tensor
+  params = model_lib.count_params(model_lib.abstract_params(cfg))
+  param_bytes = 2 if cfg.param_dtype == "bfloat16" else 4
+  static = params * (3 * param_bytes + 8) / (fsdp * tensor)  # policy, grads, pi_ref + two fp32 moments
+  left = device_bytes - static
+  remat = "none" if activations <= 0.5 * left else "full"
+  return remat, (f"'auto': {remat!r} (~{activations / 2 ** 30:.2f} GiB of saved activations per device "
+                 f"{'<=' if remat == 'none' else '>'} half of the {left / 2 ** 30:.2f} GiB left of "
+                 f"{device_bytes / 2 ** 30:.2f} GiB ({source}) after params, AdamW, grads and pi_ref)")
+
+
+@startup.timed("load")
 def load_hf_params(rt: Runtime, field: str) -> Any:
   """Params of the HF checkpoint at `config.<field>`, read tensor by tensor straight into their shardings."""
   path = rt.config[field.split(".")[0]][field.split(".")[1]]
@@ -193,8 +255,8 @@ def initial_params(rt: Runtime) -> Any:
   """Where the pipeline starts: the HF checkpoint `hf.model_path`, else a random init of `config.model`."""
   if rt.config.hf.model_path:
     return load_hf_params(rt, "hf.model_path")
-  return model_lib.init_params(rt.model_cfg, jax.random.key(rt.config.seed),
-                               step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
+  return startup.timed("load")(model_lib.init_params)(rt.model_cfg, jax.random.key(rt.config.seed),
+                                                     step.param_shardings(rt.model_cfg, rt.mesh, rt.rules))
 
 
 def dpo_start(rt: Runtime) -> Any:
@@ -234,6 +296,7 @@ def abstract_state(params: Any, optimizer: Any, shardings: step.TrainState) -> s
                                   shardings)
 
 
+@startup.timed("load")
 def load_sft_result(rt: Runtime) -> Any:
   """The finished SFT stage's params from this workdir (for `--config.stage=dpo`)."""
   params_like = model_lib.abstract_params(rt.model_cfg)

@@ -217,10 +217,10 @@ def report(config: Any) -> dict:
   devices = topology.devices(topo)
   config_checks.validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
-  model_cfg = runtime.model_config(config, platform="tpu")
   perf = config.get("perf")
   override = float(perf.get("device_memory_gib", 0.0)) if perf is not None else 0.0
   capacity = (override or topo.chip.hbm_gib) * GiB
+  model_cfg = runtime.model_config(config, platform="tpu", devices=len(devices), device_bytes=capacity)
   steps = stage_steps(config)
   print(f"TPU dry run: {topo.describe()}; mesh {dict(mesh.shape)}; "
         f"{model_lib.count_params(model_lib.abstract_params(model_cfg)):,} params ({model_cfg.num_layers} layers, "

@@ -15,7 +15,7 @@ def test_plans_shard_over_the_slice_with_one_pair_per_chip_or_per_sequence_group
   c = script.plan_config("8B", 2048, "full", 256)
   assert (c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.batch_size) == (1, 256, 1, 256)
   assert c.model.hidden_size == 4096 and c.model.num_kv_heads == 8 and c.model.remat == "full"
-  assert c.model.compute_dtype == "bfloat16" and c.model.scan_layers and c.model.logits_chunk_size == 1024
+  assert c.model.compute_dtype == "bfloat16" and c.model.scan_layers and c.model.logits_chunk_size == "1024"
   long = script.plan_config("1B", 32768, "none", 32)
   assert (long.mesh.fsdp, long.mesh.sequence, long.batch_size, long.max_prompt_length) == (4, 8, 4, 16384)
 

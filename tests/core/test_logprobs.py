@@ -186,3 +186,32 @@ def test_the_differentiated_forward_equals_the_plain_one(vocab):
 
   pol, ref, _ = jax.jit(policy_and_reference)(params, params)
   np.testing.assert_array_equal(pol, ref)
+
+
+def test_auto_chunking_follows_the_size_of_the_logits(monkeypatch):
+  """`logits_chunk_size='auto'` chunks only when one device's fp32 logits exceed AUTO_CHUNK_BYTES, into the fewest
+  chunks under it (a multiple of 8 positions), counting the rows each device holds; the values are unchanged."""
+  import dataclasses
+  from dpo_jax import sharding
+  cfg = dataclasses.replace(CFG, logits_chunk_size="auto")
+  monkeypatch.setattr(logprobs, "AUTO_CHUNK_BYTES", 2 * 15 * CFG.vocab_size * 4)  # 2 rows x 15 positions
+  monkeypatch.setattr(logprobs, "AUTO_CHUNK_BLOCK_BYTES", 2 * 15 * CFG.vocab_size * 4)
+  assert logprobs.logits_chunk(cfg, 2, 15)[0] == 0  # fits: all at once
+  chunk, why = logprobs.logits_chunk(cfg, 6, 15)  # 3x the block: 3 chunks of 5 positions -> 8
+  assert chunk == 8 and "'auto': 8 positions per chunk ([6, 15, 50] fp32 logits per device" in why
+  assert logprobs.logits_chunk(dataclasses.replace(cfg, logits_chunk_size=3), 6, 15) == (3, "set")
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  shard = sharding.ShardingContext(mesh, sharding.DEFAULT_RULES)
+  assert logprobs.logits_chunk(cfg, 16, 15, shard)[0] == 0  # 16 rows over data x fsdp = 8 devices: 2 each
+  b = random_sequences(np.random.default_rng(3), 6, 16, CFG.vocab_size)
+  p = model_lib.init_params(CFG, jax.random.key(3))
+  auto = logprobs.sequence_logps(model_lib.make_model(cfg), p, b)
+  full = logprobs.sequence_logps(model_lib.make_model(dataclasses.replace(cfg, logits_chunk_size=0)), p, b)
+  np.testing.assert_allclose(auto.logps, full.logps, rtol=1e-5)
+
+
+def test_a_chunk_size_from_the_command_line_is_read_as_a_number():
+  import dataclasses
+  assert dataclasses.replace(CFG, logits_chunk_size="16").logits_chunk_size == 16
+  with pytest.raises(ValueError, match="logits_chunk_size='big' must be an int >= 0"):
+    dataclasses.replace(CFG, logits_chunk_size="big")

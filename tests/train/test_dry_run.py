@@ -51,7 +51,7 @@ def test_step_temporaries_shrink_with_chunked_logprobs():
   # A vocab much wider than the model: the [2B, T, V] fp32 logits dominate the naive step.
   big_vocab = {"model.vocab_size": 8192, "batch_size": 8, "max_length": 128, "max_prompt_length": 64}
   naive = dry_run.report(config(**big_vocab), compile_step=True)
-  chunked = dry_run.report(config(**big_vocab, **{"model.logits_chunk_size": 16}), compile_step=True)
+  chunked = dry_run.report(config(**big_vocab, **{"model.logits_chunk_size": "16"}), compile_step=True)
   logits_bytes = 2 * 8 * 128 * 8192 * 4 // jax.device_count()  # per device: the batch is split over all of them
   assert naive["activations"] > logits_bytes, naive
   assert chunked["activations"] < naive["activations"] - logits_bytes / 2, (naive, chunked)
@@ -91,3 +91,18 @@ def test_a_sequence_axis_divides_the_step_temporaries_and_says_when_only_it_fits
   assert fitted["fits"] and not fitted["fits_without_sequence"]
   assert "this config only fits with mesh.sequence > 1" in out
   assert "context parallelism: step temporaries per device" in out
+
+
+def test_remat_auto_takes_full_only_when_the_activations_crowd_the_device(capsys):
+  """`model.remat='auto'`: 'none' when the estimated saved activations fit in half the memory left on a device,
+  'full' when they do not; an explicit setting is kept; the dry run prints the estimate behind the choice."""
+  from dpo_jax.train import runtime
+  c = config(**{"model.remat": "auto", "max_length": 128, "max_prompt_length": 64})
+  assert runtime.model_config(c, devices=8, device_bytes=64 * 2 ** 30).remat == "none"
+  assert runtime.model_config(c, devices=8, device_bytes=24 * 2 ** 20).remat == "full"
+  remat, why = runtime.resolve_remat(c, runtime.model_config(c), devices=8, device_bytes=24 * 2 ** 20)
+  assert remat == "full" and "GiB of saved activations per device > half of the" in why, why
+  assert runtime.model_config(config(**{"model.remat": "dots_saveable"}), devices=8,
+                              device_bytes=2 ** 20).remat == "dots_saveable"
+  dry_run.report(c, compile_step=False)
+  assert "remat: 'auto': 'none'" in capsys.readouterr().out
