@@ -61,6 +61,12 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 # 128 and 42 / 397 for one block of all queries (torch SDPA: 28 / 239); 32 is no faster than 64.
 ATTENTION_QUERY_BLOCK = 64
 
+# True: `blocked_attention` under `jax.checkpoint` per query block, so the backward recomputes a block's scores and
+# softmax from q, k, v instead of storing its `[B, K, G x C, S]` fp32 probabilities, as flash attention does. Off:
+# on the smollm2-135m shape (benchmarks/dpo_step.py `--variants attnrecompute`, 2-core AMD EPYC) it saved 585 MiB
+# of the step's 6366 MiB but took the step from 13.8 s to 26-27 s on XLA:CPU.
+ATTENTION_BLOCK_RECOMPUTE = False
+
 
 def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xTxS: jax.Array,
            cfg: Any) -> jax.Array:
@@ -118,17 +124,22 @@ def blocked_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
     v_BxKxSxD = jnp.concatenate([prefix.v_BxPxKxD.transpose(0, 2, 1, 3), v_BxKxSxD], axis=2)
     seen_Bx1xTxP = jnp.broadcast_to(prefix.visible_BxP[:, None, None, :], (b, 1, t, p))
     mask_Bx1xTxS = jnp.concatenate([seen_Bx1xTxP, mask_Bx1xTxS], axis=-1)
+  def one_block(q_BxKxMxD, k_BxKxSxD, v_BxKxSxD, visible_Bx1xMxS):
+    scores_BxKxMxS = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxD, k_BxKxSxD, precision=cfg.matmul_precision,
+                                preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores_BxKxMxS = jnp.where(visible_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(cfg.compute_dtype)
+    return jnp.einsum("bkms,bksd->bkmd", probs_BxKxMxS, v_BxKxSxD, precision=cfg.matmul_precision)
+
+  if ATTENTION_BLOCK_RECOMPUTE:
+    one_block = jax.checkpoint(one_block)
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
     c, s = end - start, p + end
     q_BxKxMxD = q_BxKxGxTxD[:, :, :, start:end].reshape(b, kv, g * c, d)  # row m = query head g * C + c
-    scores_BxKxMxS = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxD, k_BxKxSxD[:, :, :s], precision=cfg.matmul_precision,
-                                preferred_element_type=jnp.float32) * (d ** -0.5)
     visible_Bx1xMxS = jnp.tile(mask_Bx1xTxS[:, :, start:end, :s], (1, 1, g, 1))
-    scores_BxKxMxS = jnp.where(visible_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(cfg.compute_dtype)
-    out_BxKxMxD = jnp.einsum("bkms,bksd->bkmd", probs_BxKxMxS, v_BxKxSxD[:, :, :s], precision=cfg.matmul_precision)
+    out_BxKxMxD = one_block(q_BxKxMxD, k_BxKxSxD[:, :, :s], v_BxKxSxD[:, :, :s], visible_Bx1xMxS)
     outs.append(out_BxKxMxD.reshape(b, kv, g, c, d))
   out_BxKxGxTxD = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

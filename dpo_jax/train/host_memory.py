@@ -73,13 +73,34 @@ def accelerator_expected() -> bool:
           or bool(importlib.metadata.entry_points(group="jax_plugins")))
 
 
+# XLA:CPU orders a program's ops for concurrency by default, which in a train step's backward keeps many
+# rematerialised or finished values live at once: on the smollm2-135m shape (benchmarks/dpo_step.py) remat='full'
+# then saved almost nothing. The memory-minimising order is a process-wide XLA flag (a per-compile option does not
+# reach the CPU scheduler), so it goes into XLA_FLAGS before jax starts, on CPU only, unless XLA_FLAGS sets it.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def memory_ordered_cpu_steps() -> bool:
+  """Put `CPU_SCHEDULER_FLAG=false` into `XLA_FLAGS` (before jax is imported) unless an accelerator is expected
+  or XLA_FLAGS already sets the flag -> whether XLA:CPU will order ops to minimise memory."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if CPU_SCHEDULER_FLAG in flags:
+    return flags.rsplit(CPU_SCHEDULER_FLAG, 1)[1].lstrip("=").split(" ", 1)[0].lower() in ("false", "0")
+  if accelerator_expected():
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}=false".strip()
+  return True
+
+
 def configure(mode: str | None = None, *, source: str = ENV) -> bool:
   """Apply `mode` (default: `$DPO_JAX_HOST_MALLOC`, else 'auto'; see the module docstring) -> whether the keep
-  settings are now in effect. Call it first thing in a program, before jax / numpy / torch are imported.
+  settings are now in effect; on CPU also order XLA:CPU steps to minimise memory (`memory_ordered_cpu_steps`,
+  whatever the mode). Call it first thing in a program, before jax / numpy / torch are imported.
   `source` names where a bad mode came from, for the error."""
   mode = os.environ.get(ENV, "auto") if mode is None else mode
   if mode not in HOST_MALLOC:
     raise ValueError(f"{source}={mode!r}; choose one of {list(HOST_MALLOC)}.")
+  memory_ordered_cpu_steps()
   if mode == "keep" or (mode == "auto" and not accelerator_expected()):
     return keep_freed_memory()
   return False

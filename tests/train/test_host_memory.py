@@ -74,6 +74,7 @@ def kept(monkeypatch):
   every later test's freed memory in one never-trimmed heap (a worker grew to ~20 GB and was OOM-killed)."""
   calls = []
   monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # configure() appends to it: restored after
   return calls
 
 
@@ -129,3 +130,50 @@ def test_a_bad_environment_value_stops_the_trainer_with_one_line():
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
   assert out.stderr.strip() == ("error: DPO_JAX_HOST_MALLOC='tcmalloc'; choose one of ['auto', 'keep', "
                                 "'system'].")
+
+
+def test_cpu_programs_are_ordered_for_memory_unless_xla_flags_say_otherwise(monkeypatch):
+  flag = host_memory.CPU_SCHEDULER_FLAG
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert host_memory.memory_ordered_cpu_steps() is True
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {flag}=false"
+  assert host_memory.memory_ordered_cpu_steps() is True and os.environ["XLA_FLAGS"].count(flag) == 1
+  monkeypatch.setenv("XLA_FLAGS", f"{flag}=true")  # the user's own choice stays
+  assert host_memory.memory_ordered_cpu_steps() is False and os.environ["XLA_FLAGS"] == f"{flag}=true"
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert host_memory.memory_ordered_cpu_steps() is False and os.environ["XLA_FLAGS"] == ""
+
+
+MEMORY_PROBE = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+from dpo_jax.train import host_memory
+if sys.argv[1] == "memory":
+  host_memory.memory_ordered_cpu_steps()
+import jax, numpy as np
+from dpo_jax import logprobs, model as model_lib
+cfg = model_lib.ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                            num_kv_heads=2, remat="full")
+ids = np.ones((8, 256), np.int32)
+batch = dict(input_ids=ids, attention_mask=ids, loss_mask=ids, positions=np.broadcast_to(np.arange(256), ids.shape))
+model = model_lib.make_model(cfg)
+grad = jax.jit(jax.grad(lambda p: logprobs.sequence_logps(model, p, batch).logps.sum()))
+print(grad.lower(model_lib.abstract_params(cfg)).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+@pytest.mark.slow
+def test_the_memory_order_is_what_makes_remat_save_memory_on_cpu():
+  """remat='full' keeps only each layer's input for the backward; XLA:CPU's concurrency-optimised order (its
+  default) still holds most of what it recomputes at once, the memory-minimising one does not."""
+  from paths import REPO_ROOT
+  from subprocess_env import without_emulated_devices
+  temps = {}
+  for order in ("default", "memory"):
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, order], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env=without_emulated_devices(JAX_PLATFORMS="cpu"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    temps[order] = int(out.stdout.split()[-1])
+  assert temps["memory"] < 0.75 * temps["default"], temps
