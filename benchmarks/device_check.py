@@ -1,7 +1,7 @@
 """One prepared check for the GPU machine: numerics on the accelerator, then the DPO step's speed against torch.
 
-    python benchmarks/device_check.py [--out DIR] [--budget_s 420] [--smoke] [--pairs 4] [--layers 22]
-        [--repeats 5]
+    python benchmarks/device_check.py [--out DIR] [--budget_s 420] [--smoke] [--pairs 4] [--layers N]
+        [--repeats 5] [--shape llama-3.2-1b]
 
 Writes DIR/tables.md (markdown) and DIR/results.json after every section and speed row, so a run cut short
 still leaves what it measured; DIR defaults to $OUT when set, else ./device_check_out. The tables are printed
@@ -18,15 +18,16 @@ that needs ml_collections, datasets or tensorboardX (not dpo_jax.train, configs/
      (pi - ref on chosen minus on rejected) keeps its sign, the policy being the reference plus a perturbation.
    With no accelerator (a CPU-only run, e.g. --smoke here) the accelerator is the CPU: the first comparison is
    then CPU against CPU, trivial, but the code path still runs; the table says so.
-2. Speed: a ~1B Llama (TinyLlama-1.1B's shape) in bf16 compute, fp32 params and AdamW, scanned layers, chunked
-   log-probs, `--pairs` pairs x 2048 tokens; the DPO step as the trainer runs it (`step.train_step` jitted by
+2. Speed: a released model's shape (`--shape`, from benchmarks/dpo_step.py's CONFIGS: llama-3.2-1b by default,
+   tied embeddings; smollm2-135m, qwen2.5-0.5b, or TinyLlama's `1b`) in bf16 compute, fp32 params and AdamW, scanned
+   layers, `logits_chunk_size='auto'`, `--pairs` pairs x 2048 tokens; the DPO step as the trainer runs it (`step.train_step` jitted by
    `step.jit_train_step`, shared-prompt layout: benchmarks/dpo_step.py's `JaxStep`). Rows (labelled with the
    attention kernel `attention.choose` picks: cudnn on a GPU, cpu_blocked on a CPU):
      jax           model.attention_impl='auto'
      jax-remat     the same with model.remat='full'
      jax-preref    precomputed reference log-probs in the batch: no reference forward in the step
      jax-xla       model.attention_impl='xla' (masked softmax in jnp)
-     torch         HF LlamaForCausalLM with the same weights, SDPA attention, fp32 weights under bf16 autocast,
+     torch         the HF model of the shape's family (Llama, Qwen2) with the same weights (tied where it ties), SDPA attention, fp32 weights under bf16 autocast,
                    a plain DPO step on `[2B, T]` rows (benchmarks/dpo_step.py's `TorchStep`) on cuda when the GPU
                    is there
    Columns: median step time of --repeats after one warm-up, tokens/s (2B x T per step, the same for every row),
@@ -100,16 +101,17 @@ class Sizes:
   speed_model: dict  # ModelConfig fields of the speed model
   speed_pairs: int
   speed_length: int  # tokens per prompt + response (a quarter prompt, `bench.make_batch`)
-  logits_chunk: int  # model.logits_chunk_size
+  logits_chunk: int | str  # model.logits_chunk_size
+  hf_type: str = "llama"  # the torch row's transformers family (benchmarks/dpo_step.py's HF_TYPES)
   repeats: int  # timed steps per row
   prior_row_s: float  # budget estimate of a row before any row has been timed, seconds
 
 
-FULL = Sizes(check_pairs=32, check_length=64, speed_model=dict(bench.CONFIGS["1b"][0]), speed_pairs=4,
-             speed_length=2048, logits_chunk=512, repeats=5, prior_row_s=90.0)
+FULL = Sizes(check_pairs=32, check_length=64, speed_model=dict(bench.CONFIGS["llama-3.2-1b"][0]), speed_pairs=4,
+             speed_length=2048, logits_chunk="auto", repeats=5, prior_row_s=90.0)
 SMOKE = Sizes(check_pairs=32, check_length=64,
               speed_model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                               num_kv_heads=2),
+                               num_kv_heads=2, tie_embeddings=True),  # tied, as the released shapes are
               speed_pairs=2, speed_length=128, logits_chunk=32, repeats=2, prior_row_s=20.0)
 
 
@@ -329,12 +331,12 @@ def run_torch_row(sizes: Sizes, layers: int | None, params: Any, rows_batch: dic
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
   t0 = time.perf_counter()
-  impl = bench.TorchStep(cfg, params, rows_batch, "bf16", device=device)
+  impl = bench.TorchStep(cfg, params, rows_batch, "bf16", device=device, model_type=sizes.hf_type)
   build_s = time.perf_counter() - t0
   loss, times = timed(impl, sizes.repeats)
   peak = float(torch.cuda.max_memory_allocated()) if device == "cuda" else math.nan
   del impl
-  return dict(label=f"torch ({device}, sdpa, fp32 weights + bf16 autocast)", attention="sdpa", build_s=build_s,
+  return dict(label=f"torch {sizes.hf_type} ({device}, sdpa, fp32 weights + bf16 autocast)", attention="sdpa", build_s=build_s,
               first_loss=loss, times=times, device_peak_bytes=peak, compiled_bytes=math.nan,
               step_flops=flops.train_step_flops(cfg, rows_batch, reference=True))
 
@@ -481,12 +483,17 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="seconds the whole run may take; speed rows that would end later are skipped")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: a CPU run in under a minute")
+  parser.add_argument("--shape", default="llama-3.2-1b", help="the speed model, one of benchmarks/dpo_step.py's "
+                      f"CONFIGS {sorted(bench.CONFIGS)} (full sizes only; --smoke keeps its own)")
   parser.add_argument("--pairs", type=int, default=0, help="speed batch in pairs (0: 4, --smoke 2)")
-  parser.add_argument("--layers", type=int, default=0, help="speed model layers (0: 22, --smoke 2)")
+  parser.add_argument("--layers", type=int, default=0, help="speed model layers (0: the shape's, --smoke 2)")
   parser.add_argument("--repeats", type=int, default=0, help="timed steps per speed row (0: 5, --smoke 2)")
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  sizes = SMOKE if args.smoke else FULL
+  if args.shape not in bench.CONFIGS:
+    parser.error(f"--shape {args.shape!r}: choose one of {sorted(bench.CONFIGS)}")
+  sizes = SMOKE if args.smoke else dataclasses.replace(FULL, speed_model=dict(bench.CONFIGS[args.shape][0]),
+                                                       hf_type=bench.HF_TYPES.get(args.shape, "llama"))
   sizes = dataclasses.replace(sizes, speed_pairs=args.pairs or sizes.speed_pairs,
                               repeats=args.repeats or sizes.repeats)
   results = dict(header=header(args), complete=False, errors=[])

@@ -66,6 +66,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import platform as platform_lib
 import statistics
 import sys
 import threading
@@ -110,9 +111,39 @@ CONFIGS = {
                   num_kv_heads=2), 8, 256),
     "small": (dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
                    num_kv_heads=4), 4, 512),
+    # Released models' shapes (their config.json; random weights): tied embeddings, GQA, Qwen2's q/k/v biases,
+    # Llama 3's RoPE scaling, as the real checkpoints have them.
+    "smollm2-135m": (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True), 2, 512),
+    "qwen2.5-0.5b": (dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                          num_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_embeddings=True,
+                          qkv_bias=True), 2, 512),
+    "llama-3.2-1b": (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                          num_kv_heads=8, rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=32.0,
+                          rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_positions=8192,
+                          rms_norm_eps=1e-5, tie_embeddings=True), 2, 512),
     # ~1.1B params (TinyLlama-1.1B's shape), meant for a GPU.
     "1b": (dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                 num_kv_heads=4), 8, 2048),
+}
+# The transformers family that builds a config's torch side (default 'llama'): Qwen2's q/k/v biases need 'qwen2'.
+HF_TYPES = {"qwen2.5-0.5b": "qwen2"}
+# Shapes whose rows do not all fit in 24 GB of RAM at once: their rows run one after another (`--one_at_a_time`).
+LARGE = ("smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "1b")
+
+# `--variants a,b,...`: more jax rows `jax-<name>`, each the `jax` step with one setting changed, measured in the same
+# run as the default: (model field overrides, XLA flags of its worker process (XLA reads them once, at start-up),
+# dpo_jax.attention constants while the step is traced).
+VARIANTS = {
+    "nochunk": (dict(logits_chunk_size=0), "", {}),  # the LM head on every position at once
+    "chunk128": (dict(logits_chunk_size=128), "", {}),
+    "remat": (dict(remat="full"), "", {}),
+    "dots": (dict(remat="dots_saveable"), "", {}),
+    # XLA:CPU's own op order (for concurrency), which dpo_jax's CPU programs turn off (train/host_memory.py)
+    "concsched": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true", {}),
+    # attention recomputing each query block's probabilities in the backward instead of storing them
+    "attnrecompute": ({}, "", dict(ATTENTION_BLOCK_RECOMPUTE=True)),
+    "qblock128": ({}, "", dict(ATTENTION_QUERY_BLOCK=128)),
 }
 BETA = 0.1
 # configs/default.py's `loss` as a plain dict (no ml_collections: benchmarks/device_check.py runs this file's steps
@@ -171,6 +202,18 @@ def shared_forward_flops(cfg: model_lib.ModelConfig, pairs: int, length: int) ->
   dense = 2.0 * (matmul_params(cfg) - head) * (pairs * p + 2 * pairs * r) + 2.0 * head * 2 * pairs * r
   width = 4.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim
   return dense + width * (pairs * p * p + 2 * pairs * r * (p + r))
+
+
+def available_memory() -> int:
+  """Bytes of RAM available to a new process (/proc/meminfo's MemAvailable; else all physical memory)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def time_once(fn: Callable[[], Any]) -> float:
@@ -253,6 +296,10 @@ class JaxStep:
     self.state, metrics = self.compiled(self.state, self.reference, self.batch)
     return float(metrics["loss"])  # blocks until the step is done
 
+  def persistent_bytes(self) -> int:
+    """The state (params, AdamW moments), pi_ref and the batch: resident before a step, as torch's params are."""
+    return sum(x.nbytes for x in jax.tree.leaves((self.state, self.reference, self.batch)))
+
   def peak_bytes(self) -> int:
     m = self.compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
@@ -265,12 +312,13 @@ class JaxStep:
 
 # ---- PyTorch ----
 
-def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str, device: str = "cpu"):
-  """(policy, reference) HF LlamaForCausalLM with `params`' weights (fp32 params; bf16 runs under autocast), on
-  torch `device` ('cpu', 'cuda')."""
+def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str, device: str = "cpu", model_type: str = "llama"):
+  """(policy, reference) HF causal LMs of `model_type` ('llama', 'qwen2') with `params`' weights (fp32 params; bf16
+  runs under autocast), on torch `device` ('cpu', 'cuda'). A tied config ties them on the torch side too: one
+  `embed_tokens` tensor that is also the LM head, as the released checkpoint loads."""
   import torch
   import transformers
-  hf_config = hf.hf_config_from_model_config(cfg)
+  hf_config = hf.hf_config_from_model_config(cfg, model_type)
   hf_config.dtype = "float32"
   hf_config._attn_implementation = "sdpa"
   state = {k: torch.from_numpy(np.array(v)) for k, v in hf.hf_state_dict_from_params(
@@ -278,10 +326,15 @@ def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str, device: st
   models = []
   for _ in range(2):
     with torch.device(device):  # built where it runs: a random init of 1B params on the host takes seconds
-      m = transformers.LlamaForCausalLM(hf_config).to(torch.float32)
+      m = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32)
     missing, unexpected = m.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
+    expected_missing = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if unexpected or [k for k in missing if "rotary" not in k and k not in expected_missing]:
       raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+      m.tie_weights()
+      if m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("the torch model did not tie lm_head to embed_tokens")
     models.append(m)
   policy, reference = models
   policy.train()
@@ -299,10 +352,10 @@ class TorchStep:
   """Plain PyTorch DPO step (the formula of `dpo_jax.interop.compare_torch.torch_dpo_step`, tensors prepared once) on
   torch `device`: 'cpu', or 'cuda' (bf16 then autocasts on the GPU; each step ends with a synchronize)."""
 
-  def __init__(self, cfg, params, batch, dtype: str, device: str = "cpu"):
+  def __init__(self, cfg, params, batch, dtype: str, device: str = "cpu", model_type: str = "llama"):
     import torch
     self.device = torch.device(device)
-    self.policy, self.reference = torch_models(cfg, params, dtype, device)
+    self.policy, self.reference = torch_models(cfg, params, dtype, device, model_type)
     self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
     self.attention = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=self.device)
     self.mask = torch.as_tensor(batch["loss_mask"][:, 1:], dtype=torch.float32, device=self.device)
@@ -338,19 +391,19 @@ class TorchStep:
   def persistent_bytes(self) -> int:
     """Policy + reference params (fp32), resident before the step; AdamW's moments are created during the
     first (warm-up) step, so the RSS rise sampled over it already holds them, with gradients and activations."""
-    return 2 * 4 * sum(p.numel() for p in self.policy.parameters())
+    return 2 * 4 * sum(p.numel() for p in self.policy.parameters())  # tied: the shared tensor counted once
 
 
 class TrlStep:
   """TRL's DPOTrainer: `training_step` (forward, loss, backward) + the trainer's optimizer step."""
 
-  def __init__(self, cfg, params, batch, dtype: str, workdir: str):
+  def __init__(self, cfg, params, batch, dtype: str, workdir: str, model_type: str = "llama"):
     import datasets
     import tokenizers
     import torch
     import transformers
     import trl
-    self.policy, self.reference = torch_models(cfg, params, dtype)
+    self.policy, self.reference = torch_models(cfg, params, dtype, model_type=model_type)
     # DPOTrainer tokenizes its dataset at construction: a word-level tokenizer over digits keeps it offline.
     vocab = {str(i): i for i in range(cfg.vocab_size)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0"))
@@ -521,6 +574,7 @@ def impl_keys(args: argparse.Namespace) -> list[str]:
   if args.cpu_devices > 1:
     keys.append(f"jax-dp{args.cpu_devices}")
   keys += ["jax-fullattn"] * args.full_attention + ["jax-xlawgrad"] * args.xla_weight_grad
+  keys += [f"jax-{v}" for v in args.variants]
   keys += [k for k in ("torch", "trl") if k not in args.skip]
   if "trl" in keys and importlib.util.find_spec("trl") is None:
     print("  trl is not installed: skipping the TRL baseline (pip install -e .[bench])")
@@ -547,21 +601,33 @@ def build_impl(key: str, name: str, cfg: model_lib.ModelConfig, params: Any, bat
       attention.ATTENTION_QUERY_BLOCK = block
   if key == "jax-xlawgrad":  # the step before `model.matmul` computed weight gradients as row-major GEMMs
     return JaxStep(dataclasses.replace(cfg, weight_grad_gemm="xla"), params, shared, precomputed_reference=False)
+  if key.removeprefix("jax-") in VARIANTS:  # its XLA flags are its worker's (WorkerStep)
+    overrides, _, constants = VARIANTS[key.removeprefix("jax-")]
+    saved = {name: getattr(attention, name) for name in constants}
+    try:
+      for name, value in constants.items():
+        setattr(attention, name, value)
+      return JaxStep(dataclasses.replace(cfg, **overrides), params, shared, precomputed_reference=False)
+    finally:
+      for name, value in saved.items():
+        setattr(attention, name, value)
   if key == "torch":
-    return TorchStep(cfg, params, batch, args.dtype)
+    return TorchStep(cfg, params, batch, args.dtype, model_type=HF_TYPES.get(name, "llama"))
   if key == "trl":
-    return TrlStep(cfg, params, batch, args.dtype, os.path.join(args.workdir, name))
+    return TrlStep(cfg, params, batch, args.dtype, os.path.join(args.workdir, name), HF_TYPES.get(name, "llama"))
   raise ValueError(f"unknown implementation {key!r}")
 
 
 def warm_up(impl: Any) -> tuple[float, str]:
-  """One untimed step -> (its loss, the peak memory column); torch's RSS is sampled during it."""
-  if isinstance(impl, JaxStep):
-    loss = impl()
-    return loss, f"{impl.peak_bytes() / 2 ** 20:.0f} MiB (compiled)"
+  """One untimed step -> (its loss, the peak memory column): for every row the bytes resident before the step
+  (`persistent_bytes`) + the peak rise of the process RSS during it (`RssPeak`); a jax row adds its compiled
+  step's own count in brackets."""
   with RssPeak() as rss:
     loss = impl()
-  return loss, f"{(impl.persistent_bytes() + rss.rise) / 2 ** 20:.0f} MiB (params+RSS)"
+  column = f"{(impl.persistent_bytes() + rss.rise) / 2 ** 20:.0f} MiB"
+  if isinstance(impl, JaxStep):
+    column += f" ({impl.peak_bytes() / 2 ** 20:.0f} compiled)"
+  return loss, column
 
 
 def _worker(conn: Any, name: str, key: str, args: argparse.Namespace) -> None:
@@ -587,10 +653,17 @@ class WorkerStep:
     self.conn, child = ctx.Pipe()
     self.process = ctx.Process(target=_worker, args=(child, name, key, args), daemon=True)
     os.environ[WORKER_MALLOC] = args.baseline_malloc if key in ("torch", "trl") else args.host_malloc
+    xla_flags = os.environ.get("XLA_FLAGS")
+    if key.removeprefix("jax-") in VARIANTS:  # appended: of two settings of one flag XLA takes the last
+      os.environ["XLA_FLAGS"] = f"{xla_flags or ''} {VARIANTS[key.removeprefix('jax-')][1]}".strip()
     try:
       self.process.start()  # the child starts with this environment
     finally:
       del os.environ[WORKER_MALLOC]
+      if xla_flags is None:
+        os.environ.pop("XLA_FLAGS", None)
+      else:
+        os.environ["XLA_FLAGS"] = xla_flags
     self.ready = self.conn.recv()  # (first loss, memory column, XLA cost): wait, so compiles never overlap
 
   def warm_up(self) -> tuple[float, str]:
@@ -628,40 +701,64 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     jax_step()  # warm-up
     profile(jax_step)
     return []
+  need, free = 5 * 4 * n_params, available_memory()
+  if jax.default_backend() == "cpu" and need > free:
+    print(f"  skipped: fp32 params, AdamW moments, gradients and pi_ref alone are {need / 2 ** 30:.1f} GiB, more than "
+          f"this machine's {free / 2 ** 30:.1f} GiB of available RAM (run it on a GPU: benchmarks/device_check.py)")
+    return []
   shared_fwd = shared_forward_flops(cfg, pairs, length)
   keys = impl_keys(args)
   flops = {k: (3 if k == "jax-preref" else 4) * (fwd if k in ("jax-rows", "torch", "trl") else shared_fwd)
            for k in keys}
-  if args.isolate:  # each implementation in a process of its own, as its own training program would run it
-    impls = {k: WorkerStep(name, k, args) for k in keys}  # started one at a time: compiles don't overlap
-  else:
-    impls = {k: build_impl(k, name, cfg, params, batch, args) for k in keys}
-  if "jax" in impls:
-    print(f"  XLA cost_analysis of the jax step: {impls['jax'].cost_flops() / 1e9:.1f} GFLOP "
-          f"(counted: {4 * shared_fwd / 1e9:.1f})" + (f"; of jax-rows: {impls['jax-rows'].cost_flops() / 1e9:.1f} "
-                                                      f"GFLOP (counted: {4 * fwd / 1e9:.1f})" if "jax-rows" in impls
-                                                      else ""), flush=True)
+  one_at_a_time = args.isolate and (args.one_at_a_time if args.one_at_a_time is not None else name in LARGE)
   memory: dict[str, str] = {}
-  for key, impl in impls.items():  # one untimed warm-up step each (done by the worker when isolated)
-    loss, memory[key] = impl.warm_up() if isinstance(impl, WorkerStep) else warm_up(impl)
-    print(f"  warm-up: {key} done, first loss {loss:.7f} (log 2 = {np.log(2):.7f})", flush=True)
+  times: dict[str, list[float]] = {k: [] for k in keys}
+  costs: dict[str, float] = {}
 
-  times = {k: [] for k in impls}
-  for i in range(args.repeats):  # interleaved: a slow phase of the shared machine hits every implementation
-    for key, impl in impls.items():
-      times[key].append(impl() if isinstance(impl, WorkerStep) else time_once(impl))  # worker: its own clock
-    print(f"  repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
-  med = {k: statistics.median(v) for k, v in times.items()}
-  for impl in impls.values():
-    if isinstance(impl, WorkerStep):
+  def warm(key: str, impl: Any) -> None:  # one untimed warm-up step (done by the worker when isolated)
+    loss, memory[key] = impl.warm_up() if isinstance(impl, WorkerStep) else warm_up(impl)
+    costs[key] = impl.cost_flops() if isinstance(impl, (WorkerStep, JaxStep)) else float("nan")
+    print(f"  warm-up: {key} done, first loss {loss:.7f} (log 2 = {np.log(2):.7f}); peak memory {memory[key]}",
+          flush=True)
+
+  def step_time(impl: Any) -> float:
+    return impl() if isinstance(impl, WorkerStep) else time_once(impl)  # a worker times on its own clock
+
+  if one_at_a_time:  # each row alone in memory: its warm-up, its repeats, then its process exits
+    print(f"  rows one at a time (--one_at_a_time): {keys}", flush=True)
+    for key in keys:
+      impl = WorkerStep(name, key, args)
+      warm(key, impl)
+      for _ in range(args.repeats):
+        times[key].append(step_time(impl))
+      print(f"  {key}: " + ", ".join(f"{t:.2f}" for t in times[key]) + " s", flush=True)
       impl.close()
+  else:
+    if args.isolate:  # each implementation in a process of its own, as its own training program would run it
+      impls = {k: WorkerStep(name, k, args) for k in keys}  # started one at a time: compiles don't overlap
+    else:
+      impls = {k: build_impl(k, name, cfg, params, batch, args) for k in keys}
+    for key, impl in impls.items():
+      warm(key, impl)
+    for i in range(args.repeats):  # interleaved: a slow phase of the shared machine hits every implementation
+      for key, impl in impls.items():
+        times[key].append(step_time(impl))
+      print(f"  repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    for impl in impls.values():
+      if isinstance(impl, WorkerStep):
+        impl.close()
+  if "jax" in costs:
+    print(f"  XLA cost_analysis of the jax step: {costs['jax'] / 1e9:.1f} GFLOP (counted: {4 * shared_fwd / 1e9:.1f})"
+          + (f"; of jax-rows: {costs['jax-rows'] / 1e9:.1f} GFLOP (counted: {4 * fwd / 1e9:.1f})"
+             if "jax-rows" in costs else ""), flush=True)
+  med = {k: statistics.median(v) for k, v in times.items()}
 
   if "torch" in times:  # each repeat's torch time over this one's, measured back to back: robust to slow drifts
     print("  per-repeat x torch (median, min-max): " + ", ".join(
         f"{k} {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
         for k, r in ((k, [t / s for t, s in zip(times["torch"], v)]) for k, v in times.items() if k != "torch")))
   rows_out = []
-  for key in impls:
+  for key in keys:
     rows_out.append(dict(config=name, impl=key, time=med[key], spread=(min(times[key]), max(times[key])),
                          tokens_per_s=tokens / med[key],
                          vs_torch=med["torch"] / med[key] if "torch" in med else float("nan"),
@@ -670,13 +767,31 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   return rows_out
 
 
+def cpu_description() -> str:
+  """The CPU model and its vector / matrix ISA extensions (/proc/cpuinfo), e.g. 'AMD EPYC; avx2 avx512f ... amx_tile':
+  XLA:CPU and torch pick kernels by them, so CPU-only choices are measured per CPU kind."""
+  model, flags = platform_lib.processor() or "unknown CPU", []
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = [x for x in value.split() if x.startswith(("avx", "amx", "fma"))]
+          break
+  except OSError:
+    pass
+  return f"{model}; {' '.join(flags) or 'no AVX/AMX flags found'}"
+
+
 def print_table(rows: list[dict]) -> None:
-  header = (f"{'config':<7} {'impl':<12} {'step s':>8} {'min-max s':>13} {'tokens/s':>9} {'x torch':>8} "
+  header = (f"{'config':<13} {'impl':<14} {'step s':>8} {'min-max s':>13} {'tokens/s':>9} {'x torch':>8} "
             f"{'x trl':>7} {'MFU':>6}  peak memory")
   print(header)
   print("-" * len(header))
   for r in rows:
-    print(f"{r['config']:<7} {r['impl']:<12} {r['time']:>8.3f} {r['spread'][0]:>6.3f}-{r['spread'][1]:<6.3f} "
+    print(f"{r['config']:<13} {r['impl']:<14} {r['time']:>8.3f} {r['spread'][0]:>6.3f}-{r['spread'][1]:<6.3f} "
           f"{r['tokens_per_s']:>9.0f} {r['vs_torch']:>8.2f} {r['vs_trl']:>7.2f} {100 * r['mfu']:>5.1f}%  "
           f"{r['memory']}")
 
@@ -695,6 +810,11 @@ def main(argv=None) -> None:
                       help="also time the jax step with attention in one [T, T] block (attention's query block)")
   parser.add_argument("--xla_weight_grad", action="store_true",
                       help="also time the jax step with model.weight_grad_gemm='xla' (XLA's weight-gradient layout)")
+  parser.add_argument("--variants", default="", help=f"comma-separated jax variants to time too, from "
+                      f"{sorted(VARIANTS)} (VARIANTS: the jax step with one setting changed)")
+  parser.add_argument("--one_at_a_time", action=argparse.BooleanOptionalAction, default=None,
+                      help="run the rows one after another (each its warm-up and repeats, then exits) instead of "
+                      f"interleaving their repeats; default: on for {list(LARGE)}, whose rows do not all fit in RAM")
   parser.add_argument("--breakdown", action="store_true",
                       help="instead of the comparison: time pieces of the dpo_jax step (forward, logps, one block, ...)")
   parser.add_argument("--workdir", default="/tmp/dpo_bench", help="TRL's output_dir (nothing is saved)")
@@ -716,12 +836,17 @@ def main(argv=None) -> None:
                       "over N devices")
   args = parser.parse_args(argv)
   args.skip = set(filter(None, args.skip.split(",")))
+  args.variants = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in args.variants if v not in VARIANTS]
+  if unknown:
+    parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
   names = [args.config] if args.config else args.configs.split(",")
 
   import torch
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; host malloc "
         f"{args.host_malloc} ({'freed memory kept' if HOST_MALLOC_KEPT else 'glibc defaults'})")
+  print(f"CPU: {cpu_description()}")
   rows, best_peak = [], 0.0
   for name in names:
     # The peak is re-measured before each config (the best of all measurements is kept): on a shared machine a
