@@ -83,20 +83,23 @@ def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray],
 
 def jax_dpo_step(cfg: model_lib.ModelConfig, policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *,
                  beta: float, lr: float, weight_decay: float, max_grad_norm: float, model_type: str) -> dict:
-  """The same step with dpo_jax's own functions; grads and new params converted to HF names."""
+  """The same step with dpo_jax's own functions, jitted as the trainer runs them; grads and new params converted to
+  HF names."""
   model = model_lib.make_model(cfg)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   loss_cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.0}
-  logits = model.apply({"params": policy}, batch["input_ids"], batch["positions"], batch["attention_mask"])
+  logits = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["positions"], b["attention_mask"]))(
+      policy, batch)
   logps = logprobs.logps_from_logits(logits, batch["input_ids"], batch["loss_mask"]).logps
   total = jnp.float32(batch["input_ids"].shape[0] // 2)
-  (loss, _), grads = jax.value_and_grad(step.dpo_loss, has_aux=True)(
-      policy, step.reference_logps(model, reference, batch), batch, model=model, loss_cfg=loss_cfg,
-      total_weight=total)
+  grad_fn = jax.jit(lambda p, r, b: jax.value_and_grad(step.dpo_loss, has_aux=True)(
+      p, step.reference_logps(model, r, b), b, model=model, loss_cfg=loss_cfg, total_weight=total))
+  (loss, _), grads = grad_fn(policy, reference, batch)
   optimizer, schedule = optim.make_optimizer(optimizer_config(lr, weight_decay, max_grad_norm))
   state = step.TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy))
-  new_state, _ = step.train_step(state, reference, batch, model=model, optimizer=optimizer, schedule=schedule,
-                                 loss_cfg=loss_cfg)
+  train_step = jax.jit(lambda s, r, b: step.train_step(s, r, b, model=model, optimizer=optimizer, schedule=schedule,
+                                                       loss_cfg=loss_cfg))
+  new_state, _ = train_step(state, reference, batch)
   to_hf = lambda tree: hf.hf_state_dict_from_params(jax.device_get(tree), cfg, model_type=model_type)
   return {"logits": np.asarray(logits), "logps": np.asarray(logps), "loss": np.float64(loss),
           "grads": to_hf(grads), "params": to_hf(new_state.params)}
