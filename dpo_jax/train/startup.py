@@ -1,17 +1,21 @@
 """Seconds from the command to a stage's first step, split into where they go: load, tokenize, compile, first step.
 
-The trainer times its start-up phases with `phase('load')` (tokenizer, checkpoint weights, pi_ref) and
-`phase('tokenize')` (reading and tokenizing the pairs), and `train_loop` reports each stage's first step with
+The trainer times its start-up phases with `phase('load')` (tokenizer, checkpoint weights, pi_ref),
+`phase('tokenize')` (reading and tokenizing the pairs) and `phase('evaluate')` (the held-out NLL of the starting
+point, before any training), and `train_loop` reports each stage's first step with
 `report_first_step`: the first call of a jitted step compiles it (or reads it from the persistent compilation
 cache, `compile_cache.py`) before dispatching, and blocking on that step's metrics then times its execution. One
 console line each, from process 0:
 
-    start-up: load 2.41 s (tokenizer, weights)
-    start-up: tokenize 0.62 s (pairs read and tokenized)
-    dpo start-up: compile 18.30 s (persistent cache: 0 read, 1 compiled and written; ~/.cache/dpo_jax/xla)
-    dpo start-up: first step 1.95 s; 25.10 s from the command to the end of the first dpo step
+    start-up: load 7.32 s (tokenizer, weights)
+    start-up: tokenize 0.54 s (pairs read and tokenized)
+    start-up: evaluate 60.10 s (held-out NLL of the starting point, before training)
+    dpo start-up: compile 8.65 s (persistent cache: 0 read, 1 compiled and written; /root/.cache/dpo_jax/xla)
+    dpo start-up: first step 4.50 s; 87.00 s from the command to the end of the first dpo step (5.89 s in none of
+    these: imports, mesh, the FLOP/s probe)
 
-Load and tokenize are printed once, with the first stage that steps; every stage prints its compile and first step.
+Load, tokenize and evaluate are printed once, with the first stage that steps, and the seconds left over; every
+stage prints its compile and first step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import time
 from typing import Any, Callable, Iterator
 
 _IMPORTED = time.perf_counter()
-_PHASES = {"load": "tokenizer, weights", "tokenize": "pairs read and tokenized"}
+_PHASES = {"load": "tokenizer, weights", "tokenize": "pairs read and tokenized",
+           "evaluate": "held-out NLL of the starting point, before training"}
 _seconds: dict[str, float] = {}
 _reported = False
 
@@ -74,13 +79,16 @@ def reset() -> None:
 def first_step_lines(stage: str, compile_s: float, step_s: float, hits: int, misses: int, cache_dir: str) -> list[str]:
   """The console lines for `stage`'s first step (module docstring); load and tokenize only the first time."""
   global _reported
-  lines = []
+  lines, rest = [], ""
+  total = seconds_since_start()
   if not _reported:
     lines += [f"start-up: {name} {_seconds.get(name, 0.0):.2f} s ({what})" for name, what in _PHASES.items()]
+    rest = (f" ({total - sum(_seconds.values()) - compile_s - step_s:.2f} s in none of these: imports, mesh, the "
+            "FLOP/s probe)")
     _reported = True
   cache = (f"persistent cache: {hits} read, {misses} compiled and written; {cache_dir}" if cache_dir
            else "persistent cache off")
   lines.append(f"{stage} start-up: compile {compile_s:.2f} s ({cache})")
-  lines.append(f"{stage} start-up: first step {step_s:.2f} s; {seconds_since_start():.2f} s from the command to the "
-               f"end of the first {stage} step")
+  lines.append(f"{stage} start-up: first step {step_s:.2f} s; {total:.2f} s from the command to the end of the "
+               f"first {stage} step{rest}")
   return lines

@@ -38,7 +38,8 @@ def test_a_rerun_reads_its_steps_from_the_cache_and_says_so(tmp_path, capsys, re
     lines[run] = [line for line in out.splitlines() if "start-up:" in line]
   for run, found in lines.items():
     assert [re.sub(r"[\d.]+ s.*", "", line) for line in found] == [
-        "start-up: load ", "start-up: tokenize ", "sft start-up: compile ", "sft start-up: first step ",
+        "start-up: load ", "start-up: tokenize ", "start-up: evaluate ", "sft start-up: compile ",
+        "sft start-up: first step ",
         "dpo start-up: compile ", "dpo start-up: first step "], (run, found)
     assert "from the command to the end of the first dpo step" in found[-1]
   compiles = {run: [line for line in found if "compile" in line] for run, found in lines.items()}
@@ -63,6 +64,7 @@ def test_phases_add_up_and_are_named():
     with startup.phase("compile"):
       pass
   lines = startup.first_step_lines("dpo", 1.5, 0.25, hits=0, misses=1, cache_dir="")
-  assert lines[0].startswith("start-up: load 0.00 s") and "persistent cache off" in lines[2]
+  assert lines[0].startswith("start-up: load 0.00 s") and "persistent cache off" in lines[3]
+  assert "s in none of these: imports" in lines[4]
   assert startup.first_step_lines("dpo", 1.5, 0.25, 0, 1, "")[0].startswith("dpo start-up: compile 1.50 s")
   assert 0 < startup.seconds_since_start() < 24 * 3600
