@@ -141,8 +141,8 @@ VARIANTS = {
     "dots": (dict(remat="dots_saveable"), "", {}),
     # XLA:CPU's own op order (for concurrency), which dpo_jax's CPU programs turn off (train/host_memory.py)
     "concsched": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true", {}),
-    # attention recomputing each query block's probabilities in the backward instead of storing them
-    "attnrecompute": ({}, "", dict(ATTENTION_BLOCK_RECOMPUTE=True)),
+    # attention storing each query block's probabilities for the backward instead of recomputing them (as before)
+    "attnstore": ({}, "", dict(ATTENTION_BLOCK_RECOMPUTE=False)),
     "qblock128": ({}, "", dict(ATTENTION_QUERY_BLOCK=128)),
 }
 BETA = 0.1

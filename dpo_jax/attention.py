@@ -61,11 +61,12 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 # 128 and 42 / 397 for one block of all queries (torch SDPA: 28 / 239); 32 is no faster than 64.
 ATTENTION_QUERY_BLOCK = 64
 
-# True: `blocked_attention` under `jax.checkpoint` per query block, so the backward recomputes a block's scores and
-# softmax from q, k, v instead of storing its `[B, K, G x C, S]` fp32 probabilities, as flash attention does. Off:
-# on the smollm2-135m shape (benchmarks/dpo_step.py `--variants attnrecompute`, 2-core AMD EPYC) it saved 585 MiB
-# of the step's 6366 MiB but took the step from 13.8 s to 26-27 s on XLA:CPU.
-ATTENTION_BLOCK_RECOMPUTE = False
+# `blocked_attention` under `jax.checkpoint` per query block: the backward recomputes a block's scores and softmax
+# from q, k, v (kept anyway) instead of storing its `[B, K, G x C, S]` fp32 probabilities, as a flash kernel keeps
+# only what it needs. On the smollm2-135m shape (benchmarks/dpo_step.py, 2 pairs x 512 tokens, 2-core AMD EPYC, both
+# in one interleaved run) it saved 532 MiB of the step's 6647 MiB at no measurable cost in time (13.4-14.3 s against
+# 13.5-16.2 s); on tiny 0.860 s against 0.891 s. `--variants attnstore` times the stored probabilities.
+ATTENTION_BLOCK_RECOMPUTE = True
 
 
 def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xTxS: jax.Array,

@@ -47,10 +47,10 @@ def test_a_run_prints_the_variants_and_memory_of_every_row(monkeypatch, capsys):
                                                     tie_embeddings=True), 2, 32))
   monkeypatch.setattr(bench, "measure_peak", lambda dtype: {"jax": 1e11, "torch": 1e11})
   bench.main(["--config", "micro", "--repeats", "1", "--skip", "trl,jax-preref", "--no-isolate",
-              "--variants", "nochunk"])
+              "--variants", "nochunk,attnstore"])
   out = capsys.readouterr().out
   assert "CPU: " in out.splitlines()[1]
-  for key in ("jax", "jax-rows", "jax-nochunk", "torch"):
+  for key in ("jax", "jax-rows", "jax-nochunk", "jax-attnstore", "torch"):
     assert f"warm-up: {key} done, first loss 0.6931" in out, out
     assert any(line.startswith(f"micro         {key} ") and "MiB" in line for line in out.splitlines()), out
   assert "compiled)" in out
