@@ -86,7 +86,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   matmul_precision: str = "default"  # 'highest' for true fp32 matmuls on TPU
-  remat: str = "none"  # one of REMAT_POLICIES
+  # One of REMAT_POLICIES, or 'auto': the trainer picks by memory (train/runtime.resolve_remat); built directly
+  # (no device or batch known) 'auto' is 'none'.
+  remat: str = "none"
   # > 0: log-probs from the LM head in sequence chunks (logprobs.py); 0: all at once; 'auto': chunk when the logits
   # are large (`logprobs.logits_chunk`).
   logits_chunk_size: int | str = "auto"
@@ -126,8 +128,8 @@ class ModelConfig:
                                              or self.logits_chunk_size < 0):
       raise ValueError(f"model: logits_chunk_size={self.logits_chunk_size!r} must be an int >= 0 (0 = no chunking) "
                        "or 'auto'.")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    if self.remat not in REMAT_POLICIES and self.remat != "auto":
+      raise ValueError(f"model: remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} or 'auto'.")
     if self.resolved_head_dim % 2:
       raise ValueError(f"model: head_dim={self.resolved_head_dim} must be even for RoPE.")
     if self.weight_grad_gemm not in WEIGHT_GRAD_GEMMS:
@@ -488,7 +490,7 @@ class Decoder(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
         embedding_init=_partitioned(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
     block = Block
-    if cfg.remat != "none" and not self.decode:  # decoding keeps no activations for a backward pass
+    if cfg.remat not in ("none", "auto") and not self.decode:  # decoding keeps no activations for a backward pass
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(

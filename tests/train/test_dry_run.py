@@ -99,8 +99,8 @@ def test_remat_auto_takes_full_only_when_the_activations_crowd_the_device(capsys
   from dpo_jax.train import runtime
   c = config(**{"model.remat": "auto", "max_length": 128, "max_prompt_length": 64})
   assert runtime.model_config(c, devices=8, device_bytes=64 * 2 ** 30).remat == "none"
-  assert runtime.model_config(c, devices=8, device_bytes=24 * 2 ** 20).remat == "full"
-  remat, why = runtime.resolve_remat(c, runtime.model_config(c), devices=8, device_bytes=24 * 2 ** 20)
+  assert runtime.model_config(c, devices=8, device_bytes=2 ** 20).remat == "full"
+  remat, why = runtime.resolve_remat(c, runtime.model_config(c), devices=8, device_bytes=2 ** 20)
   assert remat == "full" and "GiB of saved activations per device > half of the" in why, why
   assert runtime.model_config(config(**{"model.remat": "dots_saveable"}), devices=8,
                               device_bytes=2 ** 20).remat == "dots_saveable"
