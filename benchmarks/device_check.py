@@ -102,9 +102,9 @@ class Sizes:
   speed_pairs: int
   speed_length: int  # tokens per prompt + response (a quarter prompt, `bench.make_batch`)
   logits_chunk: int | str  # model.logits_chunk_size
-  hf_type: str = "llama"  # the torch row's transformers family (benchmarks/dpo_step.py's HF_TYPES)
   repeats: int  # timed steps per row
   prior_row_s: float  # budget estimate of a row before any row has been timed, seconds
+  hf_type: str = "llama"  # the torch row's transformers family (benchmarks/dpo_step.py's HF_TYPES)
 
 
 FULL = Sizes(check_pairs=32, check_length=64, speed_model=dict(bench.CONFIGS["llama-3.2-1b"][0]), speed_pairs=4,

@@ -81,7 +81,7 @@ COLUMNS = ["size", "params", "batch", "new tokens", "ours tokens/s", "ours rollo
 # configs/default.py's model fields that differ from ModelConfig's defaults, written out for machines without
 # ml_collections (the GPU image has none); tests/benchmarks/test_rollout_throughput_script.py holds them equal.
 DEFAULT_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=2,
-                     tie_embeddings=True)
+                     tie_embeddings=True, remat="auto")
 TINY_MODEL = dict(DEFAULT_MODEL, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
 

@@ -217,8 +217,11 @@ def resolve_remat(config: Any, cfg: model_lib.ModelConfig, devices: int | None =
     device_bytes, source = device_memory(config)
   else:
     source = "given"
-  data, fsdp, sequence, tensor = (sharding.resolve_mesh_shape(config.mesh, devices)[sharding.MESH_AXES.index(a)]
-                                  for a in ("data", "fsdp", "sequence", "tensor"))
+  try:
+    shape = sharding.resolve_mesh_shape(config.mesh, devices)
+  except ValueError:  # a mesh for other devices (validated where the mesh is built): all of them split the batch
+    shape = tuple(devices if a == "data" else 1 for a in sharding.MESH_AXES)
+  data, fsdp, sequence, tensor = (shape[sharding.MESH_AXES.index(a)] for a in ("data", "fsdp", "sequence", "tensor"))
   compute = 2 if cfg.compute_dtype == "bfloat16" else 4
   tokens = 2 * config.batch_size * config.max_length / max(config.optim.get("grad_accum_steps", 1), 1)
   tokens /= data * fsdp * sequence
