@@ -204,18 +204,6 @@ def shared_forward_flops(cfg: model_lib.ModelConfig, pairs: int, length: int) ->
   return dense + width * (pairs * p * p + 2 * pairs * r * (p + r))
 
 
-def available_memory() -> int:
-  """Bytes of RAM available to a new process (/proc/meminfo's MemAvailable; else all physical memory)."""
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def time_once(fn: Callable[[], Any]) -> float:
   t0 = time.perf_counter()
   fn()
@@ -701,7 +689,7 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     jax_step()  # warm-up
     profile(jax_step)
     return []
-  need, free = 5 * 4 * n_params, available_memory()
+  need, free = 5 * 4 * n_params, host_memory.available_ram()
   if jax.default_backend() == "cpu" and need > free:
     print(f"  skipped: fp32 params, AdamW moments, gradients and pi_ref alone are {need / 2 ** 30:.1f} GiB, more than "
           f"this machine's {free / 2 ** 30:.1f} GiB of available RAM (run it on a GPU: benchmarks/device_check.py)")

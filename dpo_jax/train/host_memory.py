@@ -60,6 +60,18 @@ def keep_freed_memory() -> bool:
              ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
 
 
+def available_ram() -> int:
+  """Bytes of RAM available to a new process (/proc/meminfo's MemAvailable; else all physical memory)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def accelerator_expected() -> bool:
   """Whether JAX will run on a TPU / GPU, judged without importing jax: `JAX_PLATFORMS` when set, else whether
   libtpu is installed on a machine with TPU chips (libtpu alone is the TPU compiler of the dry run, `.[test]` and

@@ -17,7 +17,7 @@ from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, optim, 
 from dpo_jax.data import preference, schemas, synthetic
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
-from dpo_jax.train import checkpoint, metrics as metrics_lib, startup
+from dpo_jax.train import checkpoint, host_memory, metrics as metrics_lib, startup
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -194,12 +194,8 @@ def device_memory(config: Any) -> tuple[float, str]:
   stats = jax.local_devices()[0].memory_stats() or {}
   if stats.get("bytes_limit"):
     return float(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind}'s memory"
-  try:
-    with open("/proc/meminfo") as f:
-      available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-  except (OSError, StopIteration):
-    available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  return available / jax.local_device_count(), f"available RAM / {jax.local_device_count()} local device(s)"
+  return (host_memory.available_ram() / jax.local_device_count(),
+          f"available RAM / {jax.local_device_count()} local device(s)")
 
 
 def resolve_remat(config: Any, cfg: model_lib.ModelConfig, devices: int | None = None,

@@ -2,16 +2,16 @@
 
 The trainer times its start-up phases with `phase('load')` (tokenizer, checkpoint weights, pi_ref),
 `phase('tokenize')` (reading and tokenizing the pairs) and `phase('evaluate')` (the held-out NLL of the starting
-point, before any training), and `train_loop` reports each stage's first step with
-`report_first_step`: the first call of a jitted step compiles it (or reads it from the persistent compilation
-cache, `compile_cache.py`) before dispatching, and blocking on that step's metrics then times its execution. One
-console line each, from process 0:
+point, before any training), and `train_loop` prints `first_step_lines` at each stage's first step: the first call
+of a jitted step compiles it (or reads it from the persistent compilation cache, `compile_cache.py`) before
+dispatching, and blocking on that step's metrics then times its execution. One console line each, from process 0
+(SmolLM2-135M, `configs/hf_dpo.py`, cold, on a 2-core CPU):
 
-    start-up: load 7.32 s (tokenizer, weights)
-    start-up: tokenize 0.54 s (pairs read and tokenized)
-    start-up: evaluate 60.10 s (held-out NLL of the starting point, before training)
-    dpo start-up: compile 8.65 s (persistent cache: 0 read, 1 compiled and written; /root/.cache/dpo_jax/xla)
-    dpo start-up: first step 4.50 s; 87.00 s from the command to the end of the first dpo step (5.89 s in none of
+    start-up: load 7.24 s (tokenizer, weights)
+    start-up: tokenize 0.55 s (pairs read and tokenized)
+    start-up: evaluate 0.00 s (held-out NLL of the starting point, before training)
+    dpo start-up: compile 7.04 s (persistent cache: 0 read, 1 compiled and written; /tmp/w/cc_smol3)
+    dpo start-up: first step 4.23 s; 22.68 s from the command to the end of the first dpo step (3.63 s in none of
     these: imports, mesh, the FLOP/s probe)
 
 Load, tokenize and evaluate are printed once, with the first stage that steps, and the seconds left over; every

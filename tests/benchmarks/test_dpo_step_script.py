@@ -63,7 +63,7 @@ def test_unknown_variants_are_refused(capsys):
 
 
 def test_a_shape_that_cannot_fit_in_ram_is_skipped_with_the_reason(monkeypatch, capsys):
-  monkeypatch.setattr(bench, "available_memory", lambda: 2 ** 30)
+  monkeypatch.setattr(bench.host_memory, "available_ram", lambda: 2 ** 30)
   monkeypatch.setattr(bench, "measure_peak", lambda dtype: {"jax": 1e11, "torch": 1e11})
   bench.main(["--config", "llama-3.2-1b", "--repeats", "1", "--no-isolate"])
   out = capsys.readouterr().out
