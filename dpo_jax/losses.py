@@ -40,7 +40,23 @@ likewise (average log-prob per token); eps = label_smoothing; lsig = log sigmoid
   orpo          ORPO, Hong 2024 (ref-free)     -a_c - lambda lsig(lo(a_c) - lo(a_r)),  lo(a) = a - log(1 - e^a)
   unlikelihood  seed ablation, no weighting    -beta d  (unbounded below, on purpose)
 
+Unpaired variants (`UNPAIRED_LOSSES` keys, TRL KTOTrainer / BCOTrainer loss_type names; `unpaired_loss`): a row
+is (prompt, completion y, desirable); lr = log pi(y) - log pi_ref(y); y+ / y- a desirable / undesirable row;
+z = the batch KL estimate; w_D, w_U = desirable_weight, undesirable_weight; delta = running mean of beta * lr::
+
+  kto                KTO, Ethayarajh 2024 (eq. 7)  y+: w_D (1 - s(beta (lr - z)));  y-: w_U (1 - s(beta (z - lr)))
+  apo_zero_unpaired  APO-zero unpaired, D'Oosterlinck 2024  y+: w_D (1 - s(beta lr));  y-: w_U s(beta lr)
+  bco                BCO, Jung 2024                y+: -w_D lsig(beta lr - delta);  y-: -w_U lsig(delta - beta lr)
+
 Combinations: `weighted_preference_loss` (sum_i w_i L_i, as TRL's loss_type list + loss_weights).
+
+Modifiers of the pair losses (TRL DPOConfig fields of the same names; the step applies the last two)::
+
+  f_divergence_type  f-DPO, Wang 2023: cl, rl -> f'(u) - f'(1) of u = pi / pi_ref (`f_divergence_score`); the
+                     types in `F_DIVERGENCE_LOSSES` only
+  ld_alpha           LD-DPO, Liu 2024: log pi -> front + ld_alpha * (full - front), front = the pair's shared
+                     length (`ld_logps`, policy and reference alike)
+  use_weighting      WPO, Zhou 2024 (eq. 2): each pair's loss times `wpo_pair_weights` (no gradient)
 """
 
 from __future__ import annotations
@@ -124,11 +140,109 @@ def log1mexp(x: jax.Array) -> jax.Array:
   return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
+# --- f-DPO, LD-DPO and WPO: modifiers of the pair losses (TRL DPOConfig f_divergence_type, ld_alpha, use_weighting) ---
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # TRL's f_divergence_type values
+# The types TRL 1.16 lets take a non-reverse f-divergence: those built on the chosen - rejected score difference, in
+# which f-DPO's beta log Z(x) cancels (sft ignores the score). rpo is sigmoid + sft, TRL's loss_type=[sigmoid, sft].
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "rpo")
+F_ALPHA_DEFAULT = 0.5  # TRL DPOConfig.f_alpha_divergence_coef default
+F_ALPHA_EXP_MAX = 80.0  # TRL clamps (a - 1) * logratio here for fp32 / bf16: exp(80) ~ 5.5e34 stays finite in fp32
+F_ALPHA_REVERSE_TOL = 1e-6  # |a - 1| below this: the alpha score's limit, log u (reverse KL), as TRL
+
+
+def f_divergence_score(logratios: jax.Array, f_type: str, alpha_coef: float) -> jax.Array:
+  """The f-DPO score that replaces a log-ratio lr = log(pi / pi_ref) in the margin, `[B]` fp32 (TRL 1.16 DPOTrainer
+  `_compute_loss`, chosen_scores / rejected_scores).
+
+  f-DPO (Wang et al. 2023, "Beyond reverse KL: generalizing DPO with diverse divergence constraints", Table 1)
+  trains -log s(beta f'(u_w) - beta f'(u_l)), u = pi / pi_ref, for an f-divergence penalty D_f(pi || pi_ref).
+  The paper's f'(u): reverse KL log u + 1; forward KL -1/u; Jensen-Shannon log(2u / (1 + u)); alpha-divergence
+  (1 - u^-alpha) / alpha. The scores here (as TRL's) are f'(u) - f'(1), which vanish at u = 1; constants cancel
+  in a chosen - rejected difference, but not in ipo / sigmoid_norm, which divide each score by its own length::
+
+      reverse_kl        lr
+      forward_kl        1 - exp(-lr)
+      js_divergence     log 2 + log s(lr)
+      alpha_divergence  (exp((a - 1) lr) - 1) / (a - 1),  (a - 1) lr clamped at 80;  lr itself when |a - 1| < 1e-6
+
+  `alpha_coef` = a, TRL 1.16's f_alpha_divergence_coef, is 1 - the paper's alpha (the same at the default 0.5);
+  a -> 1 is reverse KL, a = 0 forward KL. TRL before 1.x differed: forward_kl fell through to the reverse-KL
+  margin, and alpha_divergence used -exp(-a lr) / a with a as the paper's alpha (its exponent capped too).
+  forward_kl is unbounded: lr < -88 overflows exp(-lr) to inf, as in TRL. exp(x) - 1 is computed as expm1(x).
+
+  Args:
+    logratios: `[B]` log pi - log pi_ref (nats), any float dtype (computed in fp32).
+    f_type: one of `F_DIVERGENCES` (static).
+    alpha_coef: a, a Python float (static); read only for alpha_divergence.
+  """
+  lr = jnp.asarray(logratios, jnp.float32)
+  if f_type == "reverse_kl":
+    return lr
+  if f_type == "forward_kl":
+    return -jnp.expm1(-lr)
+  if f_type == "js_divergence":
+    return math.log(2.0) + jax.nn.log_sigmoid(lr)
+  if f_type == "alpha_divergence":
+    a1 = float(alpha_coef) - 1.0
+    if abs(a1) < F_ALPHA_REVERSE_TOL:
+      return lr
+    return jnp.expm1(jnp.minimum(a1 * lr, F_ALPHA_EXP_MAX)) / a1
+  raise ValueError(f"config.loss.f_divergence_type={f_type!r} is unknown; choose one of {F_DIVERGENCES}.")
+
+
+def check_ld_alpha(value: Any) -> None:
+  """Raise a ValueError naming config.loss.ld_alpha unless it is None (LD-DPO off) or a number in [0, 1]."""
+  _need(value is None or (_is_number(value) and 0.0 <= value <= 1.0), "ld_alpha", value,
+        "must be None (off) or a number in [0, 1]: the weight of the tokens past the pair's shared length "
+        "(1 = plain DPO, 0 = the shared front only; Liu et al. 2024 use 0.3-0.7).")
+
+
+def ld_logps(full: jax.Array, front: jax.Array, ld_alpha: float | None) -> jax.Array:
+  """LD-DPO's length-desensitised sequence log-prob, `[B]` fp32 nats (Liu et al. 2024, "LD-DPO").
+
+  `front + ld_alpha * (full - front)`: `full` sums a response's log-probs over all its tokens, `front` over its
+  first L tokens, L = min(chosen tokens, rejected tokens) of its pair; the verbose tail past L is down-weighted.
+  TRL 1.16 DPOTrainer (ld_alpha set): shared_logps + ld_alpha * tail_logps, for the policy AND the reference, so
+  the logged rewards use it too. ld_alpha = 1 is plain DPO, 0 keeps the front only; None returns `full` (off).
+  """
+  full = jnp.asarray(full, jnp.float32)
+  if ld_alpha is None:
+    return full
+  if not _traced(ld_alpha):
+    check_ld_alpha(ld_alpha)
+  front = jnp.asarray(front, jnp.float32)
+  return front + ld_alpha * (full - front)
+
+
+def wpo_pair_weights(chosen_logps: jax.Array, chosen_log_sum_sq: jax.Array, chosen_num_tokens: jax.Array,
+                     rejected_logps: jax.Array, rejected_log_sum_sq: jax.Array,
+                     rejected_num_tokens: jax.Array) -> jax.Array:
+  """WPO's per-pair weight (Zhou et al. 2024, "WPO: enhancing RLHF with weighted preference optimization", eq. 2,
+  the length-normalised form with aligned probabilities), `[B]` fp32, no gradient::
+
+      w = exp((logps_c - lss_c) / n_c) * exp((logps_r - lss_r) / n_r)
+
+  logps: the policy's sequence log-prob (nats, sum over response tokens: the full sum, also under LD-DPO, as TRL);
+  lss: the sum over the same tokens of log sum_v p_v^2 (TRL's `log_sum_sq_probs`, the log-probability of the
+  token the policy would sample itself, in expectation); n: response token counts, clamped to >= 1. A token's
+  p_y / sum_v p_v^2 can exceed 1, so can w. TRL 1.16 (use_weighting) multiplies each type's per-pair loss by w
+  unclamped; TRL before 1.x clamped w at 1.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  per_token = lambda lp, lss, n: (f32(lp) - f32(lss)) / jnp.maximum(f32(n), 1.0)
+  log_w = (per_token(chosen_logps, chosen_log_sum_sq, chosen_num_tokens)
+           + per_token(rejected_logps, rejected_log_sum_sq, rejected_num_tokens))
+  return jax.lax.stop_gradient(jnp.exp(log_w))
+
+
 class Pair(NamedTuple):
   """A batch of preference pairs as every variant sees it: all `[B]` fp32.
 
   Log-probs are sums over response tokens (nats); the reference fields are None for reference-free calls and
   the token counts (clamped to >= 1, as TRL clamps its masks) are None when the caller gave none.
+  `f_divergence` (static, not an array): None for reverse KL, else `(f_type, alpha_coef)`, which `_logratios`
+  applies (`f_divergence_score`); only `F_DIVERGENCE_LOSSES` types are ever given one.
   """
   policy_chosen: jax.Array
   policy_rejected: jax.Array
@@ -136,11 +250,21 @@ class Pair(NamedTuple):
   reference_rejected: jax.Array | None
   chosen_tokens: jax.Array | None
   rejected_tokens: jax.Array | None
+  f_divergence: tuple[str, float] | None = None
+
+
+def _raw_logratios(p: Pair) -> tuple[jax.Array, jax.Array]:
+  """(chosen, rejected) log pi - log pi_ref, `[B]` nats."""
+  return p.policy_chosen - p.reference_chosen, p.policy_rejected - p.reference_rejected
 
 
 def _logratios(p: Pair) -> tuple[jax.Array, jax.Array]:
-  """(chosen, rejected) log pi - log pi_ref, `[B]` nats."""
-  return p.policy_chosen - p.reference_chosen, p.policy_rejected - p.reference_rejected
+  """(chosen, rejected) scores, `[B]`: the log-ratios, or their f-DPO transform when the pair carries one."""
+  cl, rl = _raw_logratios(p)
+  if p.f_divergence is None:
+    return cl, rl
+  f_type, alpha_coef = p.f_divergence
+  return f_divergence_score(cl, f_type, alpha_coef), f_divergence_score(rl, f_type, alpha_coef)
 
 
 def _avg_logps(p: Pair) -> tuple[jax.Array, jax.Array]:
@@ -212,8 +336,10 @@ def _nca_pair(p: Pair, *, beta: float, label_smoothing: float) -> jax.Array:
 def _bco_pair(p: Pair, *, beta: float, label_smoothing: float, delta: float) -> jax.Array:
   """BCO on pairs (Jung et al. 2024, "Binary classifier optimization"): chosen as class 1, rejected as class 0
   around the reward shift delta: -log s(beta cl - delta) - log s(-(beta rl - delta)).
-  TRL keeps delta as a running mean of beta * (logratios) over training; a pure function cannot, so `delta`
-  (nats) is an option (default 0.0) and keeping it current is the trainer's job.
+  `delta` (nats) is a fixed option, default 0.0: TRL 1.16's bco_pair has no shift at all (delta = 0). TRL 0.x
+  DPOTrainer kept delta as a running mean updated once per step with that batch's mean reward (the mean of
+  beta * [cl, rl]), then used the updated mean; a trainer can do the same with `running_mean_update(state,
+  batch_mean[None], jnp.ones(1))` and pass `state.mean` here (a traced delta is accepted).
   TRL v0.1x DPOTrainer.dpo_loss, loss_type='bco_pair'."""
   del label_smoothing
   cl, rl = _logratios(p)
@@ -443,13 +569,20 @@ LOSSES: dict[str, LossSpec] = {
 def _as_types(loss_type_or_types: str | Sequence[str]) -> tuple[str, ...]:
   """A str or a sequence of str -> a tuple of known loss types (ValueError naming config.loss.type otherwise)."""
   if isinstance(loss_type_or_types, str):
+    if is_unpaired(loss_type_or_types):
+      raise ValueError(f"config.loss.type={loss_type_or_types!r} is an unpaired loss (rows of prompt, completion, "
+                       f"desirable): it goes through `unpaired_loss`, not the pair losses {sorted(LOSSES)}.")
     if loss_type_or_types not in LOSSES:
-      raise ValueError(f"config.loss.type={loss_type_or_types!r} is unknown; choose one of {sorted(LOSSES)}.")
+      raise ValueError(f"config.loss.type={loss_type_or_types!r} is unknown; choose one of {sorted(LOSSES)} (pairs), "
+                       f"{sorted(UNPAIRED_LOSSES)} (unpaired rows) or {RANKING_LOSS!r} (ranked responses).")
     return (loss_type_or_types,)
   types = tuple(loss_type_or_types)
   if not types:
     raise ValueError("config.loss.type=() is empty; give one loss type or a tuple of them.")
   for t in types:
+    if is_unpaired(t):
+      raise ValueError(f"config.loss.types={types!r}: {t!r} is an unpaired loss and trains on other data (rows, not "
+                       f"pairs); it cannot be combined with pair losses. Use it alone as config.loss.type.")
     if not isinstance(t, str) or t not in LOSSES:
       raise ValueError(f"config.loss.type={types!r}: {t!r} is unknown; choose from {sorted(LOSSES)}.")
   return types
@@ -460,8 +593,13 @@ def from_config(loss_cfg: Mapping[str, Any]) -> tuple[str | tuple[str, ...], dic
 
   `loss.types` (non-empty) is a weighted combination with `loss.weights` (() = all 1.0) and takes precedence
   over `loss.type`. `loss.options` fields left at None take the variant's default and are not passed.
+  `loss.f_divergence_type` and `loss.f_alpha_divergence_coef` join the options when the block has them (older
+  configs do not: then reverse KL). The fields the step applies itself are `ablation_fields`, never options.
   """
   options = {k: v for k, v in dict(loss_cfg.get("options", None) or {}).items() if v is not None}
+  for name in F_OPTIONS:
+    if loss_cfg.get(name, None) is not None:
+      options[name] = loss_cfg[name]
   types = tuple(loss_cfg.get("types", None) or ())
   if types:
     weights = tuple(loss_cfg.get("weights", None) or ()) or None
@@ -474,28 +612,128 @@ def from_config(loss_cfg: Mapping[str, Any]) -> tuple[str | tuple[str, ...], dic
 
 def needs_reference(loss_type_or_types: str | Sequence[str]) -> bool:
   """Whether any of the loss types reads reference log-probs (False: the trainer need not load pi_ref)."""
-  if loss_type_or_types == RANKING_LOSS:
+  if loss_type_or_types == RANKING_LOSS or is_unpaired(loss_type_or_types):  # all of them read pi_ref
     return True
   return any(LOSSES[t].uses_reference for t in _as_types(loss_type_or_types))
 
 
+F_OPTIONS = ("f_divergence_type", "f_alpha_divergence_coef")  # config.loss fields `from_config` passes as options
+# config.loss fields the step applies itself (`ablation_fields`), with their defaults (TRL's): never loss options.
+STEP_FIELDS = {"ld_alpha": None, "use_weighting": False, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+
+def ablation_fields(loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """`{ld_alpha, use_weighting, desirable_weight, undesirable_weight}` from a `config.loss` block, checked against
+  its loss type (ValueError naming the field); a field the block lacks (older configs) takes its default, which
+  changes nothing: ld_alpha None (LD-DPO off), use_weighting False (no WPO), both KTO weights 1.0.
+
+  The step applies them: `ld_logps` (policy and reference), `wpo_pair_weights` times the pair losses, and the
+  weights as `unpaired_loss(..., desirable_weight=, undesirable_weight=)`.
+  """
+  fields = {name: loss_cfg.get(name, default) for name, default in STEP_FIELDS.items()}
+  fields = {name: STEP_FIELDS[name] if value is None else value for name, value in fields.items()}
+  loss_type = from_config(loss_cfg)[0]
+  _check_modifiers(loss_type, **fields)
+  return fields
+
+
+def _kind(loss_type: str | Sequence[str]) -> str:
+  """'unpaired', 'ranking' or 'pair'."""
+  if is_unpaired(loss_type):
+    return "unpaired"
+  return "ranking" if loss_type == RANKING_LOSS else "pair"
+
+
+def _check_modifiers(loss_type: str | Sequence[str], *, f_divergence_type: str = "reverse_kl",
+                     f_alpha_divergence_coef: float = F_ALPHA_DEFAULT, ld_alpha: float | None = None,
+                     use_weighting: bool = False, desirable_weight: float = 1.0,
+                     undesirable_weight: float = 1.0) -> None:
+  """Check the f-DPO / LD-DPO / WPO / KTO-weight fields against the loss type (ValueError naming the field)."""
+  kind = _kind(loss_type)
+  if kind == "pair":
+    _as_types(loss_type)  # an unknown type is named first
+  types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+  label = loss_type if isinstance(loss_type, str) else types
+  _need(isinstance(f_divergence_type, str) and f_divergence_type in F_DIVERGENCES, "f_divergence_type",
+        f_divergence_type, f"must be one of {F_DIVERGENCES} ('reverse_kl' is plain DPO).")
+  _need(_is_number(f_alpha_divergence_coef) and f_alpha_divergence_coef > 0, "f_alpha_divergence_coef",
+        f_alpha_divergence_coef, f"must be a finite number > 0 (TRL's default {F_ALPHA_DEFAULT}; 1 is reverse KL, "
+        f"0 forward KL); it is read only with f_divergence_type='alpha_divergence'.")
+  if f_divergence_type != "reverse_kl":
+    bad = [t for t in types if kind != "pair" or t not in F_DIVERGENCE_LOSSES]
+    if bad:
+      raise ValueError(f"config.loss.f_divergence_type={f_divergence_type!r} is not defined for loss type {label!r} "
+                       f"({bad}): f-DPO's log Z(x) cancels only in a chosen - rejected score difference. Allowed "
+                       f"types: {sorted(F_DIVERGENCE_LOSSES)}; else set config.loss.f_divergence_type='reverse_kl'.")
+  check_ld_alpha(ld_alpha)
+  if ld_alpha is not None and kind != "pair":
+    raise ValueError(f"config.loss.ld_alpha={ld_alpha!r} is for pair losses (it needs a pair's shared length); "
+                     f"loss type {label!r} has none. Set it to None.")
+  _need(isinstance(use_weighting, (bool, jnp.bool_)), "use_weighting", use_weighting, "must be True or False.")
+  if use_weighting and kind != "pair":
+    raise ValueError(f"config.loss.use_weighting=True (WPO) weights preference pairs; loss type {label!r} has none. "
+                     f"Set it to False.")
+  sorted_types = [t for t in types if t in ("aot", "aot_pair")]
+  if use_weighting and sorted_types:
+    raise ValueError(f"config.loss.use_weighting=True (WPO) with config.loss.type {label!r}: {sorted_types} sort the "
+                     f"batch, so entry i is no longer pair i and per-pair weights would be misaligned (TRL refuses "
+                     f"it too). Set config.loss.use_weighting=False or drop {sorted_types}.")
+  for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+    _need(_traced(value) or (_is_number(value) and value > 0), name, value,
+          "must be a finite number > 0 (TRL's KTO recommends desirable_weight * n_desirable / (undesirable_weight * "
+          "n_undesirable) in [1, 4/3]).")
+    if kind != "unpaired" and not _traced(value) and value != 1.0:
+      raise ValueError(f"config.loss.{name}={value!r} weights unpaired rows ({sorted(UNPAIRED_LOSSES)}); loss type "
+                       f"{label!r} does not use it. Set it to 1.0.")
+
+
 def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_smoothing: float,
-                         weights: Sequence[float] | None = None, **options) -> dict[str, Any]:
+                         weights: Sequence[float] | None = None, f_divergence_type: str = "reverse_kl",
+                         f_alpha_divergence_coef: float = F_ALPHA_DEFAULT, ld_alpha: float | None = None,
+                         use_weighting: bool = False, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                         **options) -> dict[str, Any]:
   """Raise a clear error for a bad loss configuration (called before any compile); return the resolved options.
 
   Args:
     loss_type: one `LOSSES` key, or a tuple of them for a weighted combination (then `weights`, one finite number
       per type; None means all 1.0, TRL's default loss_weights). Options are shared by the types of a
       combination; a name no type uses is an error, as is a nonzero label_smoothing when no type uses it.
+      Also an `UNPAIRED_LOSSES` key (beta, the two KTO weights, its `UnpairedSpec.options`; no label smoothing),
+      or `RANKING_LOSS`.
+    f_divergence_type, f_alpha_divergence_coef: f-DPO (`from_config` passes them as options); a non-reverse
+      f-divergence only for `F_DIVERGENCE_LOSSES`.
+    ld_alpha, use_weighting, desirable_weight, undesirable_weight: the step's fields (`ablation_fields`), checked
+      when given: pass `**ablation_fields(config.loss)` to check them with the rest.
 
   Returns:
-    A dict, option name -> value, with every used option's default filled in.
+    A dict, option name -> value, with every used option's default filled in (the f-DPO fields are not in it).
   """
+  _check_modifiers(loss_type, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                   ld_alpha=ld_alpha, use_weighting=use_weighting, desirable_weight=desirable_weight,
+                   undesirable_weight=undesirable_weight)
   if loss_type == RANKING_LOSS:  # ranked data: plackett_luce_loss, which has beta alone
     _need(_traced(beta) or (_is_number(beta) and beta > 0), "beta", beta, "must be a finite number > 0.")
     _need(label_smoothing == 0 and weights is None and not options, "label_smoothing/options",
           (label_smoothing, weights, options), f"are not used by {RANKING_LOSS!r}; leave them unset.")
     return {}
+  if is_unpaired(loss_type):
+    _need(_traced(beta) or (_is_number(beta) and beta > 0), "beta", beta,
+          "must be a finite number > 0 (it scales the implicit reward; TRL's KTO default is 0.1).")
+    _need(label_smoothing == 0, "label_smoothing", label_smoothing,
+          f"is not used by the unpaired loss type {loss_type!r}; set it to 0.0.")
+    if weights is not None:
+      raise ValueError(f"config.loss.weights={weights!r} is only for a tuple of pair loss types; the unpaired loss "
+                       f"type {loss_type!r} takes none. Drop it.")
+    known = UNPAIRED_LOSSES[loss_type].options
+    unused = sorted(set(options) - set(known))
+    if unused:
+      raise ValueError(f"config.loss.options {unused} are not used by the unpaired loss type {loss_type!r}; its "
+                       f"options are {sorted(known) or 'none'}. Remove them (config.loss.options.<name>).")
+    resolved = {**known, **options}
+    for name, value in resolved.items():
+      _need(_traced(value) or isinstance(value, jax.Array) or _is_number(value), f"options.{name}", value,
+            "must be a finite number.")
+    return resolved
   types = _as_types(loss_type)
   label = loss_type if isinstance(loss_type, str) else types
   _need(_traced(beta) or (_is_number(beta) and beta > 0), "beta", beta,
@@ -534,7 +772,7 @@ def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_s
   return resolved
 
 
-def _pair(types: tuple[str, ...], pc, pr, rc, rr, nc, nr) -> Pair:
+def _pair(types: tuple[str, ...], pc, pr, rc, rr, nc, nr, f_divergence: tuple[str, float] | None = None) -> Pair:
   """Cast to fp32 and check that the types get the inputs they need (ValueError naming the type otherwise)."""
   f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
   for t in types:
@@ -548,14 +786,24 @@ def _pair(types: tuple[str, ...], pc, pr, rc, rr, nc, nr) -> Pair:
       raise ValueError(f"loss type {t!r} is length-normalised and needs chosen_num_tokens and rejected_num_tokens "
                        f"([B] response token counts), got None.")
   tokens = lambda n: None if n is None else jnp.maximum(f32(n), 1.0)  # an empty response counts as 1 token, as TRL
-  return Pair(f32(pc), f32(pr), f32(rc), f32(rr), tokens(nc), tokens(nr))
+  return Pair(f32(pc), f32(pr), f32(rc), f32(rr), tokens(nc), tokens(nr), f_divergence)
+
+
+def _f_divergence(options: Mapping[str, Any]) -> tuple[str, float] | None:
+  """Pair.f_divergence from preference_loss's options (after validation), refusing the step's own fields."""
+  misplaced = sorted(set(options) & set(STEP_FIELDS))
+  if misplaced:
+    raise ValueError(f"{misplaced} are applied by the step (ld_logps, wpo_pair_weights, unpaired_loss), not by "
+                     f"preference_loss; get them with `ablation_fields(config.loss)`, not as loss options.")
+  f_type = options.get("f_divergence_type", "reverse_kl")
+  return None if f_type == "reverse_kl" else (f_type, float(options.get("f_alpha_divergence_coef", F_ALPHA_DEFAULT)))
 
 
 def _rewards(loss_type: str, p: Pair, beta: float) -> tuple[jax.Array, jax.Array]:
   """Logged (chosen, rejected) rewards `[B]` (nats), no gradient: beta * (pi - ref) for reference-based types;
   beta * average policy log-prob for reference-free ones (TRL's CPOTrainer simpo / ORPOTrainer)."""
   if LOSSES[loss_type].uses_reference:
-    cr, rr = _logratios(p)
+    cr, rr = _raw_logratios(p)  # log-ratios, not f-DPO scores, as TRL logs them
   else:
     cr, rr = _avg_logps(p)
   return jax.lax.stop_gradient(beta * cr), jax.lax.stop_gradient(beta * rr)
@@ -576,14 +824,16 @@ def weighted_preference_loss(loss_types: Sequence[str], weights: Sequence[float]
   """sum_i weights[i] * L_{loss_types[i]}, per pair `[B]` (TRL DPOConfig loss_type=[...], loss_weights=[...]).
 
   Inputs as `preference_loss`. beta, label_smoothing and options are shared by all types (each type reads its own
-  options and ignores label_smoothing unless it uses it). weights None = all 1.0. Rewards come from the first
+  options and ignores label_smoothing unless it uses it; the f-DPO score applies to every type, so each must be in
+  `F_DIVERGENCE_LOSSES` for a non-reverse one). weights None = all 1.0. Rewards come from the first
   reference-based type, or the first type if none is.
   """
   types = _as_types(tuple(loss_types))
   weights = (1.0,) * len(types) if weights is None else tuple(weights)
+  f_divergence = _f_divergence(options)
   resolved = validate_loss_config(types, beta=beta, label_smoothing=label_smoothing, weights=weights, **options)
   p = _pair(types, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            chosen_num_tokens, rejected_num_tokens)
+            chosen_num_tokens, rejected_num_tokens, f_divergence)
   losses = sum(w * _call(t, p, beta, label_smoothing, resolved) for t, w in zip(types, weights))
   reward_type = next((t for t in types if LOSSES[t].uses_reference), types[0])
   return (losses, *_rewards(reward_type, p, beta))
@@ -604,22 +854,177 @@ def preference_loss(loss_type: str | Sequence[str], policy_chosen_logps: jax.Arr
       reference ones may be None for reference-free types (simpo, orpo, sft).
     chosen_num_tokens: `[B]` response token counts (and `rejected_num_tokens`), required by length-normalised
       types (ipo, sigmoid_norm, sft, rpo, simpo, orpo).
-    options: the type's own options (`LossSpec.options`).
+    options: the type's own options (`LossSpec.options`), and `f_divergence_type` / `f_alpha_divergence_coef`
+      (f-DPO: the margin uses `f_divergence_score` of the log-ratios; `F_DIVERGENCE_LOSSES` only).
 
   Returns:
     `(losses_B, chosen_rewards_B, rejected_rewards_B)`. The rewards are `beta * (pi - ref)` (reference-free
-    types: beta * average log-prob) for logging and carry no gradient (the loss alone is differentiated).
+    types: beta * average log-prob; never the f-DPO scores, as TRL logs them) for logging and carry no gradient
+    (the loss alone is differentiated).
   """
+  if is_unpaired(loss_type):
+    raise ValueError(f"loss type {loss_type!r} is unpaired (rows of prompt, completion, desirable): call "
+                     f"`unpaired_loss`, not preference_loss.")
   if not isinstance(loss_type, str):
     weights = options.pop("weights", None)
     return weighted_preference_loss(loss_type, weights, policy_chosen_logps, policy_rejected_logps,
                                     reference_chosen_logps, reference_rejected_logps, beta=beta,
                                     label_smoothing=label_smoothing, chosen_num_tokens=chosen_num_tokens,
                                     rejected_num_tokens=rejected_num_tokens, **options)
+  f_divergence = _f_divergence(options)
   resolved = validate_loss_config(loss_type, beta=beta, label_smoothing=label_smoothing, **options)
   p = _pair((loss_type,), policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-            reference_rejected_logps, chosen_num_tokens, rejected_num_tokens)
+            reference_rejected_logps, chosen_num_tokens, rejected_num_tokens, f_divergence)
   return (_call(loss_type, p, beta, label_smoothing, resolved), *_rewards(loss_type, p, beta))
+
+
+# --- unpaired losses: rows of (prompt, completion, desirable), TRL KTOTrainer / BCOTrainer -------------------------
+# fn(logratios, kl, desirable, *, beta, delta) -> losses [B] before the desirable / undesirable weights.
+
+
+def _kto(lr: jax.Array, kl: jax.Array, desirable: jax.Array, *, beta: float, delta: Any) -> jax.Array:
+  """KTO (Ethayarajh et al. 2024, "KTO: model alignment as prospect theoretic optimization", eq. 7) with TRL's
+  value 1 - s(.): desirable 1 - s(beta (lr - z)), undesirable 1 - s(beta (z - lr)), z the batch KL estimate (the
+  reference point). TRL 1.16 KTOTrainer `_compute_loss`, loss_type='kto'."""
+  del delta
+  return jnp.where(desirable, 1.0 - jax.nn.sigmoid(beta * (lr - kl)), 1.0 - jax.nn.sigmoid(beta * (kl - lr)))
+
+
+def _apo_zero_unpaired(lr: jax.Array, kl: jax.Array, desirable: jax.Array, *, beta: float, delta: Any) -> jax.Array:
+  """APO-zero on unpaired rows (D'Oosterlinck et al. 2024, eq. 7 split by label): desirable 1 - s(beta lr),
+  undesirable s(beta lr); no KL. TRL 1.16 KTOTrainer, loss_type='apo_zero_unpaired'."""
+  del kl, delta
+  return jnp.where(desirable, 1.0 - jax.nn.sigmoid(beta * lr), jax.nn.sigmoid(beta * lr))
+
+
+def _bco(lr: jax.Array, kl: jax.Array, desirable: jax.Array, *, beta: float, delta: Any) -> jax.Array:
+  """BCO (Jung et al. 2024, "Binary classifier optimization for LLM alignment"): a logistic classifier with logit
+  beta lr - delta, desirable = class 1: -log s(beta lr - delta), undesirable -log s(-(beta lr - delta)); delta is
+  the running mean of the rewards (`running_mean_update`, then this batch's update). TRL 0.x BCOTrainer.bco_loss
+  without its optional underlying-distribution-matching weights (BCO is not in TRL 1.16)."""
+  del kl
+  m = beta * lr - delta
+  return jnp.where(desirable, -jax.nn.log_sigmoid(m), -jax.nn.log_sigmoid(-m))
+
+
+class UnpairedSpec(NamedTuple):
+  """How to call one unpaired variant: `fn(logratios, kl, desirable, *, beta, delta) -> losses [B]`; `uses_kl`:
+  needs the KL completions' log-probs (TRL's calculate_KL); `options`: its config.loss.options and defaults."""
+  fn: Callable[..., jax.Array]
+  uses_kl: bool
+  options: Mapping[str, Any]
+
+
+UNPAIRED_LOSSES: dict[str, UnpairedSpec] = {
+    "kto": UnpairedSpec(_kto, uses_kl=True, options={}),
+    "apo_zero_unpaired": UnpairedSpec(_apo_zero_unpaired, uses_kl=False, options={}),
+    # delta: a fixed shift, used where no running mean is kept (evaluation); training passes the running mean.
+    "bco": UnpairedSpec(_bco, uses_kl=False, options={"delta": 0.0}),
+}
+
+
+def is_unpaired(loss_type: Any) -> bool:
+  """Whether `loss_type` is an `UNPAIRED_LOSSES` key (data: rows of prompt, completion, desirable)."""
+  return isinstance(loss_type, str) and loss_type in UNPAIRED_LOSSES
+
+
+def unpaired_kl(policy_kl_logps: jax.Array, reference_kl_logps: jax.Array, weights: jax.Array) -> jax.Array:
+  """KTO's reference point z, `[]` fp32 nats, no gradient: max(0, sum(w (pi_kl - ref_kl)) / max(sum(w), 1)).
+
+  The KL completions are mismatched (prompt, another row's completion) pairs. TRL 1.16 takes each process's
+  batch mean, averages over processes and clamps at 0; the batch here is global, so the weighted mean (w: the
+  row mask, 0 = padding) is that mean over all real rows. Under gradient accumulation it is each micro-batch's.
+  """
+  w = jnp.asarray(weights, jnp.float32)
+  diff = jnp.asarray(policy_kl_logps, jnp.float32) - jnp.asarray(reference_kl_logps, jnp.float32)
+  mean = jnp.sum(jnp.where(w > 0, w * diff, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
+  return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
+
+
+def unpaired_loss(loss_type: str, policy_logps: jax.Array, reference_logps: jax.Array,
+                  policy_kl_logps: jax.Array | None, reference_kl_logps: jax.Array | None, desirable: jax.Array,
+                  weights: jax.Array, *, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                  delta: Any = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row unpaired loss (`UNPAIRED_LOSSES[loss_type]`), rewards and the KL estimate.
+
+  Args:
+    loss_type: 'kto', 'apo_zero_unpaired' or 'bco'.
+    policy_logps: `[B]` sequence log-probs of each row's completion (nats, sum over its tokens), any float dtype
+      (fp32 inside); `reference_logps` likewise under pi_ref.
+    policy_kl_logps: `[B]` log-probs of each row's KL completion (another row's completion under this prompt),
+      and `reference_kl_logps`; read by 'kto' only (None is fine for the others).
+    desirable: `[B]` bool (or 0/1), True for a desirable completion.
+    weights: `[B]` row mask (0 = padding row); it enters the KL mean only: the losses are not multiplied by it
+      (the step's weighted sum is), as `preference_loss`'s are not.
+    beta: scale of the implicit reward.
+    desirable_weight, undesirable_weight: multiply the desirable / undesirable rows' losses (TRL KTOConfig; TRL's
+      BCO has none: leave them at 1.0 for TRL's BCO).
+    delta: bco's reward shift (nats), `[]`, may be traced: in training the running mean AFTER this batch's update
+      (`running_mean_update(state, rewards, weights).mean`, as TRL's BCOTrainer updates before the loss); else
+      config.loss.options.delta (default 0.0).
+
+  Returns:
+    `(losses_B, rewards_B, kl)`: losses (kto, apo_zero_unpaired: a weighted probability; bco: nats), rewards
+    beta * (log pi - log pi_ref) without gradient, kl `[]` (`unpaired_kl`; 0 for types without it). No gradient
+    flows through kl, so d loss / d policy_logps treats the reference point as a constant.
+  """
+  if not is_unpaired(loss_type):
+    raise ValueError(f"config.loss.type={loss_type!r} is not an unpaired loss; choose one of "
+                     f"{sorted(UNPAIRED_LOSSES)} (pair losses go through preference_loss).")
+  validate_loss_config(loss_type, beta=beta, label_smoothing=0.0, desirable_weight=desirable_weight,
+                       undesirable_weight=undesirable_weight)
+  spec = UNPAIRED_LOSSES[loss_type]
+  lr = jnp.asarray(policy_logps, jnp.float32) - jnp.asarray(reference_logps, jnp.float32)
+  if spec.uses_kl:
+    if policy_kl_logps is None or reference_kl_logps is None:
+      raise ValueError(f"loss type {loss_type!r} needs policy_kl_logps and reference_kl_logps ([B] log-probs of each "
+                       f"row's KL completion), got None.")
+    kl = unpaired_kl(policy_kl_logps, reference_kl_logps, weights)
+  else:
+    kl = jnp.zeros((), jnp.float32)
+  desirable = jnp.asarray(desirable).astype(bool)
+  losses = spec.fn(lr, kl, desirable, beta=beta, delta=delta)
+  losses = jnp.where(desirable, desirable_weight, undesirable_weight) * losses
+  return losses, jax.lax.stop_gradient(beta * lr), kl
+
+
+class RunningMean(NamedTuple):
+  """A count-weighted running mean, TRL's RunningMoments mean (BCO's reward shift): `count`, `mean`, fp32 `[]`.
+
+  Start from `running_mean_init()`. fp32 counts are exact up to 2^24 rows (weights 0/1); past that the mean
+  still moves, with relative error ~1e-7 per update.
+  """
+  count: jax.Array
+  mean: jax.Array
+
+
+def running_mean_init() -> RunningMean:
+  """No values seen yet: count 0, mean 0."""
+  return RunningMean(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def running_mean_update(state: RunningMean, values: jax.Array, weights: jax.Array) -> RunningMean:
+  """The running mean of every value seen so far, each weighted by its weight (0: ignored, e.g. a padding row).
+
+  mean' = mean + (sum w v - (sum w) mean) / (count + sum w), count' = count + sum w; TRL's RunningMoments.update
+  (count-weighted batch means, gathered over processes). No gradient flows into the statistics. An update with
+  all weights 0 leaves the state as it was.
+  """
+  v = jax.lax.stop_gradient(jnp.asarray(values, jnp.float32))
+  w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), v.shape)
+  total = jnp.sum(w)
+  moved = jnp.sum(jnp.where(w > 0, w * v, 0.0)) - total * state.mean
+  count = state.count + total
+  mean = state.mean + jnp.where(count > 0, moved / jnp.where(count > 0, count, 1.0), 0.0)
+  return RunningMean(count, mean)
+
+
+def bco_running_update(state: RunningMean, policy_logps: jax.Array, reference_logps: jax.Array, weights: jax.Array,
+                       *, beta: float) -> RunningMean:
+  """BCO's step: the running mean updated with this batch's rewards beta * (log pi - log pi_ref) `[B]` (all rows,
+  desirable or not; weights = row mask); pass the result's `.mean` as `unpaired_loss(..., delta=)`."""
+  rewards = beta * (jnp.asarray(policy_logps, jnp.float32) - jnp.asarray(reference_logps, jnp.float32))
+  return running_mean_update(state, rewards, weights)
 
 
 RANKING_LOSS = "plackett_luce"  # config.loss.type for ranked data (K responses per prompt); not a pair loss

@@ -3,9 +3,9 @@
 - `config_reference.md`, `frontier_config.md`: every field of configs/default.py and the `frontier` block of
   configs/frontier.py, from the comment next to each default: `scripts/config_table.py`'s tables (a field without
   a comment fails its test).
-- `loss_table.md`: one row per `dpo_jax.losses.LOSSES` key: the equation and source from the module docstring's
-  variant list, whether it reads pi_ref, length normalisation, label smoothing and its options with defaults. A
-  registered loss without a docstring line stops the build.
+- `loss_table.md`: one row per `dpo_jax.losses.LOSSES` key, then per `UNPAIRED_LOSSES` key: the equation and
+  source from the module docstring's variant lists, whether it reads pi_ref, length normalisation, label smoothing
+  and its options with defaults. A registered loss without a docstring line stops the build.
 - `sharding_rules.md`: `dpo_jax.sharding.DEFAULT_RULES`, logical axis -> mesh axes.
 - `notebooks/loss_ablation.ipynb`, `notebooks/rl_steps.ipynb`: the committed notebooks with their stored outputs,
   rendered by myst-nb.
@@ -31,7 +31,8 @@ def _config_table_module():
 
 
 def loss_rows() -> list[dict[str, str]]:
-  """One dict per `LOSSES` key, in registry order: name, source, equation, reference, length, eps, options."""
+  """One dict per `LOSSES` key, then per `UNPAIRED_LOSSES` key, in registry order: name, source, equation,
+  reference, length, eps, options."""
   from dpo_jax import losses
 
   doc = losses.__doc__.split("Variants (", 1)[1].split("Combinations", 1)[0]
@@ -39,7 +40,7 @@ def loss_rows() -> list[dict[str, str]]:
   for line in doc.splitlines():
     if m := re.match(r"^  (\w+)\s+(.+?)\s{2,}(.+)$", line):
       lines[m.group(1)] = (m.group(2), m.group(3))
-  missing = [name for name in losses.LOSSES if name not in lines]
+  missing = [name for name in (*losses.LOSSES, *losses.UNPAIRED_LOSSES) if name not in lines]
   if missing:
     raise ValueError(f"dpo_jax/losses.py: no line for {missing} in the module docstring's variant list "
                      "('  name  source  equation'); add one.")
@@ -50,12 +51,17 @@ def loss_rows() -> list[dict[str, str]]:
     rows.append(dict(name=name, source=source, equation=equation, reference="yes" if spec.uses_reference else "no",
                      length="yes" if spec.needs_num_tokens else "-",
                      eps="yes" if spec.uses_label_smoothing else "-", options=options))
+  for name, spec in losses.UNPAIRED_LOSSES.items():  # unpaired rows: always pi_ref, no lengths, no smoothing
+    source, equation = lines[name]
+    options = ", ".join(f"`{k}={v}`" for k, v in spec.options.items()) or "-"
+    rows.append(dict(name=name, source=source + " (unpaired rows)", equation=equation, reference="yes", length="-",
+                     eps="-", options=options))
   return rows
 
 
 def loss_table() -> str:
-  header = ("| `loss.type` | source | loss per pair | pi_ref | per-token lengths | `label_smoothing` | options "
-            "(`loss.options.*`, default) |\n|---|---|---|---|---|---|---|")
+  header = ("| `loss.type` | source | loss per pair (unpaired: per row) | pi_ref | per-token lengths | "
+            "`label_smoothing` | options (`loss.options.*`, default) |\n|---|---|---|---|---|---|---|")
   body = [f"| `{r['name']}` | {r['source']} | `{r['equation']}` | {r['reference']} | {r['length']} | {r['eps']} | "
           f"{r['options']} |" for r in loss_rows()]
   return "\n".join([header] + body) + "\n"
