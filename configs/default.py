@@ -29,6 +29,15 @@ def get_config(arg=None):
   #                       log-probs as columns into <workdir>/reference_logps/{train,test}.jsonl), 'reward_model'
   #                       (a Bradley-Terry reward model from pi_ref, saved to <workdir>/reward_model), or
   #                       'online_dpo' (the policy samples, config.online.judge labels, DPO trains; from pi_ref).
+  c.reference_cache = "auto"  # stages 'pipeline' and 'dpo' with a frozen pi_ref: pi_ref's log-probs of every pair,
+  #                             read from <reference_cache_dir>/<key> (the key hashes pi_ref's params, the tokens, the
+  #                             data files, the batch layout, the model's numerics) or computed once and stored there;
+  #                             DPO then trains with no reference forward (dpo_jax/train/reference_cache.py). 'auto'
+  #                             reads an entry, and computes a missing one when the run would score at least as many
+  #                             pairs itself; 'on' always computes a missing one; 'off' runs pi_ref in every step.
+  c.reference_cache_dir = ""  # the cache folder; '' = $DPO_JAX_REFERENCE_CACHE, else ~/.cache/dpo_jax/reference_logps.
+  #                             Multi-host: a folder every host sees (each host writes its rows, every reader reads
+  #                             all of them, so a run on another host count reuses an entry).
 
   c.data = ml_collections.ConfigDict(dict(
       train="",  # '' = the embedded synthetic task; else a local .json/.jsonl/.parquet file, a dataset folder
@@ -161,12 +170,24 @@ def get_config(arg=None):
       beta=0.1,  # strength of the KL constraint; the implicit reward is beta * log(pi / pi_ref).
       label_smoothing=0.0,  # eps of the label-noise variants (sigmoid = cDPO, robust, exo_pair, aot, simpo),
       #                       in [0, 0.5); an error for types that do not use it.
+      f_divergence_type="reverse_kl",  # f-DPO (Wang 2023): 'reverse_kl' (DPO), 'forward_kl', 'js_divergence' or
+      #                                  'alpha_divergence'; non-reverse only for sigmoid, sigmoid_norm, hinge, ipo,
+      #                                  exo_pair, robust, discopop, sft, rpo (losses.F_DIVERGENCE_LOSSES).
+      f_alpha_divergence_coef=0.5,  # 'alpha_divergence': TRL's coefficient a > 0 (1 = reverse KL, 0 = forward KL).
+      ld_alpha=_option(),  # LD-DPO (Liu 2024): weight in [0, 1] of the tokens past a pair's shared length, in
+      #                      policy and reference log-probs (1 = plain DPO); None = off. Pair losses only.
+      use_weighting=False,  # WPO (Zhou 2024): multiply each pair's loss by the policy's length-normalised
+      #                       (aligned) probability of both responses; not with aot / aot_pair.
+      desirable_weight=1.0,  # unpaired types (kto, apo_zero_unpaired, bco): weight of desirable rows' losses. TRL's
+      #                        KTO recommends desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+      #                        in [1, 4/3].
+      undesirable_weight=1.0,  # unpaired types: weight of undesirable rows' losses (see desirable_weight).
       options=ml_collections.ConfigDict(dict(  # per-variant options (floats); None = the variant's default.
           rpo_alpha=_option(),  # 'rpo': weight of the chosen-NLL term (default 1.0).
           simpo_gamma=_option(),  # 'simpo': target reward margin gamma (default 0.5).
           orpo_lambda=_option(),  # 'orpo': weight of the odds-ratio term (default: beta, as TRL's ORPOTrainer).
           discopop_tau=_option(),  # 'discopop': temperature of the log-ratio modulation (default 0.05).
-          delta=_option(),  # 'bco_pair': reward shift (TRL keeps a running mean of rewards; here fixed, default 0).
+          delta=_option(),  # 'bco_pair': fixed reward shift (default 0, as TRL 1.16; TRL 0.x kept a running mean).
       )),
   ))
 

@@ -86,10 +86,20 @@ def logits_chunk(cfg: Any, rows: int, positions: int, shard: Any = None) -> tupl
 
 
 class SequenceLogps(NamedTuple):
-  """Per-sequence results; all `[N]` fp32."""
+  """Per-sequence results; all `[N]` fp32.
+
+  Only `logps` and `front_logps` carry a gradient; the rest are metrics (and WPO's weight), computed from the
+  logits under `stop_gradient` inside the same (chunked) LM head pass, so no `[N, T, V]` array is ever kept for
+  them. With `extras=False` (`sequence_logps`; the reference forward) the four metric sums are zeros.
+  """
   logps: jax.Array  # sum over response tokens of log pi(y_t | ...), nats
   num_tokens: jax.Array  # response tokens scored (EOS included)
   logits_sum: jax.Array  # sum over response tokens of the vocab-mean logit (for TRL's `logits/*` metrics)
+  entropy_sum: jax.Array  # sum over response tokens of the entropy of pi(. | ...), nats (TRL's `entropy`)
+  top1_sum: jax.Array  # response tokens whose target is the argmax of the logits (TRL's `mean_token_accuracy`)
+  log_sum_sq_sum: jax.Array  # sum over response tokens of log sum_v pi(v | ...)^2, nats (WPO's weight, Zhou 2024)
+  front_logps: jax.Array  # sum of log pi over the first L_n response tokens (`front_lengths`; LD-DPO), nats;
+  #                         equals `logps` when no lengths are given
 
 
 def num_segments(batch: Mapping[str, jax.Array]) -> int:
@@ -171,34 +181,87 @@ def token_logps(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.
   return target_logps(logits_NxTxV[:, :-1], ids_NxT[:, 1:], loss_mask_NxT[:, 1:])
 
 
+def token_stats(logits_NxSxV: jax.Array, targets_NxS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-position (entropy, target-is-argmax, log sum_v p_v^2) of softmax(logits), each `[N, S]` fp32, no gradient.
+
+  entropy = log Z - sum_v p_v z_v (nats); log sum_v p_v^2 = logsumexp(2 z) - 2 log Z, the log of the probability
+  that two independent draws agree (WPO's per-token normaliser, Zhou et al. 2024 eq. 2, TRL's `log_sum_sq_probs`).
+  """
+  z_NxSxV = jax.lax.stop_gradient(logits_NxSxV.astype(jnp.float32))
+  log_z_NxS = jax.nn.logsumexp(z_NxSxV, axis=-1)
+  p_NxSxV = jnp.exp(z_NxSxV - log_z_NxS[..., None])
+  entropy_NxS = log_z_NxS - (p_NxSxV * z_NxSxV).sum(-1)
+  top1_NxS = (jnp.argmax(z_NxSxV, axis=-1) == targets_NxS).astype(jnp.float32)
+  log_sum_sq_NxS = jax.nn.logsumexp(2.0 * z_NxSxV, axis=-1) - 2.0 * log_z_NxS
+  return entropy_NxS, top1_NxS, log_sum_sq_NxS
+
+
 def scored_sums(logits_NxSxV: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.Array,
-                onehot_NxSxG: jax.Array | None = None) -> SequenceLogps:
-  """Per-sequence sums (`SequenceLogps`) of aligned logits: position s scores `targets[:, s]` where `mask`."""
+                onehot_NxSxG: jax.Array | None = None, front_NxS: jax.Array | None = None,
+                extras: bool = True) -> SequenceLogps:
+  """Per-sequence sums (`SequenceLogps`) of aligned logits: position s scores `targets[:, s]` where `mask`.
+
+  `front_NxS`: 1 on the positions counted in `front_logps` (a subset of `mask`), None = all of them.
+  """
   logits_NxSxV = logits_NxSxV.astype(jnp.float32)
   mask_NxS = mask_NxS.astype(jnp.float32)
+  per_sequence = lambda x_NxS: _per_sequence(x_NxS, onehot_NxSxG)
+  token_logps_NxS = target_logps(logits_NxSxV, targets_NxS, mask_NxS)
+  logps = per_sequence(token_logps_NxS)
+  front = logps if front_NxS is None else per_sequence(token_logps_NxS * front_NxS.astype(jnp.float32))
+  if extras:
+    entropy, top1, log_sum_sq = (per_sequence(x * mask_NxS) for x in token_stats(logits_NxSxV, targets_NxS))
+  else:
+    entropy = top1 = log_sum_sq = jnp.zeros_like(logps)
   return SequenceLogps(
-      logps=_per_sequence(target_logps(logits_NxSxV, targets_NxS, mask_NxS), onehot_NxSxG),
-      num_tokens=_per_sequence(mask_NxS, onehot_NxSxG),
-      logits_sum=_per_sequence(logits_NxSxV.mean(-1) * mask_NxS, onehot_NxSxG),
+      logps=logps,
+      num_tokens=per_sequence(mask_NxS),
+      logits_sum=per_sequence(jax.lax.stop_gradient(logits_NxSxV).mean(-1) * mask_NxS),
+      entropy_sum=entropy, top1_sum=top1, log_sum_sq_sum=log_sum_sq, front_logps=front,
   )
 
 
 def logps_from_logits(logits_NxTxV: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
-                      segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
+                      segments_NxT: jax.Array | None = None, num_segments: int = 0,
+                      front_lengths_N: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
   """Score `ids[:, 1:]` under `logits[:, :-1]` where `loss_mask[:, 1:]` is set.
 
   Results are per row `[N]`, or with `num_segments = G > 0` per segment of `segments_NxT` `[N * G]`.
   """
   onehot = segment_onehot(segments_NxT[:, 1:], num_segments) if num_segments else None
-  return scored_sums(logits_NxTxV[:, :-1], ids_NxT[:, 1:], loss_mask_NxT[:, 1:], onehot)
+  mask = loss_mask_NxT[:, 1:]
+  return scored_sums(logits_NxTxV[:, :-1], ids_NxT[:, 1:], mask, onehot, front_mask(mask, front_lengths_N), extras)
 
 
-def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> SequenceLogps:
+def pair_front_lengths(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """LD-DPO's shared length per row, `[2B]` fp32: min(chosen tokens, rejected tokens) of the row's pair (Liu et al.
+  2024, "LD-DPO"; TRL's `ld_alpha`: the response tokens past it are the "verbose" tail). Rows only (a packed
+  batch's sequences are segments: refused by the caller)."""
+  tokens_N = (batch["loss_mask"] > 0).astype(jnp.float32).sum(-1)
+  shared_B = split_units(tokens_N, 2).min(-1)
+  return jnp.repeat(shared_B, 2)
+
+
+def front_mask(mask_NxS: jax.Array, lengths_N: jax.Array | None) -> jax.Array | None:
+  """1 on the first `lengths[n]` scored positions of each row (`mask` counted from the left), `[N, S]` fp32; None
+  for None."""
+  if lengths_N is None:
+    return None
+  mask_NxS = mask_NxS.astype(jnp.float32)
+  return mask_NxS * (jnp.cumsum(mask_NxS, axis=1) <= lengths_N[:, None]).astype(jnp.float32)
+
+
+def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], *,
+                   front_lengths: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
   """One forward pass of `model` with `params` over `batch` (`[N, T]` arrays) -> per-row `[N]` results.
 
   With `model.cfg.logits_chunk_size = C > 0` the `[N, T, V]` logits are never materialised (`chunked_logps`).
   A packed batch (`pack_slots` `[R, P]`) gives per-segment results `[R * 2P]` in the unpacked order; a
   shared-prompt batch per response `[K B]` (module docstring).
+
+  front_lengths: `[N]` response tokens per row counted in `front_logps` (LD-DPO, `pair_front_lengths`); not for
+    packed batches. extras: compute the metric sums (entropy, argmax accuracy, WPO's log sum p^2); False (the
+    reference forward) fills them with zeros.
   """
   cfg, shard = getattr(model, "cfg", None), getattr(model, "shard", None)
   ids = batch["input_ids"]
@@ -207,22 +270,26 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> S
   shards = context_parallel.degree(shard)
   chunk, _ = logits_chunk(cfg, ids.shape[0], -(-positions // shards), shard)
   head = lambda h: model_lib.apply_params(model, params, h, method="logits")
-  if shards > 1:
-    return _sequence_sharded_logps(model, params, batch, head, chunk, shards)
-  if shares_prompts(batch):
-    return _shared_prompt_logps(model, params, batch, head, chunk)
   g = num_segments(batch)
+  if g and front_lengths is not None:
+    raise ValueError("config.loss.ld_alpha (LD-DPO) needs each pair's responses in their own rows; packed batches "
+                     "hold them as segments. Set --config.data.packing=False, or leave config.loss.ld_alpha unset.")
+  if shards > 1:
+    return _sequence_sharded_logps(model, params, batch, head, chunk, shards, front_lengths, extras)
+  if shares_prompts(batch):
+    return _shared_prompt_logps(model, params, batch, head, chunk, front_lengths, extras)
   segments = batch["attention_mask"] if g else None
   if chunk:
     hidden_NxTxD = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"],
                                           batch["attention_mask"], method="hidden")
-    return chunked_logps(head, hidden_NxTxD, batch["input_ids"], batch["loss_mask"], chunk, segments, g)
+    return chunked_logps(head, hidden_NxTxD, batch["input_ids"], batch["loss_mask"], chunk, segments, g,
+                         front_lengths, extras)
   logits_NxTxV = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"], batch["attention_mask"])
-  return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"], segments, g)
+  return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"], segments, g, front_lengths, extras)
 
 
 def _shared_prompt_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any,
-                         chunk: int) -> SequenceLogps:
+                         chunk: int, front_lengths: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
   """`sequence_logps` of a shared-prompt batch: the LM head runs on response positions only (the scoring
   positions: the prompt's last column for token 0, response position j - 1 for token j)."""
   hidden_BxPxD, hidden_NxRxD = model_lib.apply_params(
@@ -230,9 +297,11 @@ def _shared_prompt_logps(model: Any, params: Any, batch: Mapping[str, jax.Array]
       (batch["prompt_mask"], batch["attention_mask"]), method="hidden")
   last_NxD = jnp.repeat(hidden_BxPxD[:, -1], hidden_NxRxD.shape[0] // hidden_BxPxD.shape[0], axis=0)
   scoring_NxRxD = jnp.concatenate([last_NxD[:, None], hidden_NxRxD[:, :-1]], axis=1)
+  front = front_mask(batch["loss_mask"], front_lengths)
   if chunk:
-    return chunked_scores(head, scoring_NxRxD, batch["input_ids"], batch["loss_mask"], chunk)
-  return scored_sums(head(scoring_NxRxD), batch["input_ids"], batch["loss_mask"])
+    return chunked_scores(head, scoring_NxRxD, batch["input_ids"], batch["loss_mask"], chunk, front_NxS=front,
+                          extras=extras)
+  return scored_sums(head(scoring_NxRxD), batch["input_ids"], batch["loss_mask"], None, front, extras)
 
 
 def _next_token(x_NxT: jax.Array) -> jax.Array:
@@ -241,7 +310,8 @@ def _next_token(x_NxT: jax.Array) -> jax.Array:
 
 
 def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any, chunk: int,
-                            shards: int) -> SequenceLogps:
+                            shards: int, front_lengths: jax.Array | None = None,
+                            extras: bool = True) -> SequenceLogps:
   """`sequence_logps` with the tokens sharded over 'sequence' (module docstring)."""
   balance, shard = model.cfg.context_load_balance, model.shard
   quantum = context_parallel.chunk_quantum(model.cfg, shards)
@@ -258,8 +328,10 @@ def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Arr
     segments = batch["attention_mask"]
     hidden_NxTxD = model_lib.apply_params(model, params, layout(ids), layout(batch["positions"]), layout(segments),
                                           method="hidden")
+    front = front_mask(_next_token(loss_mask), front_lengths)  # counted in token order, before the reorder
     return chunked_scores(head, hidden_NxTxD, layout(_next_token(ids)), layout(_next_token(loss_mask)), chunk,
-                          layout(_next_token(segments)) if g else None, g, shards=shards, shard=shard)
+                          layout(_next_token(segments)) if g else None, g, shards=shards, shard=shard,
+                          front_NxS=None if front is None else layout(front), extras=extras)
   # Shared prompts: response position j scores token j + 1, and the prompt's last real column (P - 1, the prompts
   # being left-padded) scores token 0, picked out of the sharded prompt stream by a masked sum (exact: the other
   # terms are zeros), whose [B, D] result is all that crosses devices.
@@ -272,23 +344,29 @@ def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Arr
   last_BxD = jnp.where(jnp.asarray(order_P == prompt_width - 1)[None, :, None], hidden_BxPxD, 0).sum(1)
   last_NxD = jnp.repeat(last_BxD, ids.shape[0] // last_BxD.shape[0], axis=0)
   unsharded_head = lambda h: model_lib.apply_params(model.clone(shard=None), params, h, method="logits")
-  first = scored_sums(unsharded_head(last_NxD[:, None]), ids[:, :1], loss_mask[:, :1])
+  front = front_mask(loss_mask, front_lengths)  # response position j scores token j; counted before the reorder
+  first = scored_sums(unsharded_head(last_NxD[:, None]), ids[:, :1], loss_mask[:, :1], None,
+                      None if front is None else front[:, :1], extras)
   rest = chunked_scores(head, hidden_NxRxD, layout(_next_token(ids)), layout(_next_token(loss_mask)), chunk,
-                        shards=shards, shard=shard)
+                        shards=shards, shard=shard,
+                        front_NxS=None if front is None else layout(_next_token(front)), extras=extras)
   return SequenceLogps(*(a + b for a, b in zip(first, rest)))
 
 
 def chunked_logps(head: Any, hidden_NxTxD: jax.Array, ids_NxT: jax.Array, loss_mask_NxT: jax.Array,
-                  chunk: int, segments_NxT: jax.Array | None = None, num_segments: int = 0) -> SequenceLogps:
+                  chunk: int, segments_NxT: jax.Array | None = None, num_segments: int = 0,
+                  front_lengths_N: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
   """`logps_from_logits(head(hidden), ..., segments_NxT, num_segments)` computed C positions at a time
   (`chunked_scores` of position t scoring token t + 1)."""
-  return chunked_scores(head, hidden_NxTxD[:, :-1], ids_NxT[:, 1:], loss_mask_NxT[:, 1:], chunk,
-                        None if segments_NxT is None else segments_NxT[:, 1:], num_segments)
+  mask = loss_mask_NxT[:, 1:]
+  return chunked_scores(head, hidden_NxTxD[:, :-1], ids_NxT[:, 1:], mask, chunk,
+                        None if segments_NxT is None else segments_NxT[:, 1:], num_segments,
+                        front_NxS=front_mask(mask, front_lengths_N), extras=extras)
 
 
 def chunked_scores(head: Any, hidden_NxSxD: jax.Array, targets_NxS: jax.Array, mask_NxS: jax.Array, chunk: int,
                    segments_NxS: jax.Array | None = None, num_segments: int = 0, shards: int = 1,
-                   shard: Any = None) -> SequenceLogps:
+                   shard: Any = None, front_NxS: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
   """`scored_sums(head(hidden), targets, mask, ...)` computed C positions at a time.
 
   `head` maps hidden `[N, C, D]` to fp32 logits `[N, C, V]`. A `lax.scan` over sequence chunks applies it and
@@ -298,11 +376,11 @@ def chunked_scores(head: Any, hidden_NxSxD: jax.Array, targets_NxS: jax.Array, m
 
   `shards = n > 1` (positions sharded over 'sequence' in n contiguous blocks): chunk k is the k-th C positions of
   every block, `[N, n C]`, so each device scores its own positions at every step and the sums alone are reduced.
-  `chunk = 0`: the head runs on all S positions at once.
+  `chunk = 0`: the head runs on all S positions at once. `front_NxS`, `extras`: as `scored_sums`.
   """
   if not chunk:
     onehot = segment_onehot(segments_NxS, num_segments) if num_segments else None
-    return scored_sums(head(hidden_NxSxD), targets_NxS, mask_NxS, onehot)
+    return scored_sums(head(hidden_NxSxD), targets_NxS, mask_NxS, onehot, front_NxS, extras)
   n, s, d = hidden_NxSxD.shape
   per_shard = s // shards
   num_chunks = -(-per_shard // chunk)
@@ -317,23 +395,27 @@ def chunked_scores(head: Any, hidden_NxSxD: jax.Array, targets_NxS: jax.Array, m
 
   h, targets, mask = to_chunks(hidden_NxSxD, ("act_embed",)), to_chunks(targets_NxS, ()), to_chunks(
       mask_NxS.astype(jnp.float32), ())
+  # The LD-DPO front mask rides along when given (a plain batch passes none and front_logps = logps).
+  front = (to_chunks(front_NxS.astype(jnp.float32), ()),) if front_NxS is not None else ()
   # Packed: each position's segment id (0 on the chunk padding); a plain batch passes none and sums per row.
   segments = (to_chunks(segments_NxS, ()),) if num_segments else ()
   onehot = lambda *seg_NxC: segment_onehot(seg_NxC[0], num_segments) if num_segments else None
+  nf = len(front)
 
   @jax.checkpoint
-  def one_chunk(h_NxCxD, targets_NxC, mask_NxC, *seg_NxC):
-    sums = scored_sums(head(h_NxCxD), targets_NxC, mask_NxC, onehot(*seg_NxC))
-    return sums.logps, sums.logits_sum
+  def one_chunk(h_NxCxD, targets_NxC, mask_NxC, *rest):
+    front_NxC = rest[0] if nf else None
+    sums = scored_sums(head(h_NxCxD), targets_NxC, mask_NxC, onehot(*rest[nf:]), front_NxC, extras)
+    return sums._replace(num_tokens=jnp.zeros_like(sums.num_tokens))  # counted once, outside the scan
 
   def body(carry, xs):
-    logps, logits_sum = one_chunk(*xs)
-    return (carry[0] + logps, carry[1] + logits_sum), None
+    return jax.tree.map(jnp.add, carry, one_chunk(*xs)), None
 
   zeros = jnp.zeros((n * max(num_segments, 1),), jnp.float32)
-  (logps, logits_sum), _ = jax.lax.scan(body, (zeros, zeros), (h, targets, mask) + segments)
+  sums, _ = jax.lax.scan(body, SequenceLogps(*(zeros,) * len(SequenceLogps._fields)), (h, targets, mask) + front
+                         + segments)
   num_tokens = _per_sequence(mask_NxS.astype(jnp.float32), onehot(segments_NxS) if num_segments else None)
-  return SequenceLogps(logps=logps, num_tokens=num_tokens, logits_sum=logits_sum)
+  return sums._replace(num_tokens=num_tokens)
 
 
 def split_units(x_N: jax.Array, k: int) -> jax.Array:

@@ -216,3 +216,70 @@ def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], spec: LoraSpec, 
       out[layer_key][module] = dict(out[layer_key][module])
       out[layer_key][module][proj] = dict(out[layer_key][module][proj], kernel=merged)
   return out
+
+
+# ---- a moving reference as adapters (TR-DPO with LoRA) ----
+
+def zero_adapters(adapters: Any) -> Any:
+  """Adapters like `adapters` (same structure, dtypes, shardings) with A = B = 0: a zero delta, so
+  `LoraParams(base, zero_adapters(a), spec)` computes the base exactly (every update adds 0). In new buffers."""
+  return jax.tree.map(jnp.zeros_like, adapters)
+
+
+def _is_pair(node: Any) -> bool:
+  return isinstance(node, Mapping) and set(node) == {"a", "b"}
+
+
+def _best_rank_r_sum(a_p: jax.Array, b_p: jax.Array, a_r: jax.Array, b_r: jax.Array,
+                     alpha: float) -> tuple[jax.Array, jax.Array]:
+  """Factors `(A [in, r], B [r, out])` of the best rank-r approximation (Frobenius and spectral norm,
+  Eckart-Young) of `M = alpha A_p B_p + (1 - alpha) A_r B_r` (rank <= 2r), in fp32, never forming `[in, out]`.
+
+  `M = L R` with `L = [sqrt(alpha) A_p, sqrt(1 - alpha) A_r]` `[in, 2r]` and `R` the matching `[2r, out]` stack.
+  With `L = Q_L T_L` and `R^T = Q_R T_R` (reduced QR), `M = Q_L (T_L T_R^T) Q_R^T`, so the SVD of the small core
+  `T_L T_R^T = U S V^T` is M's (its singular values are M's): keep the top r triplets and put `sqrt(S)` on both
+  sides. Exact (to fp32 rounding) when rank(M) <= r; a rank below r is padded with zero columns/rows."""
+  hi = jax.lax.Precision.HIGHEST  # fp32 matmuls even where the default is TF32 / bf16 passes
+  r = a_p.shape[-1]
+  left = jnp.concatenate([math.sqrt(alpha) * a_p, math.sqrt(1.0 - alpha) * a_r], axis=1)  # [in, 2r]
+  right = jnp.concatenate([math.sqrt(alpha) * b_p, math.sqrt(1.0 - alpha) * b_r], axis=0)  # [2r, out]
+  q_l, t_l = jnp.linalg.qr(left)  # [in, k_l], [k_l, 2r]; k_l = min(in, 2r)
+  q_r, t_r = jnp.linalg.qr(right.T)  # [out, k_r], [k_r, 2r]
+  u, s, vt = jnp.linalg.svd(jnp.matmul(t_l, t_r.T, precision=hi), full_matrices=False)  # descending s
+  keep = min(r, s.shape[0])
+  root = jnp.sqrt(s[:keep])
+  a = jnp.matmul(q_l, u[:, :keep] * root, precision=hi)  # [in, keep]
+  b = jnp.matmul(root[:, None] * vt[:keep], q_r.T, precision=hi)  # [keep, out]
+  if keep < r:  # in or out < r: M has rank < r anyway
+    a, b = jnp.pad(a, ((0, 0), (0, r - keep))), jnp.pad(b, ((0, r - keep), (0, 0)))
+  return a, b
+
+
+def mix_adapters(reference: Any, policy: Any, alpha: float, *, stacked: bool) -> Any:
+  """TR-DPO's update of a reference kept as adapters, `ref_delta <- alpha * policy_delta + (1 - alpha) * ref_delta`
+  (Gorbatovski et al. 2024's soft update on the LoRA deltas: the base is shared, so this IS the soft update of
+  the merged weights), truncated to the adapters' rank r. New buffers, reference dtype; jit it.
+
+  Per targeted projection the delta is `(alpha_lora / r) A B` (A `[.., in.., r]`, B `[.., r, out..]`); the LoRA
+  scale is common to both terms, so the factors are mixed as `A B` products. The exact mix has rank up to 2r; the
+  new reference adapters hold its best rank-r approximation (`_best_rank_r_sum`), so the reference keeps the
+  adapters' size. Mixing A and B separately would not do: `(a A_p + (1-a) A_r)(a B_p + (1-a) B_r)` carries the
+  cross terms `a (1-a) (A_p B_r + A_r B_p)` and is not the mixed delta.
+
+  `alpha = 1` (hard update) copies the policy's adapters exactly. Any update whose mix has rank <= r (the first one,
+  from a zero reference; every hard one) is exact to fp32 rounding. `stacked`: adapters carry a leading layer axis
+  (`cfg.scan_layers`), each layer truncated on its own."""
+  if alpha == 1.0:
+    return jax.tree.map(lambda r, p: jnp.array(p, dtype=r.dtype, copy=True), reference, policy)
+
+  def mix(ref: Mapping[str, jax.Array], pol: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    lead = 1 if stacked else 0
+    a_shape, b_shape = ref["a"].shape, ref["b"].shape
+    rank, n_in, n_out = a_shape[-1], math.prod(a_shape[lead:-1]), math.prod(b_shape[lead + 1:])
+    flat_a = lambda x: x.astype(jnp.float32).reshape(a_shape[:lead] + (n_in, rank))
+    flat_b = lambda x: x.astype(jnp.float32).reshape(b_shape[:lead] + (rank, n_out))
+    fn = lambda *f: _best_rank_r_sum(*f, alpha)
+    a, b = (jax.vmap(fn) if stacked else fn)(flat_a(pol["a"]), flat_b(pol["b"]), flat_a(ref["a"]), flat_b(ref["b"]))
+    return {"a": a.reshape(a_shape).astype(ref["a"].dtype), "b": b.reshape(b_shape).astype(ref["b"].dtype)}
+
+  return jax.tree.map(mix, reference, policy, is_leaf=_is_pair)

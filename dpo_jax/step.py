@@ -41,19 +41,36 @@ class TrainState(NamedTuple):
 
 
 # Per-batch sums from which every metric is a ratio; summing them across micro-batches or eval batches
-# and then dividing gives exact means over all pairs.
-SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "tokens/chosen",
-            "tokens/rejected", "num_tokens")
+# and then dividing gives exact means over all pairs. `count/*` are the units each side's means are over: the
+# pairs, or (unpaired KTO / BCO rows) the desirable and the undesirable rows.
+SUM_KEYS = ("pairs", "loss", "count/chosen", "count/rejected", "rewards/chosen", "rewards/rejected",
+            "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+            "tokens/chosen", "tokens/rejected", "num_tokens", "entropy", "tokens/entropy", "top1", "tokens/top1")
+UNPAIRED_SUM_KEYS = SUM_KEYS + ("kl",)  # KTO's reference point, summed as kl * rows per batch
+
+
+def sum_keys(batch: Mapping[str, jax.Array]) -> tuple[str, ...]:
+  """The metric sums `dpo_loss` returns for `batch` (unpaired batches carry `desirable` and add "kl")."""
+  return UNPAIRED_SUM_KEYS if "desirable" in batch else SUM_KEYS
 
 
 def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Means from sums: per pair for losses/rewards/logps, per response token for `logits/*`."""
+  """Means from sums: per pair for the loss and accuracy, per side's units for rewards/logps (rewards/margins =
+  their difference, which for pairs is the mean per-pair margin), per response token for `logits/*`, `entropy`
+  (TRL's: the policy's mean per-token entropy over the responses, nats) and `mean_token_accuracy` (TRL's: the
+  fraction of chosen tokens that are the logits' argmax; all completions for unpaired rows)."""
   pairs = jnp.maximum(sums["pairs"], 1.0)
-  out = {k: sums[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                      "rewards/margins", "logps/chosen", "logps/rejected")}
+  out = {k: sums[k] / pairs for k in ("loss", "rewards/accuracies")}
   for side in ("chosen", "rejected"):
+    count = jnp.maximum(sums[f"count/{side}"], 1.0)
+    for k in ("rewards", "logps"):
+      out[f"{k}/{side}"] = sums[f"{k}/{side}"] / count
     out[f"logits/{side}"] = sums[f"logits/{side}"] / jnp.maximum(sums[f"tokens/{side}"], 1.0)
+  out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+  out["entropy"] = sums["entropy"] / jnp.maximum(sums["tokens/entropy"], 1.0)
+  out["mean_token_accuracy"] = sums["top1"] / jnp.maximum(sums["tokens/top1"], 1.0)
+  if "kl" in sums:
+    out["kl"] = sums["kl"] / pairs
   out["num_pairs"] = sums["pairs"]
   out["num_tokens"] = sums["num_tokens"]
   return out
@@ -86,11 +103,28 @@ def step_units(batch: Mapping[str, jax.Array]) -> int:
   return batch["input_ids"].shape[0] // responses_per_unit(batch)
 
 
+def scored_logps(seq: logprobs.SequenceLogps, ld_alpha: float | None) -> jax.Array:
+  """The `[N]` sequence log-probs a loss sees: the plain sums, or LD-DPO's front + ld_alpha * tail
+  (`losses.ld_logps`; applied to policy and reference alike, as TRL does)."""
+  return seq.logps if ld_alpha is None else losses.ld_logps(seq.logps, seq.front_logps, ld_alpha)
+
+
+def reference_sequence_logps(model: Any, reference_params: Any, batch: Mapping[str, jax.Array], *,
+                             ld_alpha: float | None = None) -> jax.Array:
+  """pi_ref's `[N]` sequence log-probs (nats) of a batch, as the loss sees them (`scored_logps`): one forward with
+  no gradient and none of the metric sums. The reference cache and `stage=precompute` store exactly these."""
+  front = None if ld_alpha is None else logprobs.pair_front_lengths(batch)
+  seq = logprobs.sequence_logps(model, jax.lax.stop_gradient(reference_params), batch, front_lengths=front,
+                                extras=False)
+  return scored_logps(seq, ld_alpha)
+
+
 def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *,
-                    needed: bool = True) -> jax.Array | None:
+                    needed: bool = True, ld_alpha: float | None = None) -> jax.Array | None:
   """Reference log-probs `[B, K]` (K = 2: chosen, rejected): precomputed in the batch, or one frozen forward.
 
-  `needed=False` (a reference-free loss): None, and no reference forward is traced at all.
+  `needed=False` (a reference-free loss): None, and no reference forward is traced at all. Precomputed values
+  were stored with the run's `ld_alpha` already applied (the reference cache keys on it).
   """
   if not needed:
     return None
@@ -98,28 +132,40 @@ def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str
     if "ref_chosen_logps" not in batch:
       raise ValueError("reference_params is None but the batch has no ref_chosen_logps/ref_rejected_logps.")
     return jnp.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], axis=1).astype(jnp.float32)
-  ref = logprobs.sequence_logps(model, jax.lax.stop_gradient(reference_params), batch)
-  return logprobs.split_units(ref.logps, responses_per_unit(batch))
+  logps = reference_sequence_logps(model, reference_params, batch, ld_alpha=ld_alpha)
+  return logprobs.split_units(logps, responses_per_unit(batch))
 
 
-def _unit_losses(policy: logprobs.SequenceLogps, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Array],
-                 loss_cfg: Mapping[str, Any]):
+def _unit_losses(logps_N: jax.Array, policy: logprobs.SequenceLogps, ref_BxK: jax.Array | None,
+                 batch: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any], reward_shift: jax.Array | None = None):
   """(losses `[B]`, rewards of the first / last response `[B]`, index of the last valid response `[B]`).
 
-  Pairs: `losses.preference_loss` of the configured type. Ranked batches (`response_mask` `[B, K]`, best first):
-  the seed's Plackett-Luce loss; the first and last valid responses then play chosen and rejected in the
-  metrics, so K = 2 gives exactly the pair metrics.
+  Pairs: `losses.preference_loss` of the configured type on `logps_N` (`scored_logps`: LD-DPO applied), times
+  WPO's pair weight when `use_weighting`. Ranked batches (`response_mask` `[B, K]`, best first): the seed's
+  Plackett-Luce loss; the first and last valid responses then play chosen and rejected in the metrics, so K = 2
+  gives exactly the pair metrics. An unpaired type (KTO, BCO) on paired data (held-out pairs) is scored with the
+  DPO sigmoid loss: its own loss needs unpaired rows. `reward_shift`: BCO's delta (nats) when the trainer keeps it.
   """
   k = responses_per_unit(batch)
-  logps = logprobs.split_units(policy.logps, k)
+  logps = logprobs.split_units(logps_N, k)
   if "response_mask" not in batch:
     loss_type, options = losses.from_config(loss_cfg)
+    fields = losses.ablation_fields(loss_cfg)
+    if isinstance(loss_type, str) and losses.is_unpaired(loss_type):
+      loss_type, options = "sigmoid", {}
+    elif reward_shift is not None:
+      options = dict(options, delta=reward_shift)
     tokens = logprobs.split_units(policy.num_tokens, k)
     ref_c, ref_r = (None, None) if ref_BxK is None else (ref_BxK[:, 0], ref_BxK[:, 1])
     unit_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
         loss_type, logps[:, 0], logps[:, 1], ref_c, ref_r, beta=loss_cfg["beta"],
         label_smoothing=loss_cfg["label_smoothing"], chosen_num_tokens=tokens[:, 0], rejected_num_tokens=tokens[:, 1],
         **options)
+    if fields["use_weighting"]:
+      raw = logprobs.split_units(policy.logps, k)
+      log_sum_sq = logprobs.split_units(policy.log_sum_sq_sum, k)
+      unit_losses = unit_losses * losses.wpo_pair_weights(raw[:, 0], log_sum_sq[:, 0], tokens[:, 0], raw[:, 1],
+                                                          log_sum_sq[:, 1], tokens[:, 1])
     return unit_losses, chosen_rewards, rejected_rewards, jnp.ones(logps.shape[:1], jnp.int32)
   if loss_cfg["type"] != losses.RANKING_LOSS or loss_cfg.get("types"):
     raise ValueError(f"ranked data (responses + ranking) trains with config.loss.type={losses.RANKING_LOSS!r}; got "
@@ -132,30 +178,97 @@ def _unit_losses(policy: logprobs.SequenceLogps, ref_BxK: jax.Array | None, batc
   return unit_losses, rewards[:, 0], worst, last
 
 
+REWARD_SHIFT = "reward_shift"  # dpo_loss's sums: BCO's running reward mean after this batch (not summed)
+
+
+def _unpaired_sums(logps_N: jax.Array, policy: logprobs.SequenceLogps, ref_BxK: jax.Array,
+                   batch: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any], reward_shift: Any):
+  """(weighted loss sum, metric sums) of an unpaired batch: unit b holds row b's completion (slot 0) and its KL
+  completion (slot 1, another row's completion under this prompt), `desirable` `[B]` its label.
+
+  KTO (Ethayarajh 2024 eq. 7), APO-zero unpaired and BCO (Jung 2024) via `losses.unpaired_loss`; BCO's reward
+  shift is the running mean of every reward seen so far, this batch's included (`reward_shift`, a
+  `losses.RunningMean`; None keeps config.loss.options.delta fixed, as in evaluation)."""
+  loss_type, options = losses.from_config(loss_cfg)
+  fields = losses.ablation_fields(loss_cfg)
+  beta = loss_cfg["beta"]
+  w = _pair_weights(batch)
+  d = (batch["desirable"] > 0).astype(jnp.float32)
+  logps = logprobs.split_units(logps_N, 2)
+  rewards = jax.lax.stop_gradient(beta * (logps[:, 0] - ref_BxK[:, 0]))
+  new_shift = None
+  delta = options.get("delta", 0.0)
+  if reward_shift is not None:
+    new_shift = losses.running_mean_update(reward_shift, rewards, w)
+    delta = new_shift.mean
+  unit_losses, _, kl = losses.unpaired_loss(
+      loss_type, logps[:, 0], ref_BxK[:, 0], logps[:, 1], ref_BxK[:, 1], d, w, beta=beta,
+      desirable_weight=fields["desirable_weight"], undesirable_weight=fields["undesirable_weight"], delta=delta)
+  tokens = logprobs.split_units(policy.num_tokens, 2)[:, 0]
+  first = lambda x_N: jax.lax.stop_gradient(logprobs.split_units(x_N, 2)[:, 0])
+  wsum = lambda x: jnp.sum(x * w)
+  sums = {
+      "pairs": jnp.sum(w), "loss": wsum(unit_losses),
+      "count/chosen": wsum(d), "count/rejected": wsum(1.0 - d),
+      "rewards/chosen": wsum(d * rewards), "rewards/rejected": wsum((1.0 - d) * rewards),
+      # The implicit reward's sign agrees with the label (KTO has no pairs to compare).
+      "rewards/accuracies": wsum(jnp.where(d > 0, rewards > 0, rewards < 0).astype(jnp.float32)),
+      "logps/chosen": wsum(d * first(logps_N)), "logps/rejected": wsum((1.0 - d) * first(logps_N)),
+      "logits/chosen": wsum(d * first(policy.logits_sum)), "logits/rejected": wsum((1.0 - d) * first(policy.logits_sum)),
+      "tokens/chosen": wsum(d * tokens), "tokens/rejected": wsum((1.0 - d) * tokens),
+      "num_tokens": jnp.sum(logprobs.split_units(logprobs.sequence_lengths(batch), 2).sum(-1) * w),
+      "entropy": wsum(first(policy.entropy_sum)), "tokens/entropy": wsum(tokens),
+      "top1": wsum(first(policy.top1_sum)), "tokens/top1": wsum(tokens),
+      "kl": kl * jnp.sum(w),
+  }
+  return sums, new_shift
+
+
 def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Array], *,
-             model: Any, loss_cfg: Mapping[str, Any], total_weight: jax.Array):
+             model: Any, loss_cfg: Mapping[str, Any], total_weight: jax.Array, reward_shift: Any = None):
   """(sum of weighted unit losses / total_weight, metric sums) for the policy `params` (argument 0).
 
-  `ref_BxK`: `reference_logps(...)` (None for reference-free types). A unit is a pair, or a ranked set of K.
+  `ref_BxK`: `reference_logps(...)` (None for reference-free types). A unit is a pair, a ranked set of K, or an
+  unpaired row with its KL completion (`desirable` in the batch). `reward_shift`: BCO's running reward mean
+  (`losses.RunningMean`) before this batch; the sums then hold the updated one under `REWARD_SHIFT`.
   """
-  policy = logprobs.sequence_logps(model, params, batch)
+  ld_alpha = losses.ablation_fields(loss_cfg)["ld_alpha"]
+  if ld_alpha is not None and ("response_mask" in batch or "desirable" in batch):
+    raise ValueError("config.loss.ld_alpha (LD-DPO) weighs a pair's two responses past the shorter one's length; "
+                     "ranked and unpaired data have no such pair. Leave config.loss.ld_alpha unset.")
+  front = None if ld_alpha is None else logprobs.pair_front_lengths(batch)
+  policy = logprobs.sequence_logps(model, params, batch, front_lengths=front)
+  logps_N = scored_logps(policy, ld_alpha)
+  if "desirable" in batch:
+    sums, new_shift = _unpaired_sums(logps_N, policy, ref_BxK, batch, loss_cfg, reward_shift)
+    if new_shift is not None:
+      sums[REWARD_SHIFT] = new_shift
+    return sums["loss"] / total_weight, sums
   k = responses_per_unit(batch)
-  pair_losses, chosen_rewards, rejected_rewards, last = _unit_losses(policy, ref_BxK, batch, loss_cfg)
+  shift, new_shift = None, None
+  if reward_shift is not None:  # bco_pair: the running mean over both responses' rewards, this batch's included
+    cl_rl = jax.lax.stop_gradient(loss_cfg["beta"] * (logprobs.split_units(logps_N, k) - ref_BxK))
+    new_shift = losses.running_mean_update(reward_shift, cl_rl.reshape(-1), jnp.repeat(_pair_weights(batch), k))
+    shift = new_shift.mean
+  pair_losses, chosen_rewards, rejected_rewards, last = _unit_losses(logps_N, policy, ref_BxK, batch, loss_cfg, shift)
   first_and_last = lambda x_N: (logprobs.split_units(x_N, k)[:, 0],
                                 jnp.take_along_axis(logprobs.split_units(x_N, k), last[:, None], axis=1)[:, 0])
-  pc, pr = first_and_last(policy.logps)
+  pc, pr = first_and_last(logps_N)
   tokens_c, tokens_r = first_and_last(policy.num_tokens)
   w = _pair_weights(batch)
   logits_c, logits_r = first_and_last(policy.logits_sum)
   seq_len = logprobs.split_units(logprobs.sequence_lengths(batch), k).sum(-1)
+  valid_BxK = batch["response_mask"] > 0 if "response_mask" in batch else jnp.ones((w.shape[0], k), bool)
+  per_unit = lambda x_N: (logprobs.split_units(x_N, k) * valid_BxK).sum(-1)  # every valid response of a unit
   wsum = lambda x: jnp.sum(x * w)
   sums = {
       "pairs": jnp.sum(w),
       "loss": wsum(pair_losses),
+      "count/chosen": jnp.sum(w),
+      "count/rejected": jnp.sum(w),
       "rewards/chosen": wsum(chosen_rewards),
       "rewards/rejected": wsum(rejected_rewards),
       "rewards/accuracies": wsum((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": wsum(chosen_rewards - rejected_rewards),
       "logps/chosen": wsum(jax.lax.stop_gradient(pc)),
       "logps/rejected": wsum(jax.lax.stop_gradient(pr)),
       "logits/chosen": wsum(jax.lax.stop_gradient(logits_c)),
@@ -163,7 +276,13 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
       "tokens/chosen": wsum(tokens_c),
       "tokens/rejected": wsum(tokens_r),
       "num_tokens": wsum(seq_len),  # prompt + response tokens processed, for throughput
+      "entropy": wsum(per_unit(policy.entropy_sum)),
+      "tokens/entropy": wsum(per_unit(policy.num_tokens)),
+      "top1": wsum(logprobs.split_units(policy.top1_sum, k)[:, 0]),
+      "tokens/top1": wsum(tokens_c),
   }
+  if new_shift is not None:
+    sums[REWARD_SHIFT] = new_shift
   return sums["loss"] / total_weight, sums
 
 
@@ -192,19 +311,51 @@ MICRO_STEP = "micro_step"  # [] int32 in each micro-batch of an accumulated step
 
 def _accumulate_and_update(state: TrainState, batch: Mapping[str, jax.Array], grads_and_sums, *, num_units: int,
                            sum_keys: tuple[str, ...], optimizer: optax.GradientTransformation,
-                           grad_accum_steps: int, shard: sharding_lib.ShardingContext | None):
-  """Sum grads and metric sums over micro-batches (a scan), then one optimizer update."""
+                           grad_accum_steps: int, shard: sharding_lib.ShardingContext | None, carry: Any = ()):
+  """Sum grads and metric sums over micro-batches (a scan), then one optimizer update.
+
+  `grads_and_sums(mb, carry) -> (grads, sums, carry)`: `carry` threads state from one micro-batch to the next
+  (BCO's running reward mean); returns (state, sums, grad_norm, final carry)."""
   if grad_accum_steps == 1:
-    grads, sums = grads_and_sums(batch)
+    grads, sums, carry = grads_and_sums(batch, carry)
   else:
-    def body(carry, mb):
-      return jax.tree.map(jnp.add, carry, grads_and_sums(mb)), None
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+    def body(acc, mb):
+      grads, sums, c = grads_and_sums(mb, acc[2])
+      return (*jax.tree.map(jnp.add, acc[:2], (grads, sums)), c), None
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in sum_keys}, carry)
     micro = microbatches(batch, grad_accum_steps, num_units, shard)
     micro[MICRO_STEP] = jnp.arange(grad_accum_steps, dtype=jnp.int32)  # e.g. for a fresh dropout key per micro-batch
-    (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    (grads, sums, carry), _ = jax.lax.scan(body, zeros, micro)
   grad_norm = optax.tree.norm(grads)  # before clipping, as the HF Trainer logs it
-  return apply_gradients(state, grads, optimizer), sums, grad_norm
+  return apply_gradients(state, grads, optimizer), sums, grad_norm, carry
+
+
+class ShiftState(NamedTuple):
+  """Optimizer state with BCO's running reward mean beside it (`with_reward_shift`)."""
+  inner: Any
+  shift: Any  # losses.RunningMean: count and mean (nats) of every reward seen
+
+
+def with_reward_shift(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`optimizer` whose state also holds BCO's running reward mean (Jung et al. 2024; TRL's RunningMoments), so
+  checkpoints, shardings and resumption carry it with no change to `TrainState`. Its update passes the mean
+  through untouched; `train_step` writes the new one after each step."""
+  def init(params):
+    return ShiftState(optimizer.init(params), losses.RunningMean(jnp.zeros((), jnp.float32),
+                                                                 jnp.zeros((), jnp.float32)))
+
+  def update(updates, state, params=None):
+    updates, inner = optimizer.update(updates, state.inner, params)
+    return updates, ShiftState(inner, state.shift)
+
+  return optax.GradientTransformation(init, update)
+
+
+def keeps_reward_shift(loss_cfg: Mapping[str, Any]) -> bool:
+  """Whether the DPO step keeps BCO's running reward shift: loss type 'bco' (unpaired), or 'bco_pair' with
+  config.loss.options.delta unset (set, it is a fixed shift)."""
+  loss_type, options = losses.from_config(loss_cfg)
+  return loss_type == "bco" or (loss_type == "bco_pair" and "delta" not in options)
 
 
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation) -> TrainState:
@@ -228,34 +379,50 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
   """One DPO optimizer update from one global batch (accumulated over `grad_accum_steps` micro-batches).
 
   `lora`: train adapters (`state.params`) over the frozen base `reference_params` (module docstring); their
-  dropout draws from `seed` folded with the step."""
+  dropout draws from `seed` folded with the step. `reference_params` may also be `LoraParams(base, ref_adapters,
+  lora)`: TR-DPO's moving reference as a second, frozen set of adapters (dpo_jax/train/reference_update.py); the
+  policy's base is then its `base` and pi_ref's forward applies `ref_adapters` without dropout."""
   total_weight = jnp.maximum(jnp.sum(_pair_weights(batch)), 1.0)
   needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
-  reference = reference_params
+  reference = base = reference_params
   rng = None
   if lora is not None:
     if reference_params is None:
       raise ValueError("train_step(lora=...): pass the frozen base params as reference_params.")
+    if isinstance(reference_params, lora_lib.LoraParams):  # TR-DPO: pi_ref = base + the moving reference adapters
+      if reference_params.spec != lora or reference_params.rng is not None:
+        raise ValueError("train_step(lora=spec): a LoraParams reference must have the same spec and no dropout rng.")
+      base = reference_params.base
     if "ref_chosen_logps" in batch:  # precomputed pi_ref log-probs: no reference forward
       reference = None
     if lora.dropout:
       rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-  def loss(trainable, ref_BxK, mb):
+  def loss(trainable, ref_BxK, mb, shift):
     mb_rng = None if rng is None else jax.random.fold_in(rng, mb.get(MICRO_STEP, 0))
-    return dpo_loss(lora_policy(trainable, reference_params, lora, mb_rng), ref_BxK, mb, model=model,
-                    loss_cfg=loss_cfg, total_weight=total_weight)
+    return dpo_loss(lora_policy(trainable, base, lora, mb_rng), ref_BxK, mb, model=model,
+                    loss_cfg=loss_cfg, total_weight=total_weight, reward_shift=shift)
 
   loss_and_grad = jax.value_and_grad(loss, has_aux=True)
+  ld_alpha = losses.ablation_fields(loss_cfg)["ld_alpha"]
+  # BCO: the running reward mean lives in the optimizer state (`with_reward_shift`) and is threaded through the
+  # micro-batches, each updating it before its loss (TRL updates it per forward).
+  shift = state.opt_state.shift if isinstance(state.opt_state, ShiftState) else None
 
-  def grads_and_sums(mb):
-    (_, sums), grads = loss_and_grad(state.params, reference_logps(model, reference, mb, needed=needed), mb)
-    return grads, sums
+  def grads_and_sums(mb, carry):
+    ref_BxK = reference_logps(model, reference, mb, needed=needed, ld_alpha=ld_alpha)
+    (_, sums), grads = loss_and_grad(state.params, ref_BxK, mb, carry if shift is not None else None)
+    sums = dict(sums)
+    new = sums.pop(REWARD_SHIFT, None)
+    return grads, sums, (carry if new is None else new)
 
-  new_state, sums, grad_norm = _accumulate_and_update(
-      state, batch, grads_and_sums, num_units=step_units(batch), sum_keys=SUM_KEYS,
-      optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
+  new_state, sums, grad_norm, shift = _accumulate_and_update(
+      state, batch, grads_and_sums, num_units=step_units(batch), sum_keys=sum_keys(batch),
+      optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard, carry=() if shift is None else shift)
   metrics = finalize_metrics(sums)
+  if isinstance(new_state.opt_state, ShiftState):
+    new_state = new_state._replace(opt_state=ShiftState(new_state.opt_state.inner, shift))
+    metrics["reward_shift"] = shift.mean  # BCO's delta after this step (nats)
   metrics["grad_norm"] = grad_norm
   metrics["learning_rate"] = schedule(state.step)  # the rate this update used
   return new_state, metrics
@@ -270,9 +437,10 @@ def sft_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any, total_t
   """Negative log-likelihood of the response tokens (chosen only), summed / `total_tokens` (nats per token).
 
   SFT batches are `[B, T]` rows in the same format as DPO rows, with `pair_mask` `[B]` marking padding rows.
+  Unpaired (KTO) rows train only where `desirable`: the seed's SFT fits the preferred answers.
   """
-  out = logprobs.sequence_logps(model, params, batch)
-  w = _unit_weights(batch, batch["input_ids"].shape[0])
+  out = logprobs.sequence_logps(model, params, batch, extras=False)
+  w = _sft_weights(batch)
   sums = {
       "rows": jnp.sum(w),
       "nll": -jnp.sum(out.logps * w),
@@ -288,8 +456,14 @@ def finalize_sft_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
           "perplexity": jnp.exp(nll_per_token), "num_rows": sums["rows"], "num_tokens": sums["num_tokens"]}
 
 
-def _scored_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+def _sft_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """`[B]` fp32 weights of SFT rows: not padding (`pair_mask`) and, for unpaired rows, `desirable`."""
   w = _unit_weights(batch, batch["input_ids"].shape[0])
+  return w * (batch["desirable"] > 0).astype(jnp.float32) if "desirable" in batch else w
+
+
+def _scored_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+  w = _sft_weights(batch)
   return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].sum(-1) * w), 1.0)
 
 
@@ -300,11 +474,11 @@ def sft_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: 
   loss_and_grad = jax.value_and_grad(
       functools.partial(sft_loss, model=model, total_tokens=_scored_tokens(batch)), has_aux=True)
 
-  def grads_and_sums(mb):
+  def grads_and_sums(mb, carry):
     (_, sums), grads = loss_and_grad(state.params, mb)
-    return grads, sums
+    return grads, sums, carry
 
-  new_state, sums, grad_norm = _accumulate_and_update(
+  new_state, sums, grad_norm, _ = _accumulate_and_update(
       state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0], sum_keys=SFT_SUM_KEYS,
       optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
   metrics = finalize_sft_metrics(sums)
@@ -321,7 +495,8 @@ def eval_sums(params: Any, reference_params: Any | None, batch: Mapping[str, jax
               loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Metric sums for one batch (sum them over batches, then `finalize_metrics`)."""
   needed = losses.needs_reference(losses.from_config(loss_cfg)[0])
-  ref = reference_logps(model, reference_params, batch, needed=needed)
+  ref = reference_logps(model, reference_params, batch, needed=needed,
+                        ld_alpha=losses.ablation_fields(loss_cfg)["ld_alpha"])
   _, sums = dpo_loss(params, ref, batch, model=model, loss_cfg=loss_cfg, total_weight=jnp.float32(1.0))
   return sums
 

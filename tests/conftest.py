@@ -25,6 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # so results are unchanged. Entries are keyed by the program, jax version and devices, so a stale one is never hit.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dpo_jax_tests_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny programs add up too
+# pi_ref's cached log-probs (dpo_jax/train/reference_cache.py) go to a folder of this session, never ~/.cache.
+os.environ.setdefault("DPO_JAX_REFERENCE_CACHE", tempfile.mkdtemp(prefix="dpo_jax_tests_reference_cache_"))
 
 # Tests live in folders that mirror dpo_jax's wings (core, data, train, interop, experiments, benchmarks); their
 # shared helpers (batches.py, trainer_runs.py, paths.py, ...) stay here, importable from every folder.

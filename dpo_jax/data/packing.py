@@ -13,6 +13,8 @@ A packed DPO batch has R rows of L tokens; each row holds up to P pairs as segme
   pair_mask       [R * P]   pack_slots flattened: pair slot r * P + j
   row_ids         [R * P]   the pair's source row (-1 for an empty slot)
   ref_chosen_logps, ref_rejected_logps  [R * P]  when the data carries precomputed reference log-probs
+  desirable       [R * P]   unpaired data (TokenizedPairs.labels): 1 for a desirable unit, 0 otherwise and on empty
+                            slots; its units pack as pairs do (completion as "chosen", KL completion as "rejected")
 
 `logprobs.sequence_logps` reduces a packed batch per segment to `[R * 2P]` in exactly the unpacked order
 (chosen of slot k at 2k, rejected at 2k + 1), so losses, metrics and reference log-probs downstream do not
@@ -146,6 +148,8 @@ def make_packed_batch(tokenized: preference.TokenizedPairs, slots_RxP: np.ndarra
   if tokenized.reference_logps is not None:
     for j, field in enumerate(rows_lib.REFERENCE_FIELDS):  # `[R * P]` fp32; empty slots 0 (no weight)
       batch[field] = np.where(real, tokenized.reference_logps[src, j], 0.0).astype(np.float32)
+  if tokenized.labels is not None:  # unpaired data: `[R * P]` int32, as preference.make_batch's `desirable`
+    batch["desirable"] = np.where(real, tokenized.labels[src], False).astype(np.int32)
   return batch
 
 

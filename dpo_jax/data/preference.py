@@ -27,8 +27,16 @@ both responses (dpo_jax/logprobs.py); the same pairs, the same log-probs, fewer 
   loss_mask         [2B, R]  1 on real response tokens of real pairs (every response token is scored)
   row_ids, pair_mask [B]     as above
 
+Unpaired data (TRL's KTO format, dpo_jax/data/unpaired.py; `TokenizedPairs.labels` set) uses the same layouts
+with other contents: unit i's "chosen" row is row i's prompt + completion + EOS, its "rejected" row is the same
+prompt + its KL completion (another row's completion, fixed per row at tokenize time), and one more field::
+
+  desirable       [B]      int32, 1 when unit i's completion is desirable (label True), 0 when undesirable and
+                           on padding pairs (pair_mask 0): the loss reads it with pair_mask, never alone
+
 An SFT batch (fitting pi_ref on prompt + chosen) has the same keys as a DPO batch without interleaving:
-`[B, T]` chosen rows, `row_ids` and `pair_mask` `[B]`.
+`[B, T]` chosen rows, `row_ids` and `pair_mask` `[B]` (and `desirable` `[B]` for unpaired data, whose "chosen"
+rows hold undesirable completions too: an SFT loss on them should weight by it).
 
 Token t is scored by the logits at t - 1, so a prompt must be non-empty (the first response token needs a
 context): an empty prompt is an error, never silently dropped, and loss_mask[:, 0] is always 0.
@@ -64,6 +72,8 @@ class TokenizedPairs:
                      first, so it is present only when the whole response fits), never empty
     rejected_ids[k]  as chosen_ids
     row_ids          `[num_pairs]` int32, the source row index of each kept pair
+    labels           `[num_pairs]` bool or None: unpaired data only (dpo_jax/data/unpaired.py), True where unit
+                     k's completion (in chosen_ids[k]) is desirable; rejected_ids[k] is then its KL completion
   """
   prompt_ids: tuple[np.ndarray, ...]
   chosen_ids: tuple[np.ndarray, ...]
@@ -75,6 +85,7 @@ class TokenizedPairs:
   reference_logps: np.ndarray | None = None  # [num_pairs, 2] precomputed log pi_ref (chosen, rejected), nats
   widths: tuple[int, int] | None = None  # (P, R) of shared-prompt batches, fixed (online DPO: every round's pairs
   #                                        one shape, one compile); None = the longest prompt and response here
+  labels: np.ndarray | None = None  # [num_pairs] bool, unpaired data only: True = desirable (make_batch's `desirable`)
 
   @property
   def num_pairs(self) -> int:
@@ -244,8 +255,8 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
 
   kind="dpo": interleaved `[2B, T]` rows (chosen 2i, rejected 2i + 1); kind="dpo_shared": each prompt once
   `[B, P]` and the responses interleaved `[2B, R]` (module docstring); kind="sft": `[B, T]` chosen rows.
-  A padding pair repeats pair 0's tokens with loss_mask all 0, row_ids -1 and pair_mask 0: every row then
-  attends to real tokens, so no softmax sees a fully masked row (which would give NaN).
+  A padding pair repeats pair 0's tokens with loss_mask all 0, row_ids -1 and pair_mask 0 (and desirable 0 for
+  unpaired data): every row then attends to real tokens, so no softmax sees a fully masked row (which would give NaN).
   """
   check_kind(kind)
   if not isinstance(tokenized, TokenizedPairs):  # ranked sets (rankings.TokenizedRankings) lay out their own
@@ -272,6 +283,8 @@ def make_batch(tokenized: TokenizedPairs, pair_indices: np.ndarray, *, kind: str
   if kind != "sft" and tokenized.reference_logps is not None:
     for j, field in enumerate(rows_lib.REFERENCE_FIELDS):  # `[B]` fp32; padding pairs get 0 (they carry no weight)
       batch[field] = np.where(real, tokenized.reference_logps[src, j], 0.0).astype(np.float32)
+  if tokenized.labels is not None:  # unpaired data: `[B]` int32, 0 on padding pairs as well as undesirable units
+    batch["desirable"] = np.where(real, tokenized.labels[src], False).astype(np.int32)
   return batch
 
 

@@ -6,10 +6,15 @@
   implicit        {"chosen": str, "rejected": str}, full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
                   sharing the prompt as a prefix                                         (Anthropic HH style)
   ranked          {"prompt": str, "responses": [str, ...], "ranking" | "scores": [...]}  (K responses; see rankings)
+  unpaired        {"prompt": str, "completion": str, "label": bool}, or "prompt" / "completion" message lists
+                  (TRL's unpaired preference format, trl-lib/kto-mix-14k); for the unpaired losses, see unpaired
 
 Pipeline:  load_any_rows(source) -> tokenize_any(rows, tokenizer, ...) -> (preference.TokenizedPairs, stats)
            (tokenize_any calls detect_schema; to_explicit_rows gives text rows instead of ids)
 
+Unpaired rows are detected here and tokenized by unpaired.tokenize_unpaired (which also splits pairs in two, as
+TRL's unpair_preference_dataset does, and builds on this module's helpers); tokenize_any refuses them (a pair loss
+needs pairs).
 explicit and implicit rows go through preference.tokenize_pairs (implicit rows are split into explicit
 strings first, by split_transcripts). Conversational rows are rendered with the tokenizer's chat template and
 tokenized here, as ids, so the prompt/response boundary is exact (see render_response). Their responses end
@@ -30,7 +35,7 @@ from dpo_jax.data import preference, rankings
 
 from dpo_jax.data import rows as rows_lib
 
-SCHEMAS = ("explicit", "conversational", "implicit", "ranked")
+SCHEMAS = ("explicit", "conversational", "implicit", "ranked", "unpaired")
 ROLES = ("system", "user", "assistant")
 ASSISTANT_TAG = "\n\nAssistant:"  # Anthropic HH's turn marker; the prompt ends with the last shared one
 PATH_IDS, PATH_TEXT = "ids", "text"  # how a conversational response was cut from its prompt (render_response)
@@ -74,6 +79,13 @@ def row_schema(row: Any, i: int = 0, source: str = "rows") -> str:
                             "'rejected' fields; write one JSON object per record.", "not_an_object")
   if "responses" in row:
     return "ranked"
+  if "completion" in row and "chosen" not in row and "rejected" not in row:  # TRL's unpaired preference format
+    if "label" not in row:
+      raise rows_lib.BadRow(
+          f"{source}: row {i} has 'completion' but no 'label' (it has {sorted(row)})."
+          f"{rows_lib.misspelling('label', row)} Unpaired preference rows need \"label\": true (desirable) or false "
+          "(undesirable); add it or drop the row.", "missing_field")
+    return "unpaired"
   for field in ("chosen", "rejected"):
     if field in row and row[field] is None:
       raise rows_lib.BadRow(f"{source}: row {i}, field '{field}': expected a string or a list of messages, got "
@@ -99,7 +111,8 @@ def row_schema(row: Any, i: int = 0, source: str = "rows") -> str:
 
 
 def detect_schema(rows: Any, source: str = "rows", on_bad_row: str = "error") -> str:
-  """"explicit" | "conversational" | "implicit" (module docstring); every row must use the same one.
+  """"explicit" | "conversational" | "implicit" | "ranked" | "unpaired" (module docstring); every row must use the
+  same one (unpaired rows, standard or conversational, are one schema; unpaired.tokenize_unpaired checks the form).
 
   String responses with a `prompt` field are explicit (rows_lib.check_rows then requires it to be a
   string); string responses without one are implicit (HH transcripts); message lists are conversational
@@ -224,24 +237,38 @@ def split_conversation(row: dict, i: int = 0, source: str = "rows") -> tuple[lis
   chosen = check_messages(row["chosen"], i, "chosen", source)
   rejected = check_messages(row["rejected"], i, "rejected", source)
   for field, messages in (("chosen", chosen), ("rejected", rejected)):
-    if not messages or messages[-1]["role"] != "assistant":
-      last = messages[-1]["role"] if messages else "nothing (empty list)"
-      raise rows_lib.BadRow(
-          f"{source}: row {i}, field '{field}': the last message must be the assistant's response, found "
-          f"{last!r}. End '{field}' with {{'role': 'assistant', 'content': ...}}; put the conversation so far in "
-          "'prompt'.", "bad_role")
+    check_final_assistant(messages, i, field, source)
   if chosen[:-1] != rejected[:-1]:
     raise rows_lib.BadRow(
         f"{source}: row {i}: 'chosen' and 'rejected' differ before their final assistant turn; a pair must share "
         "its history. Move the shared turns into 'prompt' and keep only the final assistant message in each.",
         "histories_differ")
-  prompt = row.get("prompt")
+  history = conversation_history(row.get("prompt"), chosen[:-1], i, source)
+  rows_lib.check_distinct(chosen[-1]["content"], rejected[-1]["content"], i, source)
+  return history, chosen[-1], rejected[-1]
+
+
+def check_final_assistant(messages: list[dict], i: int, field: str, source: str = "rows") -> None:
+  """BadRow naming the row and field unless `messages` ends with the assistant's turn (the scored response)."""
+  if not messages or messages[-1]["role"] != "assistant":
+    last = messages[-1]["role"] if messages else "nothing (empty list)"
+    raise rows_lib.BadRow(
+        f"{source}: row {i}, field '{field}': the last message must be the assistant's response, found "
+        f"{last!r}. End '{field}' with {{'role': 'assistant', 'content': ...}}; put the conversation so far in "
+        "'prompt'.", "bad_role")
+
+
+def conversation_history(prompt: Any, shared: list[dict], i: int, source: str = "rows") -> list[dict]:
+  """The prompt messages before a final assistant turn: a `prompt` message list + the `shared` messages that
+  precede that turn in the response field; or just `shared` when `prompt` is absent or a string duplicating them;
+  a string `prompt` with no shared messages becomes one user turn. BadRow for an empty history or one that
+  ends with the assistant."""
   if isinstance(prompt, (list, tuple)):
-    history = check_messages(prompt, i, "prompt", source) + chosen[:-1]
-  elif isinstance(prompt, str) and not chosen[:-1]:
+    history = check_messages(prompt, i, "prompt", source) + shared
+  elif isinstance(prompt, str) and not shared:
     history = [{"role": "user", "content": prompt}]
   elif prompt is None or isinstance(prompt, str):
-    history = chosen[:-1]
+    history = shared
   else:
     raise rows_lib.BadRow(f"{source}: row {i}, field 'prompt': expected a list of messages or a string, got "
                             f"{type(prompt).__name__}; fix or drop that field.", "bad_message")
@@ -253,8 +280,7 @@ def split_conversation(row: dict, i: int = 0, source: str = "rows") -> tuple[lis
     raise rows_lib.BadRow(
         f"{source}: row {i}: the prompt ends with an assistant message, so the final assistant turn does not "
         "answer anything. End the prompt with a user (or system) message.", "bad_role")
-  rows_lib.check_distinct(chosen[-1]["content"], rejected[-1]["content"], i, source)
-  return history, chosen[-1], rejected[-1]
+  return history
 
 
 def check_chat_template(tokenizer: Any) -> None:
@@ -416,9 +442,14 @@ def tokenize_any(rows: Any, tokenizer: Any, *, max_length: int, max_prompt_lengt
   explicit: preference.tokenize_pairs as is; implicit: tokenize_pairs with split_transcripts' texts;
   conversational: tokenize_conversational (chat template, exact ids). reference_logps as in tokenize_pairs;
   on_bad_row='skip' drops bad rows, counted by reason in stats["skipped"] (else the first one is an error).
+  Unpaired rows are a ValueError: a pair loss has no pairs to compare (unpaired.tokenize_unpaired takes them).
   """
   schema = detect_schema(rows, source, on_bad_row)
   kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, source=source, on_bad_row=on_bad_row)
+  if schema == "unpaired":
+    raise ValueError(f"{source}: unpaired rows (prompt, completion, label) train only with an unpaired loss "
+                     "(--config.loss.type=kto); tokenize them with dpo_jax.data.unpaired.tokenize_unpaired, or "
+                     "write the data as (prompt, chosen, rejected) pairs.")
   if schema == "ranked":
     if reference_logps:
       raise ValueError(f"{source}: precomputed reference log-probs are for pair data; ranked data runs pi_ref.")

@@ -11,6 +11,11 @@ Layout: `<workdir>/sft` (the shared pi_ref: `train.run_sft`'s checkpoints) and `
 from the previous chunk's checkpoint, with an evaluation at every chunk boundary. Rerunning in the same workdir
 reuses the finished SFT but deletes and retrains each variant's `<name>/dpo` (its evaluations need every chunk).
 
+pi_ref's log-probs of every pair come from the reference cache (`dpo_jax/train/reference_cache.py`, unless
+`config.reference_cache='off'`): the first variant computes them (or finds them from an earlier run), and every
+variant trains and evaluates from them, so pi_ref's forward over the data runs once for the whole grid. One line
+per variant says which (`ablation <name>: reference cache hit | miss ...`).
+
 Learning rate: the ablation trains with `optim.schedule='constant'` and `optim.warmup_steps=0`, whatever the
 config says. `run_dpo` builds its schedule from `optim.total_steps`, which the chunking sets to each boundary, so
 a decaying schedule would differ from the full run's; a constant one is the same in every chunk.
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax import losses
-from dpo_jax.train import config_checks, pipeline, runtime
+from dpo_jax.train import config_checks, pipeline, reference_cache, runtime
 
 RECORD_FIELDS = ("variant", "step", "accuracy", "reward", "kl", "loss")
 
@@ -101,14 +106,26 @@ def run_ablation(config: Any, workdir: str, variants: Sequence[dict], *, eval_ev
     shutil.rmtree(os.path.join(vdir, "dpo"), ignore_errors=True)  # a stale run would skip the early chunks
     vrt = runtime.build_runtime(c, vdir, len(tokenizer))
     uses_reference = losses.needs_reference(losses.from_config(c.loss)[0])
+    vtrain, vtest, in_step = train, test, uses_reference
+    if uses_reference:  # pi_ref's log-probs from the cache: the first variant computes them, the others read them
+      why = reference_cache.why_off(c, train)
+      if why is None:
+        vtrain, vtest, info = reference_cache.attach(vrt, reference, train, test)
+        in_step = False
+      else:
+        info = f"off: {why}"
+    else:
+      info = "not needed (a reference-free loss)"
+    print(f"ablation {variant['name']}: reference cache {info}")
     policy = reference
     for done in boundaries:
       if done:
         c.optim.total_steps = done  # run_dpo trains (resuming from its checkpoint) up to this step and saves
-        # A reference-free run donates `start` to the policy: give it a copy so pi_ref survives.
-        policy = pipeline.run_dpo(vrt, reference if uses_reference else _copy(reference), train, test,
-                                   reference=reference if uses_reference else None)
-      held_out = pipeline.dpo_eval(vrt, policy, reference, test)
+        # A run without pi_ref in the step donates `start` to the policy: give it a copy so pi_ref survives.
+        policy = pipeline.run_dpo(vrt, reference if in_step else _copy(reference), vtrain, vtest,
+                                   reference=reference if in_step else None)
+      # the held-out margins from the cached log-probs too (no reference forward); sampling's KL still needs pi_ref
+      held_out = pipeline.dpo_eval(vrt, policy, None if uses_reference and not in_step else reference, vtest)
       sampled = pipeline.sample_eval(vrt, policy, reference, tokenizer, prompts, 0)
       record = {"variant": variant["name"], "step": done, "accuracy": float(held_out["rewards/accuracies"]),
                 "reward": float(sampled.get("reward", math.nan)), "kl": float(sampled.get("kl", math.nan)),

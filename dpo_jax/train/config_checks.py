@@ -23,7 +23,7 @@ from dpo_jax import context_parallel, lora as lora_lib, losses, optim, sharding
 from dpo_jax.data import packing, preference
 from dpo_jax.data import rows as rows_lib
 from dpo_jax.interop.hf import checkpoints as hf_checkpoints, peft as peft_io
-from dpo_jax.train import online, reference_update
+from dpo_jax.train import online, reference_cache, reference_update
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                               "default.py")
@@ -204,6 +204,11 @@ def validate_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"config.stage={config.stage!r}; choose one of {STAGES}.")
   if config.data.prompt_sharing not in PROMPT_SHARING:
     raise ValueError(f"config.data.prompt_sharing={config.data.prompt_sharing!r}; choose one of {PROMPT_SHARING}.")
+  if config.get("reference_cache", "auto") not in reference_cache.MODES:
+    raise ValueError(f"config.reference_cache={config.reference_cache!r}; choose one of {reference_cache.MODES}.")
+  if not isinstance(config.get("reference_cache_dir", ""), str):
+    raise ValueError(f"config.reference_cache_dir={config.reference_cache_dir!r} must be a folder path (a string); "
+                     "'' = $DPO_JAX_REFERENCE_CACHE, else ~/.cache/dpo_jax/reference_logps.")
   if config.data.reward not in ("auto", "synthetic", "none"):
     raise ValueError(f"config.data.reward={config.data.reward!r}; choose 'auto', 'synthetic' or 'none'.")
   if config.data.reference_logps and config.stage != "dpo":
@@ -222,6 +227,14 @@ def validate_config(config: Any, num_devices: int) -> None:
   loss_type, loss_options = losses.from_config(config.loss)
   losses.validate_loss_config(loss_type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
                               **loss_options)
+  ablation = losses.ablation_fields(config.loss)  # LD-DPO / WPO / KTO weights, checked against the loss type
+  if ablation["ld_alpha"] is not None and config.data.get("packing", False):
+    raise ValueError("config.loss.ld_alpha (LD-DPO) needs each pair's responses in their own rows; packed batches "
+                     "hold them as segments. Set --config.data.packing=False, or leave config.loss.ld_alpha unset.")
+  if ablation["ld_alpha"] is not None and config.data.reference_logps:
+    raise ValueError("config.loss.ld_alpha (LD-DPO) weighs pi_ref's log-probs too, but config.data.reference_logps="
+                     "True reads plain sums from the data. Set --config.data.reference_logps=False (the reference "
+                     "cache stores LD-weighted values, keyed on ld_alpha).")
   optim.learning_rate_schedule(config.optim)
   validate_lora(config)
   if "ref_update" in config:  # TR-DPO: a moving pi_ref needs a reference model in the step
@@ -273,8 +286,9 @@ def validate_context_parallel(config: Any, n: int) -> None:
 
 
 def validate_lora(config: Any) -> None:
-  """LoRA's reference is the base with the adapters off, so it cannot be another model or move (TRL refuses a
-  ref_model beside a peft_config for the same reason)."""
+  """LoRA's reference is the base with the adapters off, so it cannot be another model (TRL refuses a ref_model
+  beside a peft_config for the same reason). It may move (`ref_update`, TR-DPO): as a second, frozen set of adapters
+  over the same base (dpo_jax/train/reference_update.py)."""
   spec = lora_lib.spec_from_config(config.get("lora"))  # raises naming a bad rank / alpha / dropout / target
   if spec is None:
     return
@@ -284,9 +298,6 @@ def validate_lora(config: Any) -> None:
     raise ValueError("config.lora.rank > 0 makes pi_ref the base model with the adapters off; config.hf.reference_path="
                      f"{config.hf.reference_path!r} would be a second reference. Unset one of them (for an SFT "
                      "reference with LoRA, start DPO from it: --config.hf.model_path=SFT_DIR).")
-  if "ref_update" in config and config.ref_update.mode != "off":
-    raise ValueError(f"config.ref_update.mode={config.ref_update.mode!r} moves pi_ref, but with config.lora.rank > 0 "
-                     "pi_ref is the frozen base. Set --config.ref_update.mode=off or --config.lora.rank=0.")
   if config.lora.adapter_path:
     peft_io.read_peft_spec(config.lora.adapter_path)  # a missing folder or an unsupported adapter, before compute
 

@@ -92,6 +92,8 @@ def abstract_batch(config: Any, mesh: Any, rules: Any, *, precomputed_reference:
   if precomputed_reference:
     batch.update({k: jax.ShapeDtypeStruct((config.batch_size,), jnp.float32)
                   for k in ("ref_chosen_logps", "ref_rejected_logps")})
+  if losses.is_unpaired(losses.from_config(config.loss)[0]):  # KTO / BCO rows carry their label
+    batch["desirable"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
   return batch, sharding.batch_shardings(mesh, rules, batch)
 
 

@@ -25,7 +25,7 @@ from dpo_jax.data import packing, preference, synthetic
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import checkpoint, compile_cache, config_checks, judges, loop, online, reference_update, reward_model
-from dpo_jax.train import runtime, startup
+from dpo_jax.train import reference_cache, runtime, startup
 from dpo_jax.train import workdir as workdir_lib
 
 
@@ -122,15 +122,29 @@ def run_dpo(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs, t
     kind = runtime.dpo_kind(config, train)
     example = preference.make_batch(train, np.arange(config.batch_size) % train.num_pairs, kind=kind)
   example.pop("row_ids")
-  dpo_step, optimizer, shardings, spec = runtime.dpo_train_step(rt, example, with_reference=reference is not None)
-  mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
   ref_mode = config.ref_update.mode if "ref_update" in config else "off"
+  dpo_step, optimizer, shardings, spec = runtime.dpo_train_step(
+      rt, example, with_reference=reference is not None,
+      moving_lora_reference=ref_mode != "off" and runtime.lora_spec(config) is not None)
+  mngr = checkpoint.manager(os.path.join(rt.workdir, "dpo", "checkpoints"), max_to_keep=config.max_checkpoints)
   reference_update.check_resume(mngr, ref_mode)
   base = start if spec is not None else None  # LoRA keeps the base; otherwise nothing holds it after the state
-  if spec is not None:
+  if spec is not None and ref_mode == "off":
     state = loop.start_state(rt, mngr, runtime.initial_adapters(rt, spec, shardings.params), optimizer, shardings,
                              donate=True)
     step_fn = lambda s, b: dpo_step(s, base, b)
+  elif spec is not None:  # TR-DPO with LoRA: the moving reference is a second, frozen set of adapters on `base`
+    adapters = runtime.initial_adapters(rt, spec, shardings.params)
+    state = reference_update.start_state(
+        mngr, runtime.abstract_state(adapters, optimizer, shardings),
+        functools.partial(step.create_train_state, adapters, optimizer, shardings, donate=True),
+        reference_update.zero_reference(adapters, shardings.params),  # pi_ref = the base until the first update
+        check_meta=lambda meta: loop.check_resume(config, "dpo", meta, str(mngr.directory)))
+    del adapters
+    update = reference_update.jit_lora_update(reference_update.mixing_weight(config.ref_update),
+                                              stacked=rt.model_cfg.scan_layers, adapter_shardings=shardings.params)
+    step_fn = reference_update.tracking_step(lambda s, ref, b: dpo_step(s, lora_lib.LoraParams(base, ref, spec), b),
+                                             update, config.ref_update.tau)
   elif ref_mode == "off":
     state = loop.start_state(rt, mngr, start, optimizer, shardings, donate=reference is None)
     step_fn = lambda s, b: dpo_step(s, reference, b)
@@ -240,6 +254,24 @@ def run(config: Any, workdir: str) -> dict:
     return _run_stages(config, workdir)
 
 
+def attach_reference_cache(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs,
+                           test: preference.TokenizedPairs) -> tuple[Any, Any, Any | None]:
+  """config.reference_cache for a DPO stage that would run pi_ref in every step: pi_ref's log-probs of every pair
+  read from the cache, or computed with pi_ref (`start`, or hf.reference_path) and stored
+  (`reference_cache.attach`). Returns (train, test, pi_ref's params), the params None when train and test now
+  carry the log-probs: DPO then trains with no reference forward and nothing holds pi_ref (a separate
+  hf.reference_path model is loaded once, either way). Prints one line, `reference cache: hit | miss (...) | off`."""
+  reference = runtime.reference_params(rt, start)  # `start` itself unless hf.reference_path names another model
+  why = reference_cache.why_off(rt.config, train)
+  if why is None:
+    train, test, info = reference_cache.attach(rt, reference, train, test,
+                                               compute_off=reference_cache.why_not_compute(rt.config, train, test))
+  else:
+    info = f"off: {why}"
+  print(f"reference cache: {info}")
+  return train, test, None if train.reference_logps is not None else reference
+
+
 def _run_stages(config: Any, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   with startup.phase("load"):
@@ -268,11 +300,15 @@ def _run_stages(config: Any, workdir: str) -> dict:
       summary["init"] = {"nll": sft_eval(rt, init, test)["loss"]}
     start = run_sft(rt, init, train, test) if config.sft.steps else init
     del init
+    reference = None
+    if config.stage == "pipeline" and not without_reference:
+      train, test, reference = attach_reference_cache(rt, start, train, test)
+      without_reference = reference is None
     if config.stage == "pipeline" and without_reference:
       policy = run_dpo(rt, start, train, test, reference=None)  # donates `start` (LoRA keeps it as the base)
       del start
       reference = policy.base if isinstance(policy, lora_lib.LoraParams) else runtime.reference_params(rt)
-    else:
+    elif reference is None:
       reference = runtime.reference_params(rt, start)
   elif config.stage == "precompute":
     reference = runtime.reference_params(rt)
@@ -288,7 +324,16 @@ def _run_stages(config: Any, workdir: str) -> dict:
     reference = policy.base if isinstance(policy, lora_lib.LoraParams) else runtime.reference_params(rt)
   else:
     start = runtime.dpo_start(rt)
-    reference = runtime.reference_params(rt, start)
+    reference = None
+    if config.stage == "dpo":
+      train, test, reference = attach_reference_cache(rt, start, train, test)
+      without_reference = reference is None
+    if config.stage == "dpo" and without_reference:  # pi_ref's log-probs from the cache: as precomputed ones
+      policy = run_dpo(rt, start, train, test, reference=None)  # donates `start` (LoRA keeps it as the base)
+      del start
+      reference = policy.base if isinstance(policy, lora_lib.LoraParams) else runtime.reference_params(rt)
+    elif reference is None:
+      reference = runtime.reference_params(rt, start)
   # pi_ref's held-out NLL is computed after training, with pi_theta's: before, it was most of the seconds to the
   # first DPO step of a real model (SmolLM2-135M on CPU: 60 s of 87).
   def pi_ref_nll() -> dict:

@@ -9,6 +9,12 @@ In the trainer the moving reference lives in its own buffers, never the policy's
 step): `update_reference` always writes fresh arrays. It is checkpointed beside the train state as one pytree
 (`TrackedState`), so a resumed run continues with exactly the reference it had. The frozen pi_ref the run
 started from is kept too: held-out metrics and the sampled KL are measured against it.
+
+With LoRA (`config.lora.rank > 0`) the policy is the frozen base plus adapters, and the moving reference is a second,
+frozen set of adapters over the same base (`lora.LoraParams(base, ref_adapters, spec)`, dropout off). It starts at
+zero delta (the base: LoRA's usual pi_ref, bit for bit) and each update keeps the best rank-r approximation of the
+mixed deltas (`lora.mix_adapters`; hard updates and any mix of rank <= r are exact). The checkpoint then holds the
+reference adapters, not a second copy of the base.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import step as step_lib
+from dpo_jax import lora as lora_lib, step as step_lib
 from dpo_jax.train import checkpoint
 
 MODES = ("off", "soft", "hard")
@@ -76,12 +82,25 @@ def jit_update(alpha: float, reference_shardings: Any) -> Callable[[Any, Any], A
                  out_shardings=reference_shardings)
 
 
+def zero_reference(adapters: Any, adapter_shardings: Any) -> Any:
+  """The LoRA moving reference at the start: adapters like `adapters` at zero delta (pi_ref = the base), in new
+  buffers laid out in `adapter_shardings` (call it before the policy's adapters are donated to the state)."""
+  return jax.jit(lora_lib.zero_adapters, out_shardings=adapter_shardings)(adapters)
+
+
+def jit_lora_update(alpha: float, *, stacked: bool, adapter_shardings: Any) -> Callable[[Any, Any], Any]:
+  """`update(ref_adapters, policy_adapters) -> new ref_adapters` (`lora.mix_adapters`: the mixed deltas truncated to
+  rank r), jitted onto the adapters' shardings; nothing is donated. `stacked`: the model's `cfg.scan_layers`."""
+  return jax.jit(lambda r, p: lora_lib.mix_adapters(r, p, alpha, stacked=stacked),
+                 in_shardings=(adapter_shardings, adapter_shardings), out_shardings=adapter_shardings)
+
+
 class TrackedState(NamedTuple):
   """A `step.TrainState` plus the moving reference: one pytree, so one checkpoint holds both."""
   step: jax.Array  # [] int32, optimizer updates applied so far
-  params: Any  # policy params
+  params: Any  # policy params (with LoRA: the adapters)
   opt_state: Any
-  reference: Any  # the reference the next step uses
+  reference: Any  # the reference the next step uses (with LoRA: its adapters over the shared base)
 
 
 def tracking_step(train_step: Callable, update: Callable[[Any, Any], Any], tau: int) -> Callable:
@@ -133,7 +152,8 @@ def check_resume(mngr: Any, mode: str) -> None:
 def start_state(mngr: Any, abstract_state: step_lib.TrainState, fresh: Callable[[], step_lib.TrainState],
                 reference: Any, check_meta: Callable[[dict], None] | None = None) -> TrackedState:
   """The newest checkpoint of the stage, its moving reference included (resume), else `fresh()` with `reference`
-  (the frozen pi_ref's arrays: never donated by the step, replaced by new buffers at the first update).
+  (the frozen pi_ref's arrays, or with LoRA `zero_reference`'s adapters: never donated by the step, replaced by new
+  buffers at the first update).
   `check_meta(meta)` vets a checkpoint's meta before it is resumed (the trainer's changed-config check)."""
   abstract = TrackedState(*abstract_state, reference=abstract_state.params)  # the reference is laid out like params
   restored = checkpoint.restore_latest(mngr, abstract)

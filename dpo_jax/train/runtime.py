@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 
 from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, optim, sharding, step
-from dpo_jax.data import preference, schemas, synthetic
+from dpo_jax.data import preference, schemas, synthetic, unpaired
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
 from dpo_jax.train import checkpoint, host_memory, metrics as metrics_lib, startup
@@ -51,8 +51,34 @@ def load_tokenizer(path: str, model_path: str = "", trust_remote_code: bool = Fa
   return tokenizer
 
 
+def uses_unpaired_data(config: Any) -> bool:
+  """Whether config.loss (its type, or any of its types) is an unpaired loss (KTO, APO-zero unpaired, BCO), which
+  trains on unpaired units: `losses.is_unpaired` where the registry has it, else `unpaired.UNPAIRED_LOSSES`."""
+  is_unpaired = getattr(losses, "is_unpaired", None) or (lambda t: t in unpaired.UNPAIRED_LOSSES)
+  types = tuple(config.loss.get("types", None) or ()) or (config.loss.type,)
+  return any(is_unpaired(t) for t in types)
+
+
+def _loss_weight(config: Any, name: str) -> tuple[float, str]:
+  """(config.loss.<name>, else config.loss.options.<name>, else 1.0; the field's path) of a KTO class weight."""
+  value = config.loss.get(name, None)
+  if value is not None:
+    return float(value), "config.loss"
+  options = config.loss.get("options", None)
+  value = options.get(name, None) if options is not None else None
+  return (1.0, "config.loss") if value is None else (float(value), "config.loss.options")
+
+
 def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, preference.TokenizedPairs, dict, dict]:
-  """(train, test) tokenized pairs, the raw rows {'train', 'test'} (prompts, r*, precompute), and data stats."""
+  """(train, test) tokenized pairs, the raw rows {'train', 'test'} (prompts, r*, precompute), and data stats.
+
+  With an unpaired loss (`uses_unpaired_data`: KTO, BCO, ...) the train split is unpaired units with KL partners
+  seeded by config.seed (`unpaired.tokenize_unpaired`): unpaired rows as they are, pairs split in two as TRL's
+  unpair_preference_dataset. The test split stays pairs when its rows are pairs (held-out preference accuracy is
+  measured on pairs) and is unpaired units only when its rows are. The train stats then carry the desirable /
+  undesirable counts and the KTO weight balance (`unpaired.weight_balance`, its warning '' when in range).
+  Unpaired rows with a pair loss are a ValueError naming config.loss.type.
+  """
   train_source = config.data.train or str(synthetic.train_path())
   test_source = config.data.test or (str(synthetic.test_path()) if not config.data.train else config.data.train)
   if config.data.train and not config.data.test and os.path.isfile(config.data.train):
@@ -65,8 +91,27 @@ def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, 
   test_rows = schemas.load_any_rows(test_source, split=config.data.test_split, on_bad_row=on_bad_row)
   kw = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
             reference_logps=config.data.reference_logps, on_bad_row=on_bad_row)
-  train, train_stats = schemas.tokenize_any(train_rows, tokenizer, source=train_source, **kw)
-  test, test_stats = schemas.tokenize_any(test_rows, tokenizer, source=test_source, **kw)
+  unpaired_loss = uses_unpaired_data(config)
+  is_unpaired = {source: schemas.detect_schema(rows, source, on_bad_row) == "unpaired"  # a second, cheap pass
+                 for source, rows in ((train_source, train_rows), (test_source, test_rows))}
+  for source, found in is_unpaired.items():
+    if found and not unpaired_loss:
+      raise ValueError(f"{source} holds unpaired rows (prompt, completion, label) but config.loss.type="
+                       f"{config.loss.type!r} compares pairs; set --config.loss.type=kto (or apo_zero_unpaired, "
+                       "bco), or give (prompt, chosen, rejected) pairs.")
+
+  def tokenize(rows, source, as_units):
+    if as_units:
+      return unpaired.tokenize_unpaired(rows, tokenizer, source=source, seed=config.seed, **kw)
+    return schemas.tokenize_any(rows, tokenizer, source=source, **kw)
+
+  train, train_stats = tokenize(train_rows, train_source, unpaired_loss)
+  test, test_stats = tokenize(test_rows, test_source, unpaired_loss and is_unpaired[test_source])
+  if unpaired_loss:
+    (d_weight, field), (u_weight, _) = (_loss_weight(config, f"{side}desirable_weight") for side in ("", "un"))
+    ratio, warning = unpaired.weight_balance(train_stats["num_desirable"], train_stats["num_undesirable"], d_weight,
+                                             u_weight, field)
+    train_stats.update(weight_ratio=ratio, weight_warning=warning)
   for source, s in ((train_source, train_stats), (test_source, test_stats)):
     if s["num_pairs"] == 0:
       raise ValueError(f"{source}: no usable pairs in {s['num_rows']} rows (skipped: {s.get('skipped', {})}, "
@@ -75,7 +120,15 @@ def load_pairs(config: Any, tokenizer: Any) -> tuple[preference.TokenizedPairs, 
 
 
 def check_data_fits_loss(config: Any, stats: dict) -> None:
-  """Ranked data (K responses per prompt) trains with Plackett-Luce, and Plackett-Luce needs ranked data."""
+  """Ranked data (K responses per prompt) trains with Plackett-Luce, and Plackett-Luce needs ranked data; unpaired
+  units need an unpaired loss, and are not written out by the precompute stage."""
+  unpaired_splits = [split for split, s in stats.items() if s["schema"] == "unpaired"]
+  if unpaired_splits and not uses_unpaired_data(config):
+    raise ValueError(f"config.data: the {unpaired_splits} split(s) are unpaired (prompt, completion, label) but "
+                     f"config.loss.type={config.loss.type!r} compares pairs; set --config.loss.type=kto.")
+  if "train" in unpaired_splits and config.stage == "precompute":
+    raise ValueError("config.stage='precompute' writes pair columns (ref_chosen_logps, ref_rejected_logps); unpaired "
+                     "losses run pi_ref in the step (--config.data.reference_logps=False).")
   ranked = {split: s["schema"] == "ranked" for split, s in stats.items()}
   plackett_luce = config.loss.type == losses.RANKING_LOSS and not config.loss.types
   if len(set(ranked.values())) > 1:
@@ -93,13 +146,21 @@ def check_data_fits_loss(config: Any, stats: dict) -> None:
 
 def report_data(stats: dict) -> None:
   """One line per split: pairs kept of rows read, rows dropped (empty response) or skipped (per reason, with
-  data.on_bad_row='skip'), and pairs truncated; nothing is dropped without being counted here."""
+  data.on_bad_row='skip'), and pairs truncated; nothing is dropped without being counted here. Unpaired splits
+  say so, with their desirable / undesirable counts, and the KTO weight warning follows on its own line."""
   for split, s in stats.items():
     note = f" ({s['num_dropped_empty_response']} dropped: empty response)" if s["num_dropped_empty_response"] else ""
     skipped = s.get("skipped") or {}
     if skipped:
       note += (f" ({sum(skipped.values())} skipped: "
                + ", ".join(f"{n} {reason}" for reason, n in skipped.items()) + ")")
+    if s.get("schema") == "unpaired":
+      split_from = "" if s["source_schema"] == "unpaired" else f", split from {s['source_schema']} pairs"
+      print(f"data/{split}: {s['num_pairs']} unpaired rows ({s['num_desirable']} desirable, {s['num_undesirable']} "
+            f"undesirable{split_from}) of {s['num_rows']} rows{note}; {s['num_truncated']} truncated")
+      if s.get("weight_warning"):
+        print(s["weight_warning"])
+      continue
     print(f"data/{split}: {s['num_pairs']} pairs of {s['num_rows']} rows{note}; {s['num_truncated']} truncated")
 
 
@@ -325,14 +386,16 @@ def dpo_kind(config: Any, tokenized: Any) -> str:
   return "dpo"
 
 
-def dpo_train_step(rt: Runtime, example: dict, *, with_reference: bool,
-                   stage: str = "dpo") -> tuple[Callable, Any, step.TrainState, Any]:
+def dpo_train_step(rt: Runtime, example: dict, *, with_reference: bool, stage: str = "dpo",
+                   moving_lora_reference: bool = False) -> tuple[Callable, Any, step.TrainState, Any]:
   """The DPO stages' jitted step `fn(state, frozen, batch)` for batches shaped like `example`, with its optimizer,
   state shardings and LoRA spec (None: full fine-tuning). `frozen` is pi_ref's params (None when not
   `with_reference`: precomputed reference log-probs or a reference-free loss); with LoRA the state holds the
   adapters and `frozen` is the base, pi_ref, in every step."""
   config = rt.config
   optimizer, schedule = stage_optimizer(config, stage)
+  if step.keeps_reward_shift(config.loss):  # BCO's running reward mean rides in the optimizer state
+    optimizer = step.with_reward_shift(optimizer)
   spec = lora_spec(config)
   if spec is None:
     shardings = step.state_shardings(rt.model_cfg, optimizer, rt.mesh, rt.rules)
@@ -340,6 +403,8 @@ def dpo_train_step(rt: Runtime, example: dict, *, with_reference: bool,
   else:
     shardings = step.lora_state_shardings(rt.model, spec, optimizer, rt.mesh, rt.rules)
     frozen_shardings = step.param_shardings(rt.model_cfg, rt.mesh, rt.rules)
+    if moving_lora_reference:  # TR-DPO with LoRA: `frozen` is LoraParams(base, reference adapters)
+      frozen_shardings = lora_lib.LoraParams(frozen_shardings, shardings.params, spec)
   dpo_step = step.jit_train_step(
       functools.partial(step.train_step, model=rt.model, optimizer=optimizer, schedule=schedule, loss_cfg=config.loss,
                         grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard, lora=spec,

@@ -336,7 +336,6 @@ def _one_device_mesh():
 
 @pytest.mark.parametrize("overrides, match", [
     ({"hf.reference_path": "x"}, "config.hf.reference_path"),
-    ({"ref_update.mode": "soft"}, "config.ref_update.mode"),
     ({"lora.targets": ("qkv",)}, "config.lora.targets"),
     ({"lora.export": "zip"}, "config.lora.export"),
     ({"lora.adapter_path": "/nonexistent"}, "config.lora.adapter_path"),
