@@ -43,11 +43,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from dpo_jax.data import preference, schemas
+from dpo_jax.data import preference, rows as rows_lib, schemas
 
-from dpo_jax.data import rows as rows_lib
-
-UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco")  # config.loss.type values that train on unpaired units
 LABEL = "label"
 KL_STREAM = (0x4B4C, 1)  # appended to the seed: the KL partners' random stream, apart from epoch_order's (seed, epoch)
 WEIGHT_RANGE = (1.0, 4.0 / 3.0)  # KTO paper eq. 8: desirable_weight n_D / (undesirable_weight n_U) in this range

@@ -35,6 +35,7 @@ from dpo_jax import losses
 from dpo_jax.train import config_checks, pipeline, reference_cache, runtime
 
 RECORD_FIELDS = ("variant", "step", "accuracy", "reward", "kl", "loss")
+BLOCKS = ("lora", "ref_update")  # variant keys that name a config block rather than a config.loss field
 
 
 def ablation_config(config: Any) -> Any:
@@ -50,7 +51,9 @@ def ablation_config(config: Any) -> Any:
 
 
 def variant_config(config: Any, variant: dict) -> Any:
-  """A copy of (ablation) `config` with `variant`'s `config.loss` overrides (every key but 'name')."""
+  """A copy of (ablation) `config` with `variant`'s `config.loss` overrides (every key but 'name'); the keys
+  `lora` and `ref_update` take dicts of those blocks' fields instead (e.g. TR-DPO with LoRA:
+  `{"lora": {"rank": 8}, "ref_update": {"mode": "soft", "tau": 30}}`)."""
   config = config.copy_and_resolve_references()
   config.unlock()
   for key, value in variant.items():
@@ -58,6 +61,8 @@ def variant_config(config: Any, variant: dict) -> Any:
       continue
     if key == "options":
       config.loss.options.update(value)
+    elif key in BLOCKS:
+      config[key].update(value)
     else:
       config.loss[key] = value
   return config
@@ -92,6 +97,7 @@ def run_ablation(config: Any, workdir: str, variants: Sequence[dict], *, eval_ev
 
   tokenizer = runtime.load_tokenizer(base.data.tokenizer, base.hf.model_path)
   train, test, _, _ = runtime.load_pairs(base, tokenizer)
+  data = {runtime.uses_unpaired_data(base): (train, test)}  # unpaired losses (KTO, BCO) train on unpaired rows
   prompts = pipeline.unique_prompts(test, tokenizer)
   os.makedirs(workdir, exist_ok=True)
   rt = runtime.build_runtime(base, workdir, len(tokenizer))
@@ -106,11 +112,15 @@ def run_ablation(config: Any, workdir: str, variants: Sequence[dict], *, eval_ev
     shutil.rmtree(os.path.join(vdir, "dpo"), ignore_errors=True)  # a stale run would skip the early chunks
     vrt = runtime.build_runtime(c, vdir, len(tokenizer))
     uses_reference = losses.needs_reference(losses.from_config(c.loss)[0])
-    vtrain, vtest, in_step = train, test, uses_reference
+    unpaired = runtime.uses_unpaired_data(c)
+    if unpaired not in data:  # the grid's first unpaired variant: its rows (and their own cache entry)
+      data[unpaired] = runtime.load_pairs(c, tokenizer)[:2]
+    vtrain, vtest = data[unpaired]
+    in_step = uses_reference
     if uses_reference:  # pi_ref's log-probs from the cache: the first variant computes them, the others read them
-      why = reference_cache.why_off(c, train)
+      why = reference_cache.why_off(c, vtrain)
       if why is None:
-        vtrain, vtest, info = reference_cache.attach(vrt, reference, train, test)
+        vtrain, vtest, info = reference_cache.attach(vrt, reference, vtrain, vtest)
         in_step = False
       else:
         info = f"off: {why}"

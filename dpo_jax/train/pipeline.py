@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import evaluate, flops, logprobs as logprobs_lib, lora as lora_lib, losses, model as model_lib, step
+from dpo_jax import evaluate, flops, lora as lora_lib, losses, model as model_lib, step
 from dpo_jax.data import packing, preference, synthetic
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
@@ -169,8 +169,8 @@ def run_dpo(rt: runtime.Runtime, start: Any, train: preference.TokenizedPairs, t
 
 def reference_logps(rt: runtime.Runtime, reference: Any, tokenized: preference.TokenizedPairs) -> np.ndarray:
   """log pi_ref of every pair's (chosen, rejected) responses, `[num_pairs, 2]` nats, in tokenized order."""
-  score = rt.jitted("ref_logps", lambda: jax.jit(
-      lambda p, b: logprobs_lib.sequence_logps(rt.model, p, b).logps))
+  score = rt.jitted("ref_logps", lambda: jax.jit(  # plain sums (LD-DPO refuses precomputed columns)
+      lambda p, b: step.reference_sequence_logps(rt.model, p, b)))
   out = []
   for local in preference.eval_batches(tokenized, global_batch=rt.config.eval.batch_size,
                                        kind=runtime.dpo_kind(rt.config, tokenized)):

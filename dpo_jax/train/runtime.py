@@ -53,10 +53,9 @@ def load_tokenizer(path: str, model_path: str = "", trust_remote_code: bool = Fa
 
 def uses_unpaired_data(config: Any) -> bool:
   """Whether config.loss (its type, or any of its types) is an unpaired loss (KTO, APO-zero unpaired, BCO), which
-  trains on unpaired units: `losses.is_unpaired` where the registry has it, else `unpaired.UNPAIRED_LOSSES`."""
-  is_unpaired = getattr(losses, "is_unpaired", None) or (lambda t: t in unpaired.UNPAIRED_LOSSES)
+  trains on unpaired units (`losses.is_unpaired`)."""
   types = tuple(config.loss.get("types", None) or ()) or (config.loss.type,)
-  return any(is_unpaired(t) for t in types)
+  return any(losses.is_unpaired(t) for t in types)
 
 
 def _loss_weight(config: Any, name: str) -> tuple[float, str]:

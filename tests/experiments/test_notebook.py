@@ -56,7 +56,9 @@ def test_notebook_runs(tmp_path):
   # The docs render the stored outputs (scripts/execute_notebook.py writes them): a whole run, its figures as
   # PNG, no library log lines and no execution timestamps.
   assert "final step per variant" in stored_text and "unlikelihood" in stored_text, "run scripts/execute_notebook.py"
-  assert sum("image/png" in o.get("data", {}) for o in stored) == 2, "the two figures are stored as PNG"
+  assert sum("image/png" in o.get("data", {}) for o in stored) == 3, "the three figures are stored as PNG"
+  # One pass over the data per cache key: the pairs, LD-DPO's weighted sums, KTO / BCO's unpaired rows.
+  assert stored_text.count("reference cache miss") == 3, "run scripts/execute_notebook.py"
   assert not _library_records(stored_text) and "libtpu" not in stored_text, _library_records(stored_text)
   assert not any("execution" in c.metadata for c in nb.cells)
   for cell in nb.cells:  # this test runs the sources, shortened
@@ -65,7 +67,7 @@ def test_notebook_runs(tmp_path):
   index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
   overrides = (f"STEPS = 8\nEVAL_EVERY = 4\nSFT_STEPS = 4\nNUM_PROMPTS = 8\nCONFIG = 'tiny'\n"
                f"WORKDIR = {str(tmp_path / 'ablation')!r}\n"
-               f"VARIANTS = VARIANTS[:1] + [v for v in VARIANTS if v['type'] == 'simpo']  # one reference-free\n")
+               f"VARIANTS = VARIANTS[:1] + [v for v in VARIANTS if v['type'] in ('simpo', 'kto')]  # ref-free, unpaired\n")
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
   os.environ["HF_HUB_OFFLINE"] = "1"  # the kernel inherits it
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}})
@@ -77,7 +79,8 @@ def test_notebook_runs(tmp_path):
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "final step per variant" in text and "simpo" in text
   assert os.path.isfile(tmp_path / "ablation" / "loss_ablation.png")
-  assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 2
+  assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 3
+  assert "ablation kto: reference cache miss" in streams  # its unpaired rows: their own entry
 
 
 RL_NOTEBOOK = os.path.join(ROOT, "notebooks", "rl_steps.ipynb")
