@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as platform_lib
 import subprocess
 import sys
 import tempfile
@@ -54,23 +53,6 @@ MODELS = {
     "tiny": ({}, 60, 100, 1024, 128, 16),
     "smollm2-135m": (SMOLLM2, 8, 0, 128, 32, 8),
 }
-
-
-def cpu_description() -> str:
-  """The CPU model and its vector ISA flags (/proc/cpuinfo): EPYC and Xeon machines differ."""
-  model, flags = platform_lib.processor() or "unknown CPU", []
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = [x for x in value.split() if x.startswith(("avx", "amx", "fma"))]
-          break
-  except OSError:
-    pass
-  return f"{model}; {' '.join(flags) or 'no AVX/AMX flags found'}"
 
 
 def subset(n_train: int, n_test: int, out_dir: str) -> tuple[str, str]:
@@ -162,7 +144,8 @@ def main() -> None:
   if args.smoke:
     n_train, n_test = 32, 16
   print(f"# ablation grid, {len(VARIANTS)} variants, model {args.model}: {time.strftime('%Y-%m-%d')}")
-  print(f"# CPU: {cpu_description()}, {os.cpu_count()} cores")
+  from dpo_jax import platforms
+  print(f"# CPU: {platforms.cpu_description()}, {os.cpu_count()} cores")
   results = [run_arm(args, arm) for arm in ("nocache", "cache")]  # back to back, in this order
   base = results[0]["wall_s"]
   print("| arm | wall (s) | vs nocache | pi_ref work |")

@@ -66,7 +66,6 @@ import dataclasses
 import functools
 import importlib.util
 import os
-import platform as platform_lib
 import statistics
 import sys
 import threading
@@ -101,7 +100,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import attention, model as model_lib, optim, sharding, step  # noqa: E402
+from dpo_jax import attention, model as model_lib, optim, platforms, sharding, step  # noqa: E402
 from dpo_jax.interop import hf
 from dpo_jax.data import preference  # noqa: E402
 
@@ -672,14 +671,19 @@ class WorkerStep:
 def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[dict]:
   cfg = model_config(name, args.dtype, args.remat)
   _, pairs, length = CONFIGS[name]
-  batch = make_batch(cfg, pairs, length)
-  in_process = not args.isolate or args.breakdown or args.profile
-  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0))) if in_process else None
   rows, tokens = 2 * pairs, 2 * pairs * length
   fwd = forward_flops(cfg, rows, length)
   n_params = model_lib.count_params(model_lib.abstract_params(cfg))
   print(f"\n{name}: {n_params / 1e6:.1f}M params, {pairs} pairs x {length} tokens, {args.dtype}, "
         f"remat={args.remat}; forward {fwd / 1e9:.1f} GFLOP", flush=True)
+  need, free = 5 * 4 * n_params, host_memory.available_ram()
+  if jax.default_backend() == "cpu" and need > free and not (args.breakdown or args.profile):
+    print(f"  skipped: fp32 params, AdamW moments, gradients and pi_ref alone are {need / 2 ** 30:.1f} GiB, more than "
+          f"this machine's {free / 2 ** 30:.1f} GiB of available RAM (run it on a GPU: benchmarks/device_check.py)")
+    return []  # before any params exist: initialising a shape that does not fit would be what fails
+  batch = make_batch(cfg, pairs, length)
+  in_process = not args.isolate or args.breakdown or args.profile
+  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0))) if in_process else None
 
   if args.breakdown:
     breakdown(cfg, params, batch, args.repeats)
@@ -688,11 +692,6 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     jax_step = JaxStep(cfg, params, shared_prompt_batch(batch, length), precomputed_reference=False)
     jax_step()  # warm-up
     profile(jax_step)
-    return []
-  need, free = 5 * 4 * n_params, host_memory.available_ram()
-  if jax.default_backend() == "cpu" and need > free:
-    print(f"  skipped: fp32 params, AdamW moments, gradients and pi_ref alone are {need / 2 ** 30:.1f} GiB, more than "
-          f"this machine's {free / 2 ** 30:.1f} GiB of available RAM (run it on a GPU: benchmarks/device_check.py)")
     return []
   shared_fwd = shared_forward_flops(cfg, pairs, length)
   keys = impl_keys(args)
@@ -753,24 +752,6 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
                          vs_trl=med["trl"] / med[key] if "trl" in med else float("nan"),
                          flops=flops[key], mfu=flops[key] / med[key] / peak_flops, memory=memory[key]))
   return rows_out
-
-
-def cpu_description() -> str:
-  """The CPU model and its vector / matrix ISA extensions (/proc/cpuinfo), e.g. 'AMD EPYC; avx2 avx512f ... amx_tile':
-  XLA:CPU and torch pick kernels by them, so CPU-only choices are measured per CPU kind."""
-  model, flags = platform_lib.processor() or "unknown CPU", []
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = [x for x in value.split() if x.startswith(("avx", "amx", "fma"))]
-          break
-  except OSError:
-    pass
-  return f"{model}; {' '.join(flags) or 'no AVX/AMX flags found'}"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -834,7 +815,7 @@ def main(argv=None) -> None:
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; host malloc "
         f"{args.host_malloc} ({'freed memory kept' if HOST_MALLOC_KEPT else 'glibc defaults'})")
-  print(f"CPU: {cpu_description()}")
+  print(f"CPU: {platforms.cpu_description()}")
   rows, best_peak = [], 0.0
   for name in names:
     # The peak is re-measured before each config (the best of all measurements is kept): on a shared machine a

@@ -477,6 +477,14 @@ def _need(cond: bool, field: str, value: Any, rule: str) -> None:
     raise ValueError(f"config.loss.{field}={value!r} {rule}")
 
 
+def _check_unused(options: Mapping[str, Any], known: Mapping[str, Any], what: str) -> None:
+  """ValueError naming the config.loss.options fields `what` (e.g. "loss type 'ipo'") does not read."""
+  unused = sorted(set(options) - set(known))
+  if unused:
+    raise ValueError(f"config.loss.options {unused} are not used by {what}; its options are "
+                     f"{sorted(known) or 'none'}. Remove them (config.loss.options.<name>).")
+
+
 def _check_eps(loss_type: str) -> Callable[..., None]:
   def check(opts: Mapping[str, Any], *, beta: float, label_smoothing: float) -> None:
     del opts, beta
@@ -725,10 +733,7 @@ def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_s
       raise ValueError(f"config.loss.weights={weights!r} is only for a tuple of pair loss types; the unpaired loss "
                        f"type {loss_type!r} takes none. Drop it.")
     known = UNPAIRED_LOSSES[loss_type].options
-    unused = sorted(set(options) - set(known))
-    if unused:
-      raise ValueError(f"config.loss.options {unused} are not used by the unpaired loss type {loss_type!r}; its "
-                       f"options are {sorted(known) or 'none'}. Remove them (config.loss.options.<name>).")
+    _check_unused(options, known, f"the unpaired loss type {loss_type!r}")
     resolved = {**known, **options}
     for name, value in resolved.items():
       _need(_traced(value) or isinstance(value, jax.Array) or _is_number(value), f"options.{name}", value,
@@ -754,10 +759,7 @@ def validate_loss_config(loss_type: str | Sequence[str], *, beta: float, label_s
     raise ValueError(f"config.loss.label_smoothing={label_smoothing} is not used by loss type {label!r}; set it to "
                      f"0.0, or use one of {users}.")
   known = {name: default for s in specs for name, default in s.options.items()}
-  unused = sorted(set(options) - set(known))
-  if unused:
-    raise ValueError(f"config.loss.options {unused} are not used by loss type {label!r}; its options are "
-                     f"{sorted(known) or 'none'}. Remove them (config.loss.options.<name>).")
+  _check_unused(options, known, f"loss type {label!r}")
   resolved = {**known, **options}
   for name, value in resolved.items():
     if name == "delta" and isinstance(value, jax.Array):

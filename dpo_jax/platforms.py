@@ -7,6 +7,8 @@ TPU / GPU choices everywhere: compute dtype, attention kernel, weight-gradient l
 
 from __future__ import annotations
 
+import platform as platform_lib
+
 import jax
 
 # Accepted names ('' = the process's default backend); 'cuda' and 'rocm' are GPUs.
@@ -25,3 +27,21 @@ def resolve(platform: str = "") -> str:
     raise ValueError(f"platform={platform!r}; choose one of {list(PLATFORMS)} ('' = this process's backend).")
   platform = platform or jax.default_backend()
   return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def cpu_description() -> str:
+  """The CPU model and its vector / matrix ISA extensions (/proc/cpuinfo), e.g. 'AMD EPYC; avx2 avx512f ... amx_tile':
+  XLA:CPU and torch pick kernels by them, so the benchmarks print it beside every CPU timing (EPYC and Xeon differ)."""
+  model, flags = platform_lib.processor() or "unknown CPU", []
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = [x for x in value.split() if x.startswith(("avx", "amx", "fma"))]
+          break
+  except OSError:
+    pass
+  return f"{model}; {' '.join(flags) or 'no AVX/AMX flags found'}"

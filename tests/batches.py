@@ -34,3 +34,22 @@ def random_dpo_batch(seed, num_pairs, seq_len, vocab, **kw):
   batch["pair_mask"] = np.ones((num_pairs,), np.int32)
   batch["row_ids"] = np.arange(num_pairs, dtype=np.int32)
   return batch
+
+
+def random_tokenized_pairs(num_pairs, *, vocab, max_length, seed=0, first_row_id=0, reference=False):
+  """`preference.TokenizedPairs` of random pairs whose prompts (1-7 tokens) and responses (EOS-terminated, up to
+  max_length - prompt) vary in length, so both paddings and every layout's edge cases are exercised; with
+  `reference`, random `reference_logps` `[num_pairs, 2]`."""
+  from dpo_jax.data import preference
+  rng = np.random.default_rng(seed)
+  prompts, chosen, rejected = [], [], []
+  for _ in range(num_pairs):
+    p = int(rng.integers(1, 8))
+    prompts.append(rng.integers(2, vocab, p).astype(np.int32))
+    for out in (chosen, rejected):
+      r = int(rng.integers(1, max_length - p + 1))
+      out.append(np.append(rng.integers(2, vocab, r - 1), 1).astype(np.int32))  # ... + EOS
+  refs = rng.normal(-20.0, 5.0, (num_pairs, 2)) if reference else None
+  return preference.TokenizedPairs(tuple(prompts), tuple(chosen), tuple(rejected),
+                                   np.arange(first_row_id, first_row_id + num_pairs, dtype=np.int32),
+                                   max_length=max_length, pad_id=0, eos_id=1, reference_logps=refs)

@@ -228,6 +228,9 @@ def validate_config(config: Any, num_devices: int) -> None:
   losses.validate_loss_config(loss_type, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
                               **loss_options)
   ablation = losses.ablation_fields(config.loss)  # LD-DPO / WPO / KTO weights, checked against the loss type
+  if config.stage in ("online_dpo", "reward_model") and losses.is_unpaired(loss_type):
+    raise ValueError(f"config.loss.type={loss_type!r} trains on unpaired rows, but config.stage={config.stage!r} "
+                     f"makes pairs. Use a pair loss (e.g. --config.loss.type=sigmoid) for this stage.")
   if ablation["ld_alpha"] is not None and config.data.get("packing", False):
     raise ValueError("config.loss.ld_alpha (LD-DPO) needs each pair's responses in their own rows; packed batches "
                      "hold them as segments. Set --config.data.packing=False, or leave config.loss.ld_alpha unset.")

@@ -34,7 +34,8 @@ def test_released_shapes_build_the_same_model_in_torch(name):
 
 
 def test_cpu_description_names_the_model_and_vector_extensions():
-  text = bench.cpu_description()
+  from dpo_jax import platforms
+  text = platforms.cpu_description()
   model, _, flags = text.partition("; ")
   assert model and flags
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from batches import random_tokenized_pairs
 from configs.default import get_config
 from dpo_jax import attention, context_parallel as cp, logprobs, model as model_lib, sharding, step
 from dpo_jax.data import packing, preference
@@ -22,16 +23,7 @@ MAX_LENGTH = 23  # no sequence degree divides the widths: every layout below get
 
 def make_pairs(num_pairs, seed=0):
   """Random pairs whose prompts and responses vary in length (both paddings exercised)."""
-  rng = np.random.default_rng(seed)
-  prompts, chosen, rejected = [], [], []
-  for _ in range(num_pairs):
-    p = int(rng.integers(1, 8))
-    prompts.append(rng.integers(2, MODEL_CFG.vocab_size, p).astype(np.int32))
-    for out in (chosen, rejected):
-      r = int(rng.integers(1, MAX_LENGTH - p + 1))
-      out.append(np.append(rng.integers(2, MODEL_CFG.vocab_size, r - 1), 1).astype(np.int32))
-  return preference.TokenizedPairs(tuple(prompts), tuple(chosen), tuple(rejected),
-                                   np.arange(num_pairs, dtype=np.int32), max_length=MAX_LENGTH, pad_id=0, eos_id=1)
+  return random_tokenized_pairs(num_pairs, vocab=MODEL_CFG.vocab_size, max_length=MAX_LENGTH, seed=seed)
 
 
 def make_batch(layout, num_pairs=4, seed=0):

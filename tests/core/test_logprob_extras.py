@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from batches import random_dpo_batch
+from batches import random_dpo_batch, random_tokenized_pairs
 from configs.default import get_config
 from dpo_jax import logprobs, model as model_lib, sharding
 from dpo_jax.data import preference
@@ -72,16 +72,7 @@ def test_only_the_log_probs_carry_gradients():
 
 
 def make_pairs(num_pairs=4, seed=0, max_length=23):
-  rng = np.random.default_rng(seed)
-  prompts, chosen, rejected = [], [], []
-  for _ in range(num_pairs):
-    p = int(rng.integers(1, 8))
-    prompts.append(rng.integers(2, CFG.vocab_size, p).astype(np.int32))
-    for out in (chosen, rejected):
-      r = int(rng.integers(1, max_length - p + 1))
-      out.append(np.append(rng.integers(2, CFG.vocab_size, r - 1), 1).astype(np.int32))
-  return preference.TokenizedPairs(tuple(prompts), tuple(chosen), tuple(rejected),
-                                   np.arange(num_pairs, dtype=np.int32), max_length=max_length, pad_id=0, eos_id=1)
+  return random_tokenized_pairs(num_pairs, vocab=CFG.vocab_size, max_length=max_length, seed=seed)
 
 
 def run_layout(params, batch, cfg, mesh_sizes=None):

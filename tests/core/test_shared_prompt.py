@@ -12,6 +12,7 @@ from configs.default import get_config
 from dpo_jax import logprobs, model as model_lib, step
 from dpo_jax.train import config_checks, runtime
 from dpo_jax.data import preference, rankings
+from batches import random_tokenized_pairs
 from train_steps import run_steps
 
 CONFIG = get_config("tiny")
@@ -23,18 +24,8 @@ MAX_LENGTH = 24
 
 def make_pairs(num_pairs, seed=0, *, reference=False):
   """Random TokenizedPairs whose prompts and responses vary in length (so both paddings are exercised)."""
-  rng = np.random.default_rng(seed)
-  prompts, chosen, rejected = [], [], []
-  for _ in range(num_pairs):
-    p = int(rng.integers(1, 8))
-    prompts.append(rng.integers(2, MODEL_CFG.vocab_size, p).astype(np.int32))
-    for out in (chosen, rejected):
-      r = int(rng.integers(1, MAX_LENGTH - p + 1))
-      out.append(np.append(rng.integers(2, MODEL_CFG.vocab_size, r - 1), 1).astype(np.int32))  # ... + EOS
-  refs = rng.normal(-20.0, 5.0, (num_pairs, 2)) if reference else None
-  return preference.TokenizedPairs(tuple(prompts), tuple(chosen), tuple(rejected),
-                                   np.arange(100, 100 + num_pairs, dtype=np.int32), max_length=MAX_LENGTH, pad_id=0,
-                                   eos_id=1, reference_logps=refs)
+  return random_tokenized_pairs(num_pairs, vocab=MODEL_CFG.vocab_size, max_length=MAX_LENGTH, seed=seed,
+                                first_row_id=100, reference=reference)
 
 
 def both(tokenized, indices):

@@ -150,3 +150,19 @@ def test_bco_running_shift_lives_in_the_optimizer_state(setup, accum):
   assert float(state.opt_state.shift.count) == 12.0
   assert step.keeps_reward_shift(cfg) and step.keeps_reward_shift(loss_config(type="bco_pair"))
   assert not step.keeps_reward_shift(loss_config(type="bco_pair", options={"delta": 0.5}))
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"stage": "online_dpo", "loss.type": "kto"}, r"config.loss.type='kto' trains on unpaired rows"),
+    ({"stage": "reward_model", "loss.type": "bco"}, r"config.stage='reward_model' makes pairs"),
+    ({"loss.ld_alpha": 0.5, "data.packing": True}, r"config.loss.ld_alpha .* --config.data.packing=False"),
+    ({"loss.ld_alpha": 0.5, "stage": "dpo", "data.reference_logps": True}, r"config.data.reference_logps=True"),
+    ({"loss.ld_alpha": 1.5}, r"ld_alpha"),
+    ({"loss.use_weighting": True, "loss.type": "aot"}, r"use_weighting"),
+])
+def test_config_checks_name_the_field(fields, match):
+  from config_overrides import override
+  from dpo_jax.train import config_checks
+  config = override(get_config("tiny"), fields)
+  with pytest.raises(ValueError, match=match):
+    config_checks.validate_config(config, jax.device_count())

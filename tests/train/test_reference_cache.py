@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from config_overrides import override
 from configs.default import get_config
 from dpo_jax import sharding
 from dpo_jax.data import synthetic
@@ -44,13 +45,7 @@ def make_config(data_dir, cache_dir, **overrides):
   c.reference_cache_dir = str(cache_dir)
   c.progress_bar = False
   c.eval.num_prompts = 0
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def build(config, workdir):
@@ -132,14 +127,7 @@ def test_the_key_changes_with_each_input_and_only_then(setup, tmp_path):
   assert key(cfg=dataclasses.replace(rt.model_cfg, remat="full", logits_chunk_size=4, scan_layers=True)) == base
 
   def edited(**fields):
-    c = config.copy_and_resolve_references()
-    for k, v in fields.items():
-      node = c
-      *path, leaf = k.split(".")
-      for p in path:
-        node = node[p]
-      node[leaf] = v
-    return c
+    return override(config.copy_and_resolve_references(), fields)
 
   path, leaf = jax.tree_util.tree_leaves_with_path(params)[-1]
   bumped = np.asarray(leaf).copy()
@@ -172,8 +160,7 @@ def test_the_key_changes_with_each_input_and_only_then(setup, tmp_path):
       "compute dtype": key(cfg=dataclasses.replace(rt.model_cfg, compute_dtype="bfloat16")),
       "attention kernel": key(cfg=dataclasses.replace(rt.model_cfg, attention_impl="xla")),
       "ld_alpha": key(c=ld),
-      "labels (unpaired data)": key(tr=dataclasses.replace(train, labels=np.arange(train.num_pairs) % 2 == 0))
-      if "labels" in {f.name for f in dataclasses.fields(train)} else "labels field not there yet",
+      "labels (unpaired data)": key(tr=dataclasses.replace(train, labels=np.arange(train.num_pairs) % 2 == 0)),
   }
   assert reference_cache.key_parts(config, rt.model_cfg, params, train, test)["layout"]["train"] == "dpo_shared"
   same = [name for name, k in variants.items() if k == base]
@@ -185,14 +172,7 @@ def test_when_the_cache_applies(setup):
   config, train, test = setup["config"], setup["train"], setup["test"]
 
   def with_(**fields):
-    c = config.copy_and_resolve_references()
-    for k, v in fields.items():
-      node = c
-      *path, leaf = k.split(".")
-      for p in path:
-        node = node[p]
-      node[leaf] = v
-    return c
+    return override(config.copy_and_resolve_references(), fields)
 
   assert reference_cache.why_off(config, train) is None
   assert "'off'" in reference_cache.why_off(with_(reference_cache="off"), train)
