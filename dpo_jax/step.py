@@ -137,20 +137,21 @@ def reference_logps(model: Any, reference_params: Any | None, batch: Mapping[str
 
 
 def _unit_losses(logps_N: jax.Array, policy: logprobs.SequenceLogps, ref_BxK: jax.Array | None,
-                 batch: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any], reward_shift: jax.Array | None = None):
+                 batch: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any], fields: Mapping[str, Any],
+                 reward_shift: jax.Array | None = None):
   """(losses `[B]`, rewards of the first / last response `[B]`, index of the last valid response `[B]`).
 
   Pairs: `losses.preference_loss` of the configured type on `logps_N` (`scored_logps`: LD-DPO applied), times
   WPO's pair weight when `use_weighting`. Ranked batches (`response_mask` `[B, K]`, best first): the seed's
   Plackett-Luce loss; the first and last valid responses then play chosen and rejected in the metrics, so K = 2
   gives exactly the pair metrics. An unpaired type (KTO, BCO) on paired data (held-out pairs) is scored with the
-  DPO sigmoid loss: its own loss needs unpaired rows. `reward_shift`: BCO's delta (nats) when the trainer keeps it.
+  DPO sigmoid loss: its own loss needs unpaired rows. `fields`: `losses.ablation_fields(loss_cfg)`.
+  `reward_shift`: BCO's delta (nats) when the trainer keeps it.
   """
   k = responses_per_unit(batch)
   logps = logprobs.split_units(logps_N, k)
   if "response_mask" not in batch:
     loss_type, options = losses.from_config(loss_cfg)
-    fields = losses.ablation_fields(loss_cfg)
     if isinstance(loss_type, str) and losses.is_unpaired(loss_type):
       loss_type, options = "sigmoid", {}
     elif reward_shift is not None:
@@ -182,7 +183,8 @@ REWARD_SHIFT = "reward_shift"  # dpo_loss's sums: BCO's running reward mean afte
 
 
 def _unpaired_sums(logps_N: jax.Array, policy: logprobs.SequenceLogps, ref_BxK: jax.Array,
-                   batch: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any], reward_shift: Any):
+                   batch: Mapping[str, jax.Array], loss_cfg: Mapping[str, Any], fields: Mapping[str, Any],
+                   reward_shift: Any):
   """(weighted loss sum, metric sums) of an unpaired batch: unit b holds row b's completion (slot 0) and its KL
   completion (slot 1, another row's completion under this prompt), `desirable` `[B]` its label.
 
@@ -190,7 +192,6 @@ def _unpaired_sums(logps_N: jax.Array, policy: logprobs.SequenceLogps, ref_BxK: 
   shift is the running mean of every reward seen so far, this batch's included (`reward_shift`, a
   `losses.RunningMean`; None keeps config.loss.options.delta fixed, as in evaluation)."""
   loss_type, options = losses.from_config(loss_cfg)
-  fields = losses.ablation_fields(loss_cfg)
   beta = loss_cfg["beta"]
   w = _pair_weights(batch)
   d = (batch["desirable"] > 0).astype(jnp.float32)
@@ -199,7 +200,7 @@ def _unpaired_sums(logps_N: jax.Array, policy: logprobs.SequenceLogps, ref_BxK: 
   new_shift = None
   delta = options.get("delta", 0.0)
   if reward_shift is not None:
-    new_shift = losses.running_mean_update(reward_shift, rewards, w)
+    new_shift = losses.bco_running_update(reward_shift, logps[:, 0], ref_BxK[:, 0], w, beta=beta)
     delta = new_shift.mean
   unit_losses, _, kl = losses.unpaired_loss(
       loss_type, logps[:, 0], ref_BxK[:, 0], logps[:, 1], ref_BxK[:, 1], d, w, beta=beta,
@@ -232,7 +233,8 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
   unpaired row with its KL completion (`desirable` in the batch). `reward_shift`: BCO's running reward mean
   (`losses.RunningMean`) before this batch; the sums then hold the updated one under `REWARD_SHIFT`.
   """
-  ld_alpha = losses.ablation_fields(loss_cfg)["ld_alpha"]
+  fields = losses.ablation_fields(loss_cfg)
+  ld_alpha = fields["ld_alpha"]
   if ld_alpha is not None and ("response_mask" in batch or "desirable" in batch):
     raise ValueError("config.loss.ld_alpha (LD-DPO) weighs a pair's two responses past the shorter one's length; "
                      "ranked and unpaired data have no such pair. Leave config.loss.ld_alpha unset.")
@@ -240,17 +242,18 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
   policy = logprobs.sequence_logps(model, params, batch, front_lengths=front)
   logps_N = scored_logps(policy, ld_alpha)
   if "desirable" in batch:
-    sums, new_shift = _unpaired_sums(logps_N, policy, ref_BxK, batch, loss_cfg, reward_shift)
+    sums, new_shift = _unpaired_sums(logps_N, policy, ref_BxK, batch, loss_cfg, fields, reward_shift)
     if new_shift is not None:
       sums[REWARD_SHIFT] = new_shift
     return sums["loss"] / total_weight, sums
   k = responses_per_unit(batch)
   shift, new_shift = None, None
   if reward_shift is not None:  # bco_pair: the running mean over both responses' rewards, this batch's included
-    cl_rl = jax.lax.stop_gradient(loss_cfg["beta"] * (logprobs.split_units(logps_N, k) - ref_BxK))
-    new_shift = losses.running_mean_update(reward_shift, cl_rl.reshape(-1), jnp.repeat(_pair_weights(batch), k))
+    new_shift = losses.bco_running_update(reward_shift, logps_N, ref_BxK.reshape(-1),
+                                          jnp.repeat(_pair_weights(batch), k), beta=loss_cfg["beta"])
     shift = new_shift.mean
-  pair_losses, chosen_rewards, rejected_rewards, last = _unit_losses(logps_N, policy, ref_BxK, batch, loss_cfg, shift)
+  pair_losses, chosen_rewards, rejected_rewards, last = _unit_losses(logps_N, policy, ref_BxK, batch, loss_cfg,
+                                                                     fields, shift)
   first_and_last = lambda x_N: (logprobs.split_units(x_N, k)[:, 0],
                                 jnp.take_along_axis(logprobs.split_units(x_N, k), last[:, None], axis=1)[:, 0])
   pc, pr = first_and_last(logps_N)
@@ -341,8 +344,7 @@ def with_reward_shift(optimizer: optax.GradientTransformation) -> optax.Gradient
   checkpoints, shardings and resumption carry it with no change to `TrainState`. Its update passes the mean
   through untouched; `train_step` writes the new one after each step."""
   def init(params):
-    return ShiftState(optimizer.init(params), losses.RunningMean(jnp.zeros((), jnp.float32),
-                                                                 jnp.zeros((), jnp.float32)))
+    return ShiftState(optimizer.init(params), losses.running_mean_init())
 
   def update(updates, state, params=None):
     updates, inner = optimizer.update(updates, state.inner, params)
