@@ -38,7 +38,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import context_parallel, model as model_lib
+from dpo_jax import context_parallel, model as model_lib, moe
 from dpo_jax.sharding import constrain, logical_to_spec
 
 
@@ -252,7 +252,7 @@ def front_mask(mask_NxS: jax.Array, lengths_N: jax.Array | None) -> jax.Array | 
 
 
 def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], *,
-                   front_lengths: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
+                   front_lengths: jax.Array | None = None, extras: bool = True, router: bool = False) -> Any:
   """One forward pass of `model` with `params` over `batch` (`[N, T]` arrays) -> per-row `[N]` results.
 
   With `model.cfg.logits_chunk_size = C > 0` the `[N, T, V]` logits are never materialised (`chunked_logps`).
@@ -262,6 +262,8 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], *,
   front_lengths: `[N]` response tokens per row counted in `front_logps` (LD-DPO, `pair_front_lengths`); not for
     packed batches. extras: compute the metric sums (entropy, argmax accuracy, WPO's log sum p^2); False (the
     reference forward) fills them with zeros.
+  router: also return the MoE layers' router sums of this forward (`moe.stack_router_sums`: `[L_moe, E]` /
+    `[L_moe]`, None for a dense model), as `(SequenceLogps, sums)`.
   """
   cfg, shard = getattr(model, "cfg", None), getattr(model, "shard", None)
   ids = batch["input_ids"]
@@ -270,31 +272,49 @@ def sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], *,
   shards = context_parallel.degree(shard)
   chunk, _ = logits_chunk(cfg, ids.shape[0], -(-positions // shards), shard)
   head = lambda h: model_lib.apply_params(model, params, h, method="logits")
+  captured = []
+
+  def hidden(*args):
+    """The decoder's final hidden states; with `router`, its `moe.ROUTER` sums are kept in `captured`."""
+    if not router:
+      return model_lib.apply_params(model, params, *args, method="hidden")
+    out, collections = model_lib.apply_params(model, params, *args, method="hidden", mutable=[moe.ROUTER])
+    captured.append(collections.get(moe.ROUTER, {}))
+    return out
+
+  result = _sequence_logps(model, params, batch, head, hidden, chunk, shards, front_lengths, extras)
+  if not router:
+    return result
+  return result, (moe.stack_router_sums(captured[0]) if captured else None)
+
+
+def _sequence_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any, hidden: Any, chunk: int,
+                    shards: int, front_lengths: jax.Array | None, extras: bool) -> SequenceLogps:
+  """`sequence_logps` given the LM `head` and the `hidden`-states forward."""
   g = num_segments(batch)
   if g and front_lengths is not None:
     raise ValueError("config.loss.ld_alpha (LD-DPO) needs each pair's responses in their own rows; packed batches "
                      "hold them as segments. Set --config.data.packing=False, or leave config.loss.ld_alpha unset.")
   if shards > 1:
-    return _sequence_sharded_logps(model, params, batch, head, chunk, shards, front_lengths, extras)
+    return _sequence_sharded_logps(model, params, batch, head, hidden, chunk, shards, front_lengths, extras)
   if shares_prompts(batch):
-    return _shared_prompt_logps(model, params, batch, head, chunk, front_lengths, extras)
+    return _shared_prompt_logps(batch, head, hidden, chunk, front_lengths, extras)
   segments = batch["attention_mask"] if g else None
+  hidden_NxTxD = hidden(batch["input_ids"], batch["positions"], batch["attention_mask"])
   if chunk:
-    hidden_NxTxD = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"],
-                                          batch["attention_mask"], method="hidden")
     return chunked_logps(head, hidden_NxTxD, batch["input_ids"], batch["loss_mask"], chunk, segments, g,
                          front_lengths, extras)
-  logits_NxTxV = model_lib.apply_params(model, params, batch["input_ids"], batch["positions"], batch["attention_mask"])
-  return logps_from_logits(logits_NxTxV, batch["input_ids"], batch["loss_mask"], segments, g, front_lengths, extras)
+  return logps_from_logits(head(hidden_NxTxD), batch["input_ids"], batch["loss_mask"], segments, g, front_lengths,
+                           extras)
 
 
-def _shared_prompt_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any,
-                         chunk: int, front_lengths: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
+def _shared_prompt_logps(batch: Mapping[str, jax.Array], head: Any, hidden: Any, chunk: int,
+                         front_lengths: jax.Array | None = None, extras: bool = True) -> SequenceLogps:
   """`sequence_logps` of a shared-prompt batch: the LM head runs on response positions only (the scoring
   positions: the prompt's last column for token 0, response position j - 1 for token j)."""
-  hidden_BxPxD, hidden_NxRxD = model_lib.apply_params(
-      model, params, (batch["prompt_ids"], batch["input_ids"]), (batch["prompt_positions"], batch["positions"]),
-      (batch["prompt_mask"], batch["attention_mask"]), method="hidden")
+  hidden_BxPxD, hidden_NxRxD = hidden((batch["prompt_ids"], batch["input_ids"]),
+                                      (batch["prompt_positions"], batch["positions"]),
+                                      (batch["prompt_mask"], batch["attention_mask"]))
   last_NxD = jnp.repeat(hidden_BxPxD[:, -1], hidden_NxRxD.shape[0] // hidden_BxPxD.shape[0], axis=0)
   scoring_NxRxD = jnp.concatenate([last_NxD[:, None], hidden_NxRxD[:, :-1]], axis=1)
   front = front_mask(batch["loss_mask"], front_lengths)
@@ -309,8 +329,8 @@ def _next_token(x_NxT: jax.Array) -> jax.Array:
   return jnp.pad(x_NxT[:, 1:], ((0, 0), (0, 1)))
 
 
-def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any, chunk: int,
-                            shards: int, front_lengths: jax.Array | None = None,
+def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Array], head: Any, hidden: Any,
+                            chunk: int, shards: int, front_lengths: jax.Array | None = None,
                             extras: bool = True) -> SequenceLogps:
   """`sequence_logps` with the tokens sharded over 'sequence' (module docstring)."""
   balance, shard = model.cfg.context_load_balance, model.shard
@@ -326,8 +346,7 @@ def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Arr
   if not shares_prompts(batch):
     g = num_segments(batch)
     segments = batch["attention_mask"]
-    hidden_NxTxD = model_lib.apply_params(model, params, layout(ids), layout(batch["positions"]), layout(segments),
-                                          method="hidden")
+    hidden_NxTxD = hidden(layout(ids), layout(batch["positions"]), layout(segments))
     front = front_mask(_next_token(loss_mask), front_lengths)  # counted in token order, before the reorder
     return chunked_scores(head, hidden_NxTxD, layout(_next_token(ids)), layout(_next_token(loss_mask)), chunk,
                           layout(_next_token(segments)) if g else None, g, shards=shards, shard=shard,
@@ -336,10 +355,9 @@ def _sequence_sharded_logps(model: Any, params: Any, batch: Mapping[str, jax.Arr
   # being left-padded) scores token 0, picked out of the sharded prompt stream by a masked sum (exact: the other
   # terms are zeros), whose [B, D] result is all that crosses devices.
   prompt_width = batch["prompt_ids"].shape[1]
-  hidden_BxPxD, hidden_NxRxD = model_lib.apply_params(
-      model, params, (layout(batch["prompt_ids"]), layout(ids)),
-      (layout(batch["prompt_positions"]), layout(batch["positions"])),
-      (layout(batch["prompt_mask"]), layout(batch["attention_mask"])), method="hidden")
+  hidden_BxPxD, hidden_NxRxD = hidden((layout(batch["prompt_ids"]), layout(ids)),
+                                      (layout(batch["prompt_positions"]), layout(batch["positions"])),
+                                      (layout(batch["prompt_mask"]), layout(batch["attention_mask"])))
   order_P = context_parallel.token_order(hidden_BxPxD.shape[1], shards, balance)
   last_BxD = jnp.where(jnp.asarray(order_P == prompt_width - 1)[None, :, None], hidden_BxPxD, 0).sum(1)
   last_NxD = jnp.repeat(last_BxD, ids.shape[0] // last_BxD.shape[0], axis=0)

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import attention, context_parallel, lora as lora_lib, platforms
+from dpo_jax import attention, context_parallel, lora as lora_lib, moe, platforms
 from dpo_jax.sharding import ShardingContext, constrain
 
 ACTIVATIONS = {
@@ -101,6 +101,16 @@ class ModelConfig:
   # 'gpu', 'cpu') to lower or export for another platform than this process's (jax.export, AOT compiles): every
   # 'auto' choice above (compute dtype, attention kernel, weight-gradient layout) then follows it.
   platform: str = ""
+  # Mixture of experts (dpo_jax/moe.py). 0 experts: every layer has the dense MLP.
+  num_experts: int = 0  # E experts per MoE layer (Mixtral's num_local_experts, Qwen3-MoE's num_experts)
+  num_experts_per_tok: int = 2  # k: experts each token is routed to
+  moe_intermediate_size: int | None = None  # each expert's hidden width; None: intermediate_size (Mixtral)
+  norm_topk_prob: bool = True  # renormalise the k routing weights to sum 1 (Mixtral always; Qwen3-MoE's flag)
+  moe_layer_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (Qwen3-MoE's decoder_sparse_step)...
+  dense_layers: tuple[int, ...] = ()  # ...and i is not listed here (Qwen3-MoE's mlp_only_layers)
+  moe_impl: str = "auto"  # one of moe.MOE_IMPLS: 'ragged' (dropless grouped matmuls), 'dense', 'capacity'
+  moe_capacity_factor: float = 1.25  # 'capacity' (and the expert-parallel exchange with it): slots per expert
+  router_aux_loss_coef: float = 0.0  # the checkpoint's load-balancing coefficient (config.loss.router_aux_coef)
 
   def __post_init__(self):
     if self.platform not in platforms.PLATFORMS:
@@ -137,6 +147,11 @@ class ModelConfig:
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(f"model: mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}.")
     _check_rope_scaling(self)
+    _check_moe(self)
+
+  @property
+  def resolved_moe_intermediate_size(self) -> int:
+    return self.moe_intermediate_size or self.intermediate_size
 
   @property
   def resolved_head_dim(self) -> int:
@@ -256,6 +271,30 @@ def _check_rope_scaling(cfg: ModelConfig) -> None:
     if cfg.rope_original_max_positions <= 0:
       raise ValueError(f"model: rope_original_max_positions={cfg.rope_original_max_positions} must be > 0 "
                        "(the pre-training context length, 8192 for Llama 3.1).")
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+  """Raise naming the mixture-of-experts field that is invalid (called from `ModelConfig.__post_init__`)."""
+  object.__setattr__(cfg, "dense_layers", tuple(int(i) for i in cfg.dense_layers))
+  if cfg.num_experts < 0:
+    raise ValueError(f"model: num_experts={cfg.num_experts} must be >= 0 (0 = dense MLPs).")
+  if not cfg.num_experts:
+    return
+  if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+    raise ValueError(f"model: num_experts_per_tok={cfg.num_experts_per_tok} must be in [1, num_experts="
+                     f"{cfg.num_experts}].")
+  if cfg.moe_impl not in moe.MOE_IMPLS:
+    raise ValueError(f"model: moe_impl={cfg.moe_impl!r}; choose one of {list(moe.MOE_IMPLS)}.")
+  if cfg.moe_layer_step < 1:
+    raise ValueError(f"model: moe_layer_step={cfg.moe_layer_step} must be >= 1 (Qwen3-MoE's decoder_sparse_step).")
+  if not cfg.moe_capacity_factor > 0:
+    raise ValueError(f"model: moe_capacity_factor={cfg.moe_capacity_factor} must be > 0.")
+  if cfg.mlp_bias:
+    raise ValueError("model: mlp_bias=True with num_experts > 0; the experts have no biases (Mixtral, Qwen3-MoE).")
+  kinds = {moe.is_moe_layer(cfg, i) for i in range(cfg.num_layers)}
+  if cfg.scan_layers and len(kinds) > 1:
+    raise ValueError(f"model: scan_layers=True needs every layer alike, but layers {list(moe.moe_layers(cfg))} are "
+                     "MoE and the others dense (moe_layer_step, dense_layers); set scan_layers=False.")
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -457,14 +496,21 @@ class Block(nn.Module):
   shard: ShardingContext | None
   decode: bool = False
   lora: lora_lib.LoraSpec | None = None
+  moe: bool = False  # the MLP is `moe.MoeMlp` (this layer's `moe.is_moe_layer`)
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
     attn_norm, mlp_norm = norm(name="attn_norm"), norm(name="mlp_norm")
-    mlp = Mlp(cfg, self.shard, self.lora, name="mlp")
     streams = isinstance(x, tuple)
+    if self.moe:  # the router's sums mask padding by the segment ids
+      moe_mlp = moe.MoeMlp(cfg, self.shard, ACTIVATIONS[cfg.mlp_activation], self.lora, name="mlp")
+      seg = segment_ids if streams else (segment_ids,)
+      per_stream = iter(seg)
+      mlp = lambda h: moe_mlp(h, next(per_stream))
+    else:
+      mlp = Mlp(cfg, self.shard, self.lora, name="mlp")
     xs = x if streams else (x,)
     attn_in = tuple(attn_norm(x_BxTxD) for x_BxTxD in xs)
     attn_out = Attention(cfg, self.shard, self.decode, self.lora, name="attn")(attn_in if streams else attn_in[0],
@@ -494,12 +540,13 @@ class Decoder(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          block, variable_axes={"params": 0, "cache": 0, "lora": 0, moe.ROUTER: 0, moe.ROUTER_LOGITS: 0},
+          split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      self.layers = scanned(cfg, self.shard, self.decode, self.lora)
+      self.layers = scanned(cfg, self.shard, self.decode, self.lora, moe.is_moe_layer(cfg, 0))
     else:
-      self.layers = [block(cfg, self.shard, self.decode, self.lora, name=f"layers_{i}") for i in range(cfg.num_layers)]
+      self.layers = [block(cfg, self.shard, self.decode, self.lora, moe.is_moe_layer(cfg, i), name=f"layers_{i}")
+                     for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.param_dtype, cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = self.param(

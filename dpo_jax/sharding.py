@@ -1,7 +1,8 @@
 """Meshes and shardings: the mesh from the config, logical axis names -> mesh axes.
 
 Every array in dpo_jax names its axes logically (`('embed', 'mlp')`, `('batch', 'length')`); a list of
-rules kept in the config maps each logical name to mesh axes of the `('data', 'fsdp', 'sequence', 'tensor')` mesh.
+rules kept in the config maps each logical name to mesh axes of the `('data', 'fsdp', 'expert', 'sequence',
+'tensor')` mesh.
 Nothing here reads a mesh from context: the mesh is always passed in, and a rule that cannot be applied
 (an unknown name, a dimension that the mesh axes do not divide) is an error, never a silent replicate.
 """
@@ -16,18 +17,20 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 # A rule maps one logical axis name to None (replicated), a mesh axis, or a tuple of mesh axes.
 Rules = tuple[tuple[str, Any], ...]
 
 # The default rules (configs/default.py's `sharding.rules`); the first matching rule wins.
-# Params: FSDP shards the embedding dimension, tensor parallelism shards heads / MLP / vocab.
-# Activations: the batch is split over data and fsdp, the tokens of each sequence over 'sequence' (context
+# Params: FSDP shards the embedding dimension, tensor parallelism shards heads / MLP / vocab, expert parallelism
+# the experts of MoE layers (dpo_jax/moe.py; 'expert' is size 1 unless config.mesh.expert > 1).
+# Activations: the batch is split over data, fsdp and expert (expert parallelism exchanges each device's own
+# tokens, and the dense layers see the expert axis as more data parallelism), the tokens of each sequence over 'sequence' (context
 # parallelism, dpo_jax/context_parallel.py; size 1 unless config.mesh.sequence > 1); 'act_embed' (the residual
 # stream) is replicated.
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", "sequence"),
     ("act_embed", None),
     ("embed", "fsdp"),
@@ -35,6 +38,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("expert", "expert"),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
@@ -66,7 +70,7 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `('data', 'fsdp', 'sequence', 'tensor')` mesh over `devices` (default: all devices of all processes).
+  """A `MESH_AXES` mesh over `devices` (default: all devices of all processes).
 
   Axis types are Auto (GSPMD propagation between the shardings we declare at jit boundaries and the
   constraints in the model), so the same code runs on 1 CPU, emulated CPUs, GPUs and TPU pods.

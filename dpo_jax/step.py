@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpo_jax import logprobs, losses, lora as lora_lib, model as model_lib, sharding as sharding_lib
+from dpo_jax import logprobs, losses, lora as lora_lib, model as model_lib, moe, sharding as sharding_lib
 
 PAIR_KEYS = ("pair_mask", "row_ids", "ref_chosen_logps", "ref_rejected_logps")  # [B] per-pair fields
 
@@ -49,9 +49,45 @@ SUM_KEYS = ("pairs", "loss", "count/chosen", "count/rejected", "rewards/chosen",
 UNPAIRED_SUM_KEYS = SUM_KEYS + ("kl",)  # KTO's reference point, summed as kl * rows per batch
 
 
-def sum_keys(batch: Mapping[str, jax.Array]) -> tuple[str, ...]:
-  """The metric sums `dpo_loss` returns for `batch` (unpaired batches carry `desirable` and add "kl")."""
-  return UNPAIRED_SUM_KEYS if "desirable" in batch else SUM_KEYS
+def sum_keys(batch: Mapping[str, jax.Array], model_cfg: Any = None) -> tuple[str, ...]:
+  """The metric sums `dpo_loss` returns for `batch` (unpaired batches carry `desirable` and add "kl"; an MoE
+  `model_cfg` adds `router_sum_keys`)."""
+  return (UNPAIRED_SUM_KEYS if "desirable" in batch else SUM_KEYS) + router_sum_keys(model_cfg)
+
+
+def router_sum_keys(model_cfg: Any) -> tuple[str, ...]:
+  """The router sums of an MoE model (each times the pairs of its micro-batch): the load-balancing loss, the
+  z-loss, the dropped fraction of assignments and, per MoE layer i, `router/load/layer_i` (max over mean
+  assignments per expert; 1 = balanced). Empty for a dense model."""
+  if not getattr(model_cfg, "num_experts", 0):
+    return ()
+  return ("router/aux", "router/z", "router/dropped") + tuple(f"router/load/layer_{i}" for i in moe.moe_layers(model_cfg))
+
+
+def router_coefs(loss_cfg: Mapping[str, Any], model_cfg: Any) -> tuple[float, float]:
+  """(load-balancing, z-loss) coefficients of an MoE policy's router terms: `config.loss.router_aux_coef` (None:
+  the checkpoint's `model.router_aux_loss_coef`, as TRL's DPOTrainer reads `router_aux_loss_coef`) and
+  `config.loss.router_z_coef`."""
+  aux = loss_cfg.get("router_aux_coef")
+  aux = getattr(model_cfg, "router_aux_loss_coef", 0.0) if aux is None else aux
+  return float(aux), float(loss_cfg.get("router_z_coef") or 0.0)
+
+
+def _router_terms(router: Mapping[str, jax.Array] | None, weight: jax.Array, loss_cfg: Mapping[str, Any],
+                  model_cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(the router terms of the objective, times `weight`, and their metric sums) from one forward's router sums
+  (`moe.stack_router_sums`). The load-balancing loss is transformers' `load_balancing_loss_func` over the policy's
+  forward with padding masked (TRL adds it to DPO's loss with `router_aux_loss_coef`), the z-loss ST-MoE's."""
+  if router is None:
+    return jnp.zeros((), jnp.float32), {}
+  aux, z = moe.load_balancing_loss(router), moe.router_z_loss(router)
+  aux_coef, z_coef = router_coefs(loss_cfg, model_cfg)
+  load = moe.load_metrics(router)
+  sums = {"router/aux": jax.lax.stop_gradient(aux) * weight, "router/z": jax.lax.stop_gradient(z) * weight,
+          "router/dropped": load["dropped"].mean() * weight}
+  for j, i in enumerate(moe.moe_layers(model_cfg)):
+    sums[f"router/load/layer_{i}"] = load["max_over_mean"][j] * weight
+  return (aux_coef * aux + z_coef * z) * weight, sums
 
 
 def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -73,6 +109,7 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     out["kl"] = sums["kl"] / pairs
   out["num_pairs"] = sums["pairs"]
   out["num_tokens"] = sums["num_tokens"]
+  out.update({k: v / pairs for k, v in sums.items() if k.startswith("router/")})  # per pair of the micro-batches
   return out
 
 
@@ -239,13 +276,16 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
     raise ValueError("config.loss.ld_alpha (LD-DPO) weighs a pair's two responses past the shorter one's length; "
                      "ranked and unpaired data have no such pair. Leave config.loss.ld_alpha unset.")
   front = None if ld_alpha is None else logprobs.pair_front_lengths(batch)
-  policy = logprobs.sequence_logps(model, params, batch, front_lengths=front)
+  model_cfg = getattr(model, "cfg", None)
+  policy, router = logprobs.sequence_logps(model, params, batch, front_lengths=front, router=True)
   logps_N = scored_logps(policy, ld_alpha)
   if "desirable" in batch:
     sums, new_shift = _unpaired_sums(logps_N, policy, ref_BxK, batch, loss_cfg, fields, reward_shift)
     if new_shift is not None:
       sums[REWARD_SHIFT] = new_shift
-    return sums["loss"] / total_weight, sums
+    router_loss, router_sums = _router_terms(router, sums["pairs"], loss_cfg, model_cfg)
+    sums.update(router_sums)
+    return (sums["loss"] + router_loss) / total_weight, sums
   k = responses_per_unit(batch)
   shift, new_shift = None, None
   if reward_shift is not None:  # bco_pair: the running mean over both responses' rewards, this batch's included
@@ -286,7 +326,11 @@ def dpo_loss(params: Any, ref_BxK: jax.Array | None, batch: Mapping[str, jax.Arr
   }
   if new_shift is not None:
     sums[REWARD_SHIFT] = new_shift
-  return sums["loss"] / total_weight, sums
+  # MoE: the router's terms (`_router_terms`) join every loss type's objective; sums["loss"] stays the preference
+  # loss alone (logged as `loss`, the router terms as `router/*`).
+  router_loss, router_sums = _router_terms(router, sums["pairs"], loss_cfg, model_cfg)
+  sums.update(router_sums)
+  return (sums["loss"] + router_loss) / total_weight, sums
 
 
 def microbatches(batch: Mapping[str, jax.Array], num_micro: int, num_units: int,
@@ -419,8 +463,9 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
     return grads, sums, (carry if new is None else new)
 
   new_state, sums, grad_norm, shift = _accumulate_and_update(
-      state, batch, grads_and_sums, num_units=step_units(batch), sum_keys=sum_keys(batch),
-      optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard, carry=() if shift is None else shift)
+      state, batch, grads_and_sums, num_units=step_units(batch),
+      optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard, carry=() if shift is None else shift,
+      sum_keys=sum_keys(batch, getattr(model, "cfg", None)))
   metrics = finalize_metrics(sums)
   if isinstance(new_state.opt_state, ShiftState):
     new_state = new_state._replace(opt_state=ShiftState(new_state.opt_state.inner, shift))
@@ -435,13 +480,17 @@ def train_step(state: TrainState, reference_params: Any | None, batch: Mapping[s
 SFT_SUM_KEYS = ("rows", "nll", "tokens", "num_tokens")
 
 
-def sft_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any, total_tokens: jax.Array):
+def sft_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any, total_tokens: jax.Array,
+             loss_cfg: Mapping[str, Any] | None = None):
   """Negative log-likelihood of the response tokens (chosen only), summed / `total_tokens` (nats per token).
 
   SFT batches are `[B, T]` rows in the same format as DPO rows, with `pair_mask` `[B]` marking padding rows.
-  Unpaired (KTO) rows train only where `desirable`: the seed's SFT fits the preferred answers.
+  Unpaired (KTO) rows train only where `desirable`: the seed's SFT fits the preferred answers. An MoE model adds
+  its router terms (`_router_terms`, weighted by this micro-batch's scored tokens; coefficients from `loss_cfg`'s
+  router fields, default the checkpoint's), as the HF Trainer does for an MoE model that outputs router logits:
+  without them SFT lets the router collapse onto a few experts before DPO starts.
   """
-  out = logprobs.sequence_logps(model, params, batch, extras=False)
+  out, router = logprobs.sequence_logps(model, params, batch, extras=False, router=True)
   w = _sft_weights(batch)
   sums = {
       "rows": jnp.sum(w),
@@ -449,13 +498,17 @@ def sft_loss(params: Any, batch: Mapping[str, jax.Array], *, model: Any, total_t
       "tokens": jnp.sum(out.num_tokens * w),
       "num_tokens": jnp.sum((batch["attention_mask"] > 0).sum(-1) * w),
   }
-  return sums["nll"] / total_tokens, sums
+  router_loss, router_sums = _router_terms(router, sums["tokens"], loss_cfg or {}, getattr(model, "cfg", None))
+  sums.update(router_sums)
+  return (sums["nll"] + router_loss) / total_tokens, sums
 
 
 def finalize_sft_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   nll_per_token = sums["nll"] / jnp.maximum(sums["tokens"], 1.0)
-  return {"loss": nll_per_token, "nll/sequence": sums["nll"] / jnp.maximum(sums["rows"], 1.0),
-          "perplexity": jnp.exp(nll_per_token), "num_rows": sums["rows"], "num_tokens": sums["num_tokens"]}
+  out = {"loss": nll_per_token, "nll/sequence": sums["nll"] / jnp.maximum(sums["rows"], 1.0),
+         "perplexity": jnp.exp(nll_per_token), "num_rows": sums["rows"], "num_tokens": sums["num_tokens"]}
+  out.update({k: v / jnp.maximum(sums["tokens"], 1.0) for k, v in sums.items() if k.startswith("router/")})
+  return out
 
 
 def _sft_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -471,17 +524,19 @@ def _scored_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
 
 def sft_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
                    optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1,
-                   shard: sharding_lib.ShardingContext | None = None):
-  """One SFT update: maximum likelihood of the preferred responses, token-averaged over the global batch."""
+                   shard: sharding_lib.ShardingContext | None = None, loss_cfg: Mapping[str, Any] | None = None):
+  """One SFT update: maximum likelihood of the preferred responses, token-averaged over the global batch
+  (`loss_cfg`: config.loss, read only for an MoE model's router coefficients)."""
   loss_and_grad = jax.value_and_grad(
-      functools.partial(sft_loss, model=model, total_tokens=_scored_tokens(batch)), has_aux=True)
+      functools.partial(sft_loss, model=model, total_tokens=_scored_tokens(batch), loss_cfg=loss_cfg), has_aux=True)
 
   def grads_and_sums(mb, carry):
     (_, sums), grads = loss_and_grad(state.params, mb)
     return grads, sums, carry
 
   new_state, sums, grad_norm, _ = _accumulate_and_update(
-      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0], sum_keys=SFT_SUM_KEYS,
+      state, batch, grads_and_sums, num_units=batch["input_ids"].shape[0],
+      sum_keys=SFT_SUM_KEYS + router_sum_keys(getattr(model, "cfg", None)),
       optimizer=optimizer, grad_accum_steps=grad_accum_steps, shard=shard)
   metrics = finalize_sft_metrics(sums)
   metrics["grad_norm"] = grad_norm
@@ -489,8 +544,9 @@ def sft_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: 
   return new_state, metrics
 
 
-def sft_eval_sums(params: Any, batch: Mapping[str, jax.Array], *, model: Any) -> dict[str, jax.Array]:
-  return sft_loss(params, batch, model=model, total_tokens=jnp.float32(1.0))[1]
+def sft_eval_sums(params: Any, batch: Mapping[str, jax.Array], *, model: Any,
+                  loss_cfg: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
+  return sft_loss(params, batch, model=model, total_tokens=jnp.float32(1.0), loss_cfg=loss_cfg)[1]
 
 
 def eval_sums(params: Any, reference_params: Any | None, batch: Mapping[str, jax.Array], *, model: Any,

@@ -245,14 +245,19 @@ def validate_config(config: Any, num_devices: int) -> None:
                                      reference_logps=config.data.reference_logps, loss_label=loss_type)
   shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
   validate_context_parallel(config, shape["sequence"])
-  data_parallel = shape["data"] * shape["fsdp"]
+  data_parallel = shape["data"] * shape["fsdp"] * shape["expert"]  # the 'batch' rule's axes
+  experts = config.model.get("num_experts", 0)
+  if shape["expert"] > 1 and experts and experts % shape["expert"]:
+    raise ValueError(f"config.mesh.expert={shape['expert']} must divide config.model.num_experts={experts} (each "
+                     "device holds num_experts / mesh.expert experts).")
   accum = config.optim.grad_accum_steps
   for field, size in (("batch_size", config.batch_size), ("sft.batch_size", config.sft.batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
     if size < 1 or size % data_parallel:
       raise ValueError(
           f"config.{field}={size} is not divisible by the data-parallel size {data_parallel} (mesh data="
-          f"{shape['data']} x fsdp={shape['fsdp']}). Use a multiple of {data_parallel}, or change config.mesh.")
+          f"{shape['data']} x fsdp={shape['fsdp']} x expert={shape['expert']}). Use a multiple of {data_parallel}, "
+          "or change config.mesh.")
     if field != "eval.batch_size" and (size // data_parallel) % accum:
       raise ValueError(
           f"config.{field}={size} over {data_parallel} data-parallel devices gives {size // data_parallel} per "

@@ -81,7 +81,7 @@ def run_sft(rt: runtime.Runtime, params: Any, train: preference.TokenizedPairs, 
   replicated = jax.sharding.NamedSharding(rt.mesh, jax.sharding.PartitionSpec())
   sft_step = jax.jit(
       functools.partial(step.sft_train_step, model=rt.model, optimizer=optimizer, schedule=schedule,
-                        grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard),
+                        grad_accum_steps=config.optim.grad_accum_steps, shard=rt.shard, loss_cfg=config.loss),
       in_shardings=(shardings, rt.batch_shardings(example)), out_shardings=(shardings, replicated),
       donate_argnums=(0,))
   mngr = checkpoint.manager(os.path.join(rt.workdir, "sft", "checkpoints"), max_to_keep=config.max_checkpoints)
@@ -95,7 +95,8 @@ def run_sft(rt: runtime.Runtime, params: Any, train: preference.TokenizedPairs, 
 
 
 def sft_eval(rt: runtime.Runtime, params: Any, test: preference.TokenizedPairs) -> dict:
-  sums_fn = rt.jitted("sft_sums", lambda: jax.jit(functools.partial(step.sft_eval_sums, model=rt.model)))
+  sums_fn = rt.jitted("sft_sums", lambda: jax.jit(functools.partial(step.sft_eval_sums, model=rt.model,
+                                                                     loss_cfg=rt.config.loss)))
   return evaluate.sft_metrics(sums_fn, params, test, batch_size=rt.config.eval.batch_size, to_global=rt.to_global,
                               feed=rt.feed())
 

@@ -93,7 +93,7 @@ def test_jit_rollout_with_declared_shardings_matches_the_plain_rollout_and_split
   np.testing.assert_array_equal(sharded.input_ids, plain.input_ids)
   np.testing.assert_allclose(sharded.logps, plain.logps, atol=1e-5)
   np.testing.assert_allclose(sharded.ref_logps, plain.ref_logps, atol=1e-5)
-  assert sharded.logps.sharding.spec[0] == ("data", "fsdp") and len(sharded.logps.sharding.device_set) == 8
+  assert sharded.logps.sharding.spec[0] == ("data", "fsdp", "expert") and len(sharded.logps.sharding.device_set) == 8
 
 
 @pytest.mark.parametrize("kwargs, field", [({"temperature": 0.7}, "temperature=0.7"), ({"top_k": 5}, "top_k=5"),

@@ -38,7 +38,7 @@ def test_make_mesh_uses_the_devices_given():
 def test_rules_map_logical_axes():
   assert sharding.logical_to_spec(("embed", "mlp"), SHARDING_RULES) == P("fsdp", "tensor")
   assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), SHARDING_RULES) == P(None, "fsdp", "tensor", None)
-  assert sharding.logical_to_spec(("batch", "length", "act_embed"), SHARDING_RULES) == P(("data", "fsdp"), "sequence", None)
+  assert sharding.logical_to_spec(("batch", "length", "act_embed"), SHARDING_RULES) == P(("data", "fsdp", "expert"), "sequence", None)
   with pytest.raises(ValueError, match="no rule for logical axis 'experts'"):
     sharding.logical_to_spec(("experts",), SHARDING_RULES)
   with pytest.raises(ValueError, match="twice"):
@@ -57,6 +57,6 @@ def test_global_batch_is_sharded_over_data_and_fsdp():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   local = {"input_ids": np.arange(8 * 3, dtype=np.int32).reshape(8, 3), "pair_mask": np.ones(4, np.int32)}
   batch = sharding.global_batch(mesh, SHARDING_RULES, local)
-  assert batch["input_ids"].sharding.spec == P(("data", "fsdp"), None)
+  assert batch["input_ids"].sharding.spec == P(("data", "fsdp", "expert"), None)
   assert {s.data.shape for s in batch["input_ids"].addressable_shards} == {(2, 3)}
   np.testing.assert_array_equal(np.asarray(batch["input_ids"]), local["input_ids"])

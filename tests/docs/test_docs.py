@@ -297,7 +297,7 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
   assert "preference_loss" in (out / "api" / "losses.html").read_text()
   notebook = (out / "generated" / "notebooks" / "loss_ablation.html").read_text()
   assert "<img" in notebook, "the notebook page shows no stored figure"
-  for page in ["index", "getting_started", "training", "configs", "data", "hf", "lora", "losses", "online_dpo", "sweeps",
+  for page in ["index", "getting_started", "training", "configs", "data", "hf", "lora", "moe", "api/moe", "losses", "online_dpo", "sweeps",
                "scale/multihost", "scale/dry_run", "scale/batch_layouts", "scale/context_parallel", "accelerators",
                "benchmarks", "frontier", "rlhf", "reliability", "core_api", "api/index", "api/rollout", "api/rl",
                "api/rl_step", "generated/notebooks/rl_steps", "design", "testing", "status"]:

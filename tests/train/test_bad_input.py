@@ -269,8 +269,22 @@ def test_out_of_range_config_values(field, value, pattern):
 
 
 def test_the_default_configs_are_in_range():
-  for arg in (None, "tiny"):
+  for arg in (None, "tiny", "moe"):
     config_checks.validate_config(default.get_config(arg), 8)
+
+
+@pytest.mark.parametrize("mesh, pattern", [
+    (dict(data=1, expert=8), r"config.mesh.expert=8 must divide config.model.num_experts=6"),
+    (dict(data=1, expert=2, fsdp=4), r"config.batch_size=36 is not divisible by the data-parallel size 8 \(mesh "
+                                     r"data=1 x fsdp=4 x expert=2\)"),
+])
+def test_expert_mesh_checks(mesh, pattern):
+  config = default.get_config("moe")
+  config.model.num_experts = 6
+  config.batch_size = 36
+  config.mesh.update(mesh)
+  with pytest.raises(ValueError, match=pattern):
+    config_checks.validate_config(config, 8)
 
 
 @pytest.mark.parametrize("mesh, pattern", [
