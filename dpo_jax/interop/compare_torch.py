@@ -8,6 +8,13 @@ rejected, the reference under `no_grad`, sigmoid loss of seed eq. (7), global-no
 `torch.optim.AdamW` with no decay on biases/norms). The report gives max |a - b| and max |a - b| / max |b|
 for logits, sequence log-probs, the loss, gradients per parameter group, and params after one update.
 Needs torch (the `test` extra). fp32 on CPU.
+
+Mixture-of-experts models (Mixtral, Qwen3-MoE): the torch loss adds `router_aux_loss_coef * outputs.aux_loss` of the
+policy's forward (`output_router_logits=True`, padding masked), as TRL's DPOTrainer does, and dpo_jax adds its
+load-balancing loss with the same coefficient (`config.loss.router_aux_coef` unset); the report adds `router_aux`,
+the two load-balancing losses, and the groups `router` and `experts`. transformers 5 keeps the experts fused in
+memory; torch's gradients and params are compared under the per-expert names `save_pretrained` writes
+(`layouts.per_expert_state_dict`). Router jitter is switched off on the torch side (dpo_jax routes without noise).
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ import numpy as np
 
 from dpo_jax import logprobs, model as model_lib, optim, step
 from dpo_jax.interop import hf
-from dpo_jax.interop.hf import peft as peft_io
+from dpo_jax.interop.hf import layouts, peft as peft_io
 
-GROUPS = (("embed", r"embed_tokens"), ("attention", r"self_attn\."), ("mlp", r"\.mlp\."), ("norms", r"norm"),
+# The first matching pattern names a tensor's group: MoE routers (`mlp.gate.weight`, Mixtral's
+# `block_sparse_moe.gate.weight`) and experts come before the dense MLP's `.mlp.`.
+GROUPS = (("router", r"\.(mlp|block_sparse_moe)\.gate\.weight$"), ("experts", r"\.experts\."),
+          ("embed", r"embed_tokens"), ("attention", r"self_attn\."), ("mlp", r"\.mlp\."), ("norms", r"norm"),
           ("lm_head", r"lm_head"))
 
 
@@ -54,20 +64,33 @@ def _torch_scoring(batch: Mapping[str, np.ndarray]):
 
 
 def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *, beta: float, lr: float,
-                   weight_decay: float, max_grad_norm: float) -> dict:
-  """One plain PyTorch DPO step on `policy` (modified in place). Arrays come back as numpy, HF names."""
+                   weight_decay: float, max_grad_norm: float, router_aux_coef: float | None = None) -> dict:
+  """One plain PyTorch DPO step on `policy` (modified in place). Arrays come back as numpy, HF names (as torch
+  names its parameters: transformers 5's fused experts for MoE models).
+
+  `router_aux_coef`: None for a dense model; for an MoE one the loss adds this times the policy forward's
+  `aux_loss` (TRL's DPOTrainer with `router_aux_loss_coef`), returned as `router_aux`."""
   import torch
   import torch.nn.functional as F
 
   ids, attention, sequence_logps = _torch_scoring(batch)
 
   policy.train()
-  logits = policy(input_ids=ids, attention_mask=attention).logits
+  moe_kwargs = {} if router_aux_coef is None else {"output_router_logits": True}
+  for module in policy.modules():
+    if getattr(module, "jitter_noise", 0):  # Mixtral's train-mode router noise: dpo_jax has none
+      module.jitter_noise = 0.0
+  outputs = policy(input_ids=ids, attention_mask=attention, **moe_kwargs)
+  logits = outputs.logits
   logps = sequence_logps(logits)
   with torch.no_grad():
     ref_logps = sequence_logps(reference(input_ids=ids, attention_mask=attention).logits)
   margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])  # rows interleave pairs
   loss = -F.logsigmoid(beta * margin).mean()
+  extra = {}
+  if router_aux_coef is not None:
+    loss = loss + router_aux_coef * outputs.aux_loss
+    extra["router_aux"] = np.float64(outputs.aux_loss.item())
   policy.zero_grad()
   loss.backward()
   grads = {n: p.grad.detach().numpy().copy() for n, p in policy.named_parameters()}
@@ -78,13 +101,14 @@ def torch_dpo_step(policy: Any, reference: Any, batch: Mapping[str, np.ndarray],
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
   torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8).step()
   return {"logits": logits.detach().numpy(), "logps": logps.detach().numpy(), "loss": np.float64(loss.item()),
-          "grads": grads, "params": {n: p.detach().numpy().copy() for n, p in policy.named_parameters()}}
+          "grads": grads, "params": {n: p.detach().numpy().copy() for n, p in policy.named_parameters()}, **extra}
 
 
 def jax_dpo_step(cfg: model_lib.ModelConfig, policy: Any, reference: Any, batch: Mapping[str, np.ndarray], *,
                  beta: float, lr: float, weight_decay: float, max_grad_norm: float, model_type: str) -> dict:
   """The same step with dpo_jax's own functions, jitted as the trainer runs them; grads and new params converted to
-  HF names."""
+  HF names. MoE models: the loss includes `cfg.router_aux_loss_coef` times the load-balancing loss, returned as
+  `router_aux`."""
   model = model_lib.make_model(cfg)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   loss_cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.0}
@@ -94,15 +118,18 @@ def jax_dpo_step(cfg: model_lib.ModelConfig, policy: Any, reference: Any, batch:
   total = jnp.float32(batch["input_ids"].shape[0] // 2)
   grad_fn = jax.jit(lambda p, r, b: jax.value_and_grad(step.dpo_loss, has_aux=True)(
       p, step.reference_logps(model, r, b), b, model=model, loss_cfg=loss_cfg, total_weight=total))
-  (loss, _), grads = grad_fn(policy, reference, batch)
+  (loss, sums), grads = grad_fn(policy, reference, batch)
   optimizer, schedule = optim.make_optimizer(optimizer_config(lr, weight_decay, max_grad_norm))
   state = step.TrainState(jnp.zeros((), jnp.int32), policy, optimizer.init(policy))
   train_step = jax.jit(lambda s, r, b: step.train_step(s, r, b, model=model, optimizer=optimizer, schedule=schedule,
                                                        loss_cfg=loss_cfg))
   new_state, _ = train_step(state, reference, batch)
   to_hf = lambda tree: hf.hf_state_dict_from_params(jax.device_get(tree), cfg, model_type=model_type)
+  extra = {}
+  if "router/aux" in sums:  # the load-balancing loss times the pairs (`step._router_terms`)
+    extra["router_aux"] = np.float64(sums["router/aux"] / sums["pairs"])
   return {"logits": np.asarray(logits), "logps": np.asarray(logps), "loss": np.float64(loss),
-          "grads": to_hf(grads), "params": to_hf(new_state.params)}
+          "grads": to_hf(grads), "params": to_hf(new_state.params), **extra}
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -135,7 +162,10 @@ def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndar
   ours = jax_dpo_step(cfg, policy, reference, batch, beta=beta, lr=lr, weight_decay=weight_decay,
                       max_grad_norm=max_grad_norm, model_type=model_type)
   theirs = torch_dpo_step(torch_policy, torch_reference, batch, beta=beta, lr=lr, weight_decay=weight_decay,
-                          max_grad_norm=max_grad_norm)
+                          max_grad_norm=max_grad_norm,
+                          router_aux_coef=cfg.router_aux_loss_coef if cfg.num_experts else None)
+  for kind in ("grads", "params"):  # MoE: torch's fused expert tensors under the per-expert names we export
+    theirs[kind] = layouts.per_expert_state_dict(theirs[kind], cfg, model_type=model_type)
   # HF builds the input embedding as nn.Embedding(padding_idx=config.pad_token_id), which drops the lookup's
   # gradient for that row. When the pad id is a real token (SmolLM2 pads with <|im_end|>), torch's gradient of
   # that row misses every input occurrence; dpo_jax keeps it. That one row is left out of grads/params.
@@ -150,6 +180,8 @@ def compare(torch_policy: Any, torch_reference: Any, batch: Mapping[str, np.ndar
   report = {"logits": _diff(ours["logits"][real], theirs["logits"][real]),
             "logps": _diff(ours["logps"], theirs["logps"]),
             "loss": _diff(ours["loss"], theirs["loss"])}
+  if "router_aux" in theirs:
+    report["router_aux"] = _diff(ours["router_aux"], theirs["router_aux"])
   for kind in ("grads", "params"):
     by_group: dict[str, tuple[float, float]] = {}
     for name, value in theirs[kind].items():

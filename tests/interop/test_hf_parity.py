@@ -261,7 +261,7 @@ def test_sliding_window_warns():
 
 
 def test_unsupported_model_type_lists_supported():
-  with pytest.raises(ValueError, match=r"'gpt2'.*\['gemma', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
+  with pytest.raises(ValueError, match=r"'gpt2'.*\['gemma', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe'\]"):
     hf.model_config_from_hf(transformers.GPT2Config())
 
 

@@ -242,11 +242,13 @@ def read_params(path: str, cfg: ModelConfig, model_type: str, files: Mapping[str
   not match cfg.
   """
   layout = layouts.layout_of(model_type)
+  sources = layouts.tensor_sources(set(files), cfg, layout)  # MoE: fused expert tensors, if a file has them
   try:
-    layouts.check_names(set(files), cfg, layout)
+    layouts.check_names(set(sources), cfg, layout)
   except ValueError as e:
     raise ValueError(f"hf checkpoint {path}: {e}") from None
   reader = _TensorReader(files)
+  get = layouts.source_getter(sources, reader.get)
   dtype = np.dtype(cfg.param_dtype)
   if cfg.tie_embeddings and layout.tied_head in files:
     head, embedding = reader.get(layout.tied_head), reader.get(layout.embedding)
@@ -255,25 +257,24 @@ def read_params(path: str, cfg: ModelConfig, model_type: str, files: Mapping[str
                        "ties them; pass tie_embeddings=False.")
   axes = _logical_axes(cfg, mesh)
 
+  def place(leaf_path: tuple[str, ...], x: np.ndarray) -> None:
+    layouts.set_path(params, leaf_path, _place(x, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
+
   params: dict[str, Any] = {}
   for rule in layout.global_rules(cfg):
-    x = layouts.convert_in(rule, rule.hf_name, reader.get(rule.hf_name), dtype)
-    layouts.set_path(params, rule.path, _place(x, mesh, rules, _axes_at(axes, rule.path), "/".join(rule.path)))
-  for rule in layout.layer_rules(cfg):
-    names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)]
-    if cfg.scan_layers:
-      first = layouts.convert_in(rule, names[0], reader.get(names[0]), dtype)
+    place(rule.path, rule.read(get, 0, dtype))
+  if cfg.scan_layers:  # every layer alike (`model._check_moe`), so layer 0's rules name every layer's tensors
+    for rule in layout.layer_rules(cfg, 0):
+      first = rule.read(get, 0, dtype)
       stacked = np.empty((cfg.num_layers,) + first.shape, dtype)  # the one host buffer of a scanned leaf
       stacked[0] = first
-      for i, name in enumerate(names[1:], start=1):
-        stacked[i] = layouts.convert_in(rule, name, reader.get(name), dtype)
-      leaf_path = ("layers",) + rule.path
-      layouts.set_path(params, leaf_path, _place(stacked, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
-    else:
-      for i, name in enumerate(names):
-        leaf_path = (f"layers_{i}",) + rule.path
-        x = layouts.convert_in(rule, name, reader.get(name), dtype)
-        layouts.set_path(params, leaf_path, _place(x, mesh, rules, _axes_at(axes, leaf_path), "/".join(leaf_path)))
+      for i in range(1, cfg.num_layers):
+        stacked[i] = rule.read(get, i, dtype)
+      place(("layers",) + rule.path, stacked)
+  else:
+    for i in range(cfg.num_layers):
+      for rule in layout.layer_rules(cfg, i):
+        place((f"layers_{i}",) + rule.path, rule.read(get, i, dtype))
   return params
 
 

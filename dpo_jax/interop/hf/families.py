@@ -2,9 +2,12 @@
 (`hf_config_from_model_config`), which refuses a cfg the family cannot express.
 
 Supported families, both ways: llama, mistral, qwen2, qwen3 (per-head q/k norms), gemma v1 (GeGLU, sqrt(D)
-embedding scale, (1 + w) norms). RoPE: unscaled, 'linear' and 'llama3' (Llama 3.1/3.2) scaling; other scalings
-raise NotImplementedError. A new family adds a reader to `_CONFIG_READERS`, a layout name to
-`LAYOUT_OF_MODEL_TYPE` (layouts.py), and for export an entry in `_HF_CLASSES` and `_FAMILY_FIXED`.
+embedding scale, (1 + w) norms), and the mixtures of experts mixtral (every layer MoE, top-k weights always
+renormalised) and qwen3_moe (Qwen3's attention; `decoder_sparse_step` / `mlp_only_layers` pick the MoE layers,
+`norm_topk_prob` the renormalisation, `moe_intermediate_size` the experts' width). RoPE: unscaled, 'linear' and
+'llama3' (Llama 3.1/3.2) scaling; other scalings raise NotImplementedError. A new family adds a reader to
+`_CONFIG_READERS`, a layout name to `LAYOUT_OF_MODEL_TYPE` (layouts.py), and for export an entry in `_HF_CLASSES`
+and `_FAMILY_FIXED` (MoE families also in `_MOE_FAMILIES`).
 HF configs are read by attribute: nothing here imports transformers until a config is written.
 """
 
@@ -129,6 +132,45 @@ def _qwen3_fields(hf_config: Any) -> dict[str, Any]:
   return dict(_common_fields(hf_config), qkv_bias=bias, attn_out_bias=bias, qk_norm=True)
 
 
+def _num_experts(hf_config: Any) -> int:
+  """E: `num_local_experts` (Mixtral; Qwen3-MoE in transformers 5, which maps `num_experts` onto it) or
+  `num_experts` (Qwen3-MoE in transformers 4)."""
+  for name in ("num_local_experts", "num_experts"):
+    value = getattr(hf_config, name, None)
+    if value is not None:
+      return int(value)
+  raise ValueError(f"hf config: model_type={hf_config.model_type!r} without num_local_experts / num_experts; add the "
+                   "expert count to config.json.")
+
+
+def _moe_fields(hf_config: Any) -> dict[str, Any]:
+  """Fields both MoE families spell the same way."""
+  return dict(num_experts=_num_experts(hf_config), num_experts_per_tok=int(hf_config.num_experts_per_tok),
+              router_aux_loss_coef=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0))
+
+
+def _mixtral_fields(hf_config: Any) -> dict[str, Any]:
+  """Mixtral: Mistral's attention, every layer MoE with `intermediate_size`-wide experts, top-k weights always
+  renormalised."""
+  _warn_if_windowed(hf_config, getattr(hf_config, "sliding_window", None))
+  jitter = getattr(hf_config, "router_jitter_noise", 0.0) or 0.0
+  if jitter:
+    # HF multiplies the router input by U(1 - j, 1 + j) noise in training mode only; evaluation is unaffected.
+    warnings.warn(f"hf config: router_jitter_noise={jitter} is ignored (dpo_jax routes without noise); "
+                  "training differs from transformers' train-mode forward, evaluation does not.", stacklevel=3)
+  return dict(_common_fields(hf_config), **_moe_fields(hf_config), norm_topk_prob=True)
+
+
+def _qwen3_moe_fields(hf_config: Any) -> dict[str, Any]:
+  """Qwen3-MoE: Qwen3's attention (q/k norms); layer i is MoE unless listed in `mlp_only_layers` or
+  (i + 1) % decoder_sparse_step != 0, those keep a dense `intermediate_size` MLP."""
+  return dict(_qwen3_fields(hf_config), **_moe_fields(hf_config),
+              moe_intermediate_size=int(hf_config.moe_intermediate_size),
+              norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+              moe_layer_step=int(getattr(hf_config, "decoder_sparse_step", 1) or 1),
+              dense_layers=tuple(int(i) for i in (getattr(hf_config, "mlp_only_layers", None) or ())))
+
+
 def _gemma_fields(hf_config: Any) -> dict[str, Any]:
   """Gemma (v1): GeGLU (tanh gelu), embeddings times sqrt(hidden), RMSNorm as x * (1 + w), tied head."""
   act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
@@ -147,11 +189,19 @@ _CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "qwen2": _qwen2_fields,
     "qwen3": _qwen3_fields,
     "gemma": _gemma_fields,
+    "mixtral": _mixtral_fields,
+    "qwen3_moe": _qwen3_moe_fields,
 }
 
 
-# model_type -> name of its tensor layout in `_LAYOUTS` (all five share Llama's tensor names).
-LAYOUT_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama"}
+# model_type -> name of its tensor layout in `layouts._LAYOUTS` (the dense five share Llama's tensor names; the MoE
+# families add their own expert names).
+LAYOUT_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+                        "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
+
+
+# The families whose checkpoints hold experts: they need num_experts > 0, the others num_experts == 0.
+_MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_CONFIG_READERS))
@@ -179,6 +229,8 @@ _HF_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 
@@ -192,11 +244,16 @@ _FAMILY_FIXED = {
     "qwen2": dict(_SWIGLU, qkv_bias=True, attn_out_bias=False, mlp_bias=False),
     "qwen3": dict(_SWIGLU, qk_norm=True, mlp_bias=False),
     "gemma": dict(qk_norm=False, mlp_activation="gelu_tanh", embed_scale=True, norm_offset=1.0, mlp_bias=False),
+    # Mixtral's config has no field for renormalisation, dense layers or a separate expert width: its router always
+    # renormalises, every layer is MoE and `intermediate_size` is the experts' width (checked in _family_mismatch).
+    "mixtral": dict(_SWIGLU, qkv_bias=False, attn_out_bias=False, mlp_bias=False, norm_topk_prob=True,
+                    moe_layer_step=1, dense_layers=()),
+    "qwen3_moe": dict(_SWIGLU, qk_norm=True, mlp_bias=False),
 }
 
 
 # Families whose single `attention_bias` flag covers q, k, v and o alike.
-_ONE_ATTENTION_BIAS = ("llama", "qwen3", "gemma")
+_ONE_ATTENTION_BIAS = ("llama", "qwen3", "gemma", "qwen3_moe")
 
 
 def _family_mismatch(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
@@ -204,7 +261,25 @@ def _family_mismatch(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
   bad = {f: getattr(cfg, f) for f, v in _FAMILY_FIXED[model_type].items() if getattr(cfg, f) != v}
   if model_type in _ONE_ATTENTION_BIAS and cfg.qkv_bias != cfg.attn_out_bias:
     bad.update(qkv_bias=cfg.qkv_bias, attn_out_bias=cfg.attn_out_bias)
+  if (cfg.num_experts > 0) != (model_type in _MOE_FAMILIES):  # experts in a dense family, or none in an MoE one
+    bad["num_experts"] = cfg.num_experts
+  if model_type == "mixtral" and cfg.resolved_moe_intermediate_size != cfg.intermediate_size:
+    bad.update(moe_intermediate_size=cfg.moe_intermediate_size, intermediate_size=cfg.intermediate_size)
   return bad
+
+
+def _family_needs(model_type: str) -> str:
+  """What `model_type` requires of a cfg, for the refusal message."""
+  needs = f"{_FAMILY_FIXED[model_type]}"
+  if model_type in _ONE_ATTENTION_BIAS:
+    needs += " and qkv_bias == attn_out_bias (one attention_bias flag)"
+  if model_type in _MOE_FAMILIES:
+    needs += " and num_experts > 0"
+  else:
+    needs += " and num_experts == 0 (no experts)"
+  if model_type == "mixtral":
+    needs += " and moe_intermediate_size None or == intermediate_size (one width)"
+  return needs
 
 
 def _family_fields(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
@@ -213,20 +288,27 @@ def _family_fields(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
   bad = _family_mismatch(cfg, model_type)
   if bad:
     fits = [t for t in _FAMILY_FIXED if not _family_mismatch(cfg, t)]
-    one_flag = " and qkv_bias == attn_out_bias (one attention_bias flag)" if model_type in _ONE_ATTENTION_BIAS else ""
     fix = f"Use model_type={fits[0]!r}." if fits else "No supported family expresses this cfg; change those fields."
     raise ValueError(f"hf export: model_type={model_type!r} cannot express cfg's {bad}; that family needs "
-                     f"{_FAMILY_FIXED[model_type]}{one_flag}. {fix}")
+                     f"{_family_needs(model_type)}. {fix}")
   act = "gelu_pytorch_tanh" if cfg.mlp_activation == "gelu_tanh" else "silu"
   fields: dict[str, Any] = dict(hidden_act=act)
   if model_type in _ONE_ATTENTION_BIAS:
     fields["attention_bias"] = cfg.qkv_bias
   if model_type == "llama":
     fields["mlp_bias"] = cfg.mlp_bias
-  if model_type == "mistral":
+  if model_type in ("mistral", "mixtral"):
     fields["sliding_window"] = None  # our attention is full-causal
-  if model_type in ("qwen2", "qwen3"):
+  if model_type in ("qwen2", "qwen3", "qwen3_moe"):
     fields["use_sliding_window"] = False
+  if model_type in _MOE_FAMILIES:
+    fields.update(num_experts_per_tok=cfg.num_experts_per_tok, router_aux_loss_coef=cfg.router_aux_loss_coef)
+  if model_type == "mixtral":
+    fields.update(num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
+  if model_type == "qwen3_moe":
+    fields.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.resolved_moe_intermediate_size,
+                  norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.moe_layer_step,
+                  mlp_only_layers=list(cfg.dense_layers))
   return fields
 
 
@@ -263,11 +345,15 @@ def hf_config_from_model_config(cfg: ModelConfig, model_type: str = "llama") -> 
 def check_hf_config_describes(hf_config: Any, cfg: ModelConfig) -> None:
   """Raise if a given HF config disagrees with `cfg` (the saved folder would load as a different model)."""
   described = model_config_from_hf(hf_config)
+  resolved = ("head_dim", "moe_intermediate_size")  # None means a default: compared resolved, below
   mismatched = {f.name: (getattr(described, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(ModelConfig)
-                if f.name in _CONFIG_READERS[hf_config.model_type](hf_config) and f.name != "head_dim"
+                if f.name in _CONFIG_READERS[hf_config.model_type](hf_config) and f.name not in resolved
                 and getattr(described, f.name) != getattr(cfg, f.name)}
   if described.resolved_head_dim != cfg.resolved_head_dim:
     mismatched["head_dim"] = (described.resolved_head_dim, cfg.resolved_head_dim)
+  if described.num_experts and described.resolved_moe_intermediate_size != cfg.resolved_moe_intermediate_size:
+    mismatched["moe_intermediate_size"] = (described.resolved_moe_intermediate_size,
+                                           cfg.resolved_moe_intermediate_size)
   if mismatched:
     raise ValueError(f"save_hf_checkpoint: hf_config disagrees with cfg on {{field: (hf_config, cfg)}} = "
                      f"{mismatched}; pass a matching hf_config or leave it None to build one from cfg.")
