@@ -16,6 +16,11 @@ that needs ml_collections, datasets or tensorboardX (not dpo_jax.train, configs/
    - bf16 compute (fp32 params) vs fp32, both on the accelerator: the largest relative error of a sequence
      log-prob against `logprobs.BF16_LOGPS_RTOL`, and the fraction of pairs whose DPO margin
      (pi - ref on chosen minus on rejected) keeps its sign, the policy being the reference plus a perturbation.
+   - mixture of experts, fp32 on the accelerator: the `moe` model of benchmarks/dpo_step.py (configs/default.py's
+     `:moe`: 8 experts, top-2; 2 layers, `MOE_CHECK`) with `moe_impl='ragged'` (dropless grouped matmuls,
+     `jax.lax.ragged_dot`) against `'dense'` (every expert on every token, one-hot combine), same params and
+     batch: sequence log-probs and the gradient of the DPO loss + router aux loss. The same routing, so only the
+     summation order differs: target `FP32_RTOL`.
    With no accelerator (a CPU-only run, e.g. --smoke here) the accelerator is the CPU: the first comparison is
    then CPU against CPU, trivial, but the code path still runs; the table says so.
 2. Speed: a released model's shape (`--shape`, from benchmarks/dpo_step.py's CONFIGS: llama-3.2-1b by default,
@@ -36,6 +41,13 @@ that needs ml_collections, datasets or tensorboardX (not dpo_jax.train, configs/
    the order of their expected memory; torch: `torch.cuda.max_memory_allocated` of its row), compiled = the
    step's arguments + temporaries + outputs - aliased (`compiled.memory_analysis()`), x torch = torch's time /
    this row's. Torch runs first and hands its cached memory back before the jax rows, as jax never does.
+2b. MoE speed (after section 2, under the same budget): the DPO step of a Mixtral-shaped MoE (`Sizes.moe_model`:
+   section 2's `small` shape of benchmarks/dpo_step.py with 8 experts of width 2816 per layer, top-2; --smoke a toy)
+   in bf16 compute, the same pairs and layout, `MOE_ROWS`: moe-ragged (`moe_impl='ragged'`, the default) and
+   moe-dense (`'dense'`: E / k = 4x the experts' FLOPs), the router aux loss in the objective. Columns as section
+   2's, with x dense = the dense row's time / this row's instead of x torch; MFU counts the k routed experts
+   (`flops.train_step_flops`: model FLOPs, also for moe-dense); device peak is the process's so far (after
+   section 2's rows), so compiled is the per-row figure.
 3. Rollouts: benchmarks/rollout_throughput.py in this process (its own table, also written to DIR/rollout/): the
    jitted KV-cache sampler and a whole RL rollout against transformers' `generate` on the same weights and prompts,
    torch on cuda. Run when at least `ROLLOUT_MIN_S` of the budget is left (always with --smoke, at its smoke size).
@@ -91,6 +103,13 @@ PERTURBATION = 1.0  # policy = reference + PERTURBATION * initializer_range * N(
 RUN_ORDER = ("torch", "jax-remat", "jax", "jax-preref", "jax-xla")  # torch first: it frees its memory, jax never
 TABLE_ORDER = ("jax", "jax-remat", "jax-preref", "jax-xla", "torch")
 JAX_ROWS = {"jax": {}, "jax-remat": {"remat": "full"}, "jax-preref": {}, "jax-xla": {"attention_impl": "xla"}}
+# Section 2b, in run and table order (the dense one-hot path holds E / k times the expert activations: last).
+MOE_ROWS = {"moe-ragged": {"moe_impl": "ragged"}, "moe-dense": {"moe_impl": "dense"}}
+ROW_SUFFIX = {"jax-remat": " remat", "jax-preref": " preref", "moe-ragged": " MoE ragged",
+              "moe-dense": " MoE dense one-hot"}
+# Expert fields added to a dense shape: Mixtral's 8 experts, top-2, and configs/default.py's `:moe` aux coefficient.
+MOE_FIELDS = dict(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001)
+MOE_CHECK = dict(num_layers=2, moe_impl="ragged")  # the correctness rows' `moe` model: 2 of its 4 layers (compiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +118,7 @@ class Sizes:
   check_pairs: int  # pairs in the correctness batch
   check_length: int  # tokens per prompt + response in it
   speed_model: dict  # ModelConfig fields of the speed model
+  moe_model: dict  # ModelConfig fields of section 2b's MoE model
   speed_pairs: int
   speed_length: int  # tokens per prompt + response (a quarter prompt, `bench.make_batch`)
   logits_chunk: int | str  # model.logits_chunk_size
@@ -107,11 +127,14 @@ class Sizes:
   hf_type: str = "llama"  # the torch row's transformers family (benchmarks/dpo_step.py's HF_TYPES)
 
 
-FULL = Sizes(check_pairs=32, check_length=64, speed_model=dict(bench.CONFIGS["llama-3.2-1b"][0]), speed_pairs=4,
-             speed_length=2048, logits_chunk="auto", repeats=5, prior_row_s=90.0)
+FULL = Sizes(check_pairs=32, check_length=64, speed_model=dict(bench.CONFIGS["llama-3.2-1b"][0]),
+             moe_model=dict(bench.CONFIGS["small"][0], **MOE_FIELDS, moe_intermediate_size=2816),  # ~0.6B params
+             speed_pairs=4, speed_length=2048, logits_chunk="auto", repeats=5, prior_row_s=90.0)
 SMOKE = Sizes(check_pairs=32, check_length=64,
               speed_model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                num_kv_heads=2, tie_embeddings=True),  # tied, as the released shapes are
+              moe_model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=2, tie_embeddings=True, **MOE_FIELDS, moe_intermediate_size=32),
               speed_pairs=2, speed_length=128, logits_chunk=32, repeats=2, prior_row_s=20.0)
 
 
@@ -261,15 +284,41 @@ def correctness(sizes: Sizes) -> dict:
                   f"|bf16 - fp32| {np.max(np.abs(m16 - m32)):.3g}"),
     ]
 
+  def moe_rows() -> list[dict]:
+    ragged = model_lib.ModelConfig(**dict(bench.CONFIGS["moe"][0], **MOE_CHECK), matmul_precision="highest")
+    with jax.default_device(cpu or acc):
+      moe_reference = jax.device_get(model_lib.init_params(ragged, jax.random.key(3)))
+    moe_policy = perturbed(moe_reference, PERTURBATION, seed=4)
+    moe_batch = bench.shared_prompt_batch(bench.make_batch(ragged, sizes.check_pairs, sizes.check_length, seed=5),
+                                          sizes.check_length)
+    q_ragged = dpo_quantities(ragged, moe_policy, moe_reference, moe_batch, acc)
+    q_dense = dpo_quantities(dataclasses.replace(ragged, moe_impl="dense"), moe_policy, moe_reference, moe_batch, acc)
+    notes.append(f"MoE rows: benchmarks/dpo_step.py's `moe` model (configs/default.py's :moe: "
+                 f"{ragged.num_experts} experts of width {ragged.resolved_moe_intermediate_size}, "
+                 f"top-{ragged.num_experts_per_tok}) with {ragged.num_layers} layers, fp32, "
+                 f"matmul_precision='highest', the same pairs' shape; the loss adds "
+                 f"{step.router_coefs(LOSS, ragged)[0]:g} x the router aux loss")
+    logps = lambda q: np.concatenate([q["policy_logps"], q["reference_logps"]])
+    return [
+        check_row("MoE fp32 sequence log-probs, ragged vs dense one-hot, accelerator (max rel)",
+                  max_rel_error(logps(q_ragged), logps(q_dense)), "<=", FP32_RTOL,
+                  f"loss {float(q_dense['loss']):.6f} nats"),
+        check_row("MoE fp32 DPO + router aux grads, ragged vs dense one-hot, accelerator (max over leaves of "
+                  "|d|/|g|)", tree_rel_error(q_ragged["grads"], q_dense["grads"]), "<=", FP32_RTOL),
+    ]
+
   guarded(rows, "fp32, accelerator vs CPU", fp32_rows)
   guarded(rows, "bf16 vs fp32, accelerator", bf16_rows)
+  guarded(rows, "MoE ragged vs dense, accelerator", moe_rows)
   return dict(rows=rows, notes=notes)
 
 
 # ---- 2. speed ----
 
-def speed_config(sizes: Sizes, layers: int | None, **overrides: Any) -> model_lib.ModelConfig:
-  fields = dict(sizes.speed_model, **({"num_layers": layers} if layers else {}))
+def speed_config(sizes: Sizes, layers: int | None, model: dict | None = None,
+                 **overrides: Any) -> model_lib.ModelConfig:
+  """The speed model (`model`: other ModelConfig fields, e.g. `sizes.moe_model`) in bf16 compute, fp32 params."""
+  fields = dict(model or sizes.speed_model, **({"num_layers": layers} if layers else {}))
   return model_lib.ModelConfig(**fields, compute_dtype="bfloat16", param_dtype="float32", scan_layers=True,
                                logits_chunk_size=sizes.logits_chunk, **overrides)
 
@@ -304,16 +353,18 @@ def timed(impl: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
   return first_loss, [bench.time_once(impl) for _ in range(repeats)]
 
 
-def run_jax_row(key: str, sizes: Sizes, layers: int | None, params: Any, rows_batch: dict[str, np.ndarray]) -> dict:
-  """Row `key` of `JAX_ROWS`: build + compile `JaxStep`, one warm-up step, `sizes.repeats` timed steps."""
-  cfg = speed_config(sizes, layers, **JAX_ROWS[key])
+def run_jax_row(key: str, sizes: Sizes, layers: int | None, params: Any, rows_batch: dict[str, np.ndarray],
+                model: dict | None = None) -> dict:
+  """Row `key` of `JAX_ROWS` (or of `MOE_ROWS`, on the `model` fields): build + compile `JaxStep`, one warm-up
+  step, `sizes.repeats` timed steps."""
+  cfg = speed_config(sizes, layers, model, **(JAX_ROWS[key] if key in JAX_ROWS else MOE_ROWS[key]))
   shared = bench.shared_prompt_batch(rows_batch, sizes.speed_length)
   kernel = kernel_of(cfg, shared)
   t0 = time.perf_counter()
   impl = bench.JaxStep(cfg, params, shared, precomputed_reference=key == "jax-preref")
   build_s = time.perf_counter() - t0
   loss, times = timed(impl, sizes.repeats)
-  out = dict(label=f"jax {kernel}" + {"jax-remat": " remat", "jax-preref": " preref"}.get(key, ""),
+  out = dict(label=f"jax {kernel}" + ROW_SUFFIX.get(key, ""),
              attention=kernel, build_s=build_s, first_loss=loss, times=times, device_peak_bytes=device_peak_bytes(),
              compiled_bytes=float(impl.peak_bytes()),
              step_flops=flops.train_step_flops(cfg, shared, reference=key != "jax-preref"))
@@ -347,9 +398,9 @@ def estimate_s(key: str, done: list[dict], sizes: Sizes) -> float:
   return 1.2 * max(jax_s) if key != "torch" and jax_s else sizes.prior_row_s
 
 
-def speed(sizes: Sizes, layers: int | None, deadline: float, on_row: Callable[[dict], None]) -> dict:
-  """Section 2 (module docstring); `on_row(section)` after every row, so partial results are written."""
-  cfg = speed_config(sizes, layers)
+def new_section(cfg: model_lib.ModelConfig, sizes: Sizes, layout: str, notes: list[str]) -> tuple[Any, dict, dict]:
+  """(host params, `[2B, T]` pairs, an empty speed section whose notes describe `cfg`, the batch (`layout`: how
+  the rows lay it out), the timing, then `notes`) of a speed section on `cfg`."""
   with jax.default_device(jax.devices("cpu")[0]):  # host params, shared by every row: nothing left on the GPU
     params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0)))
   rows_batch = bench.make_batch(cfg, sizes.speed_pairs, sizes.speed_length)
@@ -360,14 +411,18 @@ def speed(sizes: Sizes, layers: int | None, deadline: float, on_row: Callable[[d
       f"model: {n_params / 1e6:,.1f}M params ({cfg.num_layers} layers, hidden "
       f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {cfg.num_heads} heads / {cfg.num_kv_heads} kv), bf16 compute, "
       f"fp32 params + AdamW, scan_layers, logits_chunk_size {cfg.logits_chunk_size}",
-      f"batch: {sizes.speed_pairs} pairs x {sizes.speed_length} tokens (prompt {sizes.speed_length // 4}; jax: "
-      f"shared-prompt layout, torch: [2B, T] rows); tokens/s counts {tokens} tokens per step",
+      f"batch: {sizes.speed_pairs} pairs x {sizes.speed_length} tokens (prompt {sizes.speed_length // 4}; "
+      f"{layout}); tokens/s counts {tokens} tokens per step",
       f"step time: median of {sizes.repeats} after 1 warm-up step; MFU against {peak / 1e12:.1f} TFLOP/s "
-      f"({peak_source})",
-      "device peak: jax = the process's peak so far (jax cannot reset it; run order: " + ", ".join(RUN_ORDER)
-      + "), torch = its row's max_memory_allocated; compiled = args + temps + outputs - aliased"],
-      peak_flops=peak, peak_source=peak_source, tokens_per_step=tokens, params=n_params)
-  for key in RUN_ORDER:
+      f"({peak_source})"] + notes, peak_flops=peak, peak_source=peak_source, tokens_per_step=tokens, params=n_params)
+  return params, rows_batch, section
+
+
+def run_rows(section: dict, keys: tuple[str, ...], run_one: Callable[[str], dict], sizes: Sizes, deadline: float,
+             on_row: Callable[[dict], None], finish: Callable[[dict], None]) -> dict:
+  """Each of `keys` through `run_one(key)` unless its estimate (`estimate_s`) would end after `deadline`; an error is
+  recorded in its row; after every row `finish(section)` and `on_row(section)`, so partial results are written."""
+  for key in keys:
     left, need = deadline - time.perf_counter(), estimate_s(key, section["rows"], sizes)
     row = dict(key=key, label=key, status="ok", note="")
     if need > left:
@@ -375,31 +430,57 @@ def speed(sizes: Sizes, layers: int | None, deadline: float, on_row: Callable[[d
     else:
       t0 = time.perf_counter()
       try:
-        row.update(run_torch_row(sizes, layers, params, rows_batch) if key == "torch"
-                   else run_jax_row(key, sizes, layers, params, rows_batch))
+        row.update(run_one(key))
       except Exception as e:  # an OOM or a kernel that fails: recorded, and the next row still runs
         row.update(status="error", note=f"{type(e).__name__}: {first_line(e)}")
       free_memory()
       row["total_s"] = time.perf_counter() - t0
     section["rows"].append(row)
     print(f"  {key}: {row['status']} {row['note']} ({row.get('total_s', 0):.0f} s)", flush=True)
-    finish_speed_rows(section)
+    finish(section)
     on_row(section)
   return section
 
 
-def finish_speed_rows(section: dict) -> None:
-  """Derived columns of the timed rows: median, tokens/s, MFU, x torch; rows put in `TABLE_ORDER`."""
+def speed(sizes: Sizes, layers: int | None, deadline: float, on_row: Callable[[dict], None]) -> dict:
+  """Section 2 (module docstring); `on_row(section)` after every row, so partial results are written."""
+  cfg = speed_config(sizes, layers)
+  params, rows_batch, section = new_section(cfg, sizes, "jax: shared-prompt layout, torch: [2B, T] rows", [
+      "device peak: jax = the process's peak so far (jax cannot reset it; run order: " + ", ".join(RUN_ORDER)
+      + "), torch = its row's max_memory_allocated; compiled = args + temps + outputs - aliased"])
+  run_one = lambda key: (run_torch_row(sizes, layers, params, rows_batch) if key == "torch"
+                         else run_jax_row(key, sizes, layers, params, rows_batch))
+  return run_rows(section, RUN_ORDER, run_one, sizes, deadline, on_row, finish_speed_rows)
+
+
+def moe_speed(sizes: Sizes, deadline: float, on_row: Callable[[dict], None]) -> dict:
+  """Section 2b (module docstring): `MOE_ROWS` on `sizes.moe_model`; `on_row(section)` after every row."""
+  cfg = speed_config(sizes, None, sizes.moe_model)
+  params, rows_batch, section = new_section(cfg, sizes, "shared-prompt layout", [
+      f"experts: {cfg.num_experts} of width {cfg.resolved_moe_intermediate_size} in every layer, top-"
+      f"{cfg.num_experts_per_tok} ({flops.active_params(cfg) / 1e6:,.1f}M params active per token); the objective "
+      f"adds {step.router_coefs(LOSS, cfg)[0]:g} x the router aux loss; MFU counts the routed experts (model FLOPs)",
+      "device peak: the process's peak so far (after section 2's rows); compiled = args + temps + outputs "
+      "- aliased"])
+  run_one = lambda key: run_jax_row(key, sizes, None, params, rows_batch, sizes.moe_model)
+  finish = lambda sec: finish_speed_rows(sec, base="moe-dense", ratio="vs_dense", order=tuple(MOE_ROWS))
+  return run_rows(section, tuple(MOE_ROWS), run_one, sizes, deadline, on_row, finish)
+
+
+def finish_speed_rows(section: dict, base: str = "torch", ratio: str = "vs_torch",
+                      order: tuple[str, ...] = TABLE_ORDER) -> None:
+  """Derived columns of the timed rows: median, tokens/s, MFU, `ratio` = row `base`'s time / this row's (x torch);
+  rows put in `order`."""
   for r in section["rows"]:
     if r["status"] == "ok":
       r["step_s"] = statistics.median(r["times"])
       r["tokens_per_s"] = section["tokens_per_step"] / r["step_s"]
       r["mfu"] = flops.mfu(r["step_flops"], r["step_s"], section["peak_flops"], 1)
-  torch_s = next((r["step_s"] for r in section["rows"] if r["key"] == "torch" and r["status"] == "ok"), math.nan)
+  base_s = next((r["step_s"] for r in section["rows"] if r["key"] == base and r["status"] == "ok"), math.nan)
   for r in section["rows"]:
     if r["status"] == "ok":
-      r["vs_torch"] = torch_s / r["step_s"]
-  section["rows"].sort(key=lambda r: TABLE_ORDER.index(r["key"]))
+      r[ratio] = base_s / r["step_s"]
+  section["rows"].sort(key=lambda r: order.index(r["key"]))
 
 
 # ---- output ----
@@ -417,13 +498,14 @@ def fmt(x: float | None, spec: str) -> str:
   return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def speed_cells(r: dict) -> list[str]:
-  """One speed row of tables.md; a skipped or failed row shows its status and note only."""
+def speed_cells(r: dict, ratio: str = "vs_torch") -> list[str]:
+  """One speed row of tables.md (`ratio`: the x torch column's key); a skipped or failed row shows its status and
+  note only."""
   if r["status"] != "ok":
     return [r["label"], "", r["status"]] + [""] * 7 + [r["note"]]
   return [r["label"], r["attention"], f"{r['step_s']:.4f}", f"{min(r['times']):.4f}-{max(r['times']):.4f}",
           fmt(r["tokens_per_s"], ",.0f"), fmt(100 * r["mfu"], ".1f") + "%", fmt_bytes(r["device_peak_bytes"]),
-          fmt_bytes(r["compiled_bytes"]), fmt(r["vs_torch"], ".2f"), f"{r['build_s']:.1f}", r["note"]]
+          fmt_bytes(r["compiled_bytes"]), fmt(r[ratio], ".2f"), f"{r['build_s']:.1f}", r["note"]]
 
 
 def render(results: dict) -> str:
@@ -444,6 +526,12 @@ def render(results: dict) -> str:
     out += ["## 2. Speed: one DPO train step", ""] + [f"- {n}" for n in s["notes"]] + [""]
     out.append(md_table(["row", "attention", "step s", "min-max s", "tokens/s", "MFU", "device peak", "compiled",
                          "x torch", "build s", "note"], [speed_cells(r) for r in s["rows"]]))
+    out.append("")
+  m = results.get("moe_speed")
+  if m is not None:
+    out += ["## 2b. Speed: MoE DPO step, ragged vs dense one-hot", ""] + [f"- {n}" for n in m["notes"]] + [""]
+    out.append(md_table(["row", "attention", "step s", "min-max s", "tokens/s", "MFU", "device peak", "compiled",
+                         "x dense", "build s", "note"], [speed_cells(r, "vs_dense") for r in m["rows"]]))
     out.append("")
   if results.get("rollout"):  # rollout_throughput.py's report, its title one level down
     out += ["## 3. Rollouts: " + results["rollout"].lstrip("# ")]
@@ -512,6 +600,15 @@ def main(argv: list[str] | None = None) -> int:
     results["speed"] = speed(sizes, args.layers or None, start + args.budget_s, on_row)
   except Exception as e:
     results["errors"].append(f"speed: {type(e).__name__}: {e}")
+
+  def on_moe_row(section: dict) -> None:
+    results["moe_speed"] = section
+    write(args.out, results, start)
+
+  try:
+    results["moe_speed"] = moe_speed(sizes, start + args.budget_s, on_moe_row)
+  except Exception as e:
+    results["errors"].append(f"moe speed: {type(e).__name__}: {e}")
   left = start + args.budget_s - time.perf_counter()
   if args.smoke or left >= ROLLOUT_MIN_S:
     folder = os.path.join(args.out, "rollout")
@@ -526,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
   results["complete"] = True
   print(write(args.out, results, start), flush=True)
   failed = [r["quantity"] for r in results.get("correctness", {}).get("rows", []) if not r["passed"]]
-  broken = [r["key"] for r in results.get("speed", {}).get("rows", []) if r["status"] == "error"]
+  broken = [r["key"] for section in ("speed", "moe_speed") for r in results.get(section, {}).get("rows", [])
+            if r["status"] == "error"]
   return 1 if failed or broken or results["errors"] else 0
 
 

@@ -30,6 +30,21 @@ Implementations (each timed after warm-up; the repeats interleave them so a nois
                own optimizer step (clip + AdamW) and `zero_grad`; only when `trl` is importable.
 All of them compute the same loss on the same pairs (the first step's loss, log 2, is printed for each).
 
+Mixture-of-experts configs (`--config moe`: configs/default.py's `:moe` model, Mixtral-shaped: 8 SwiGLU experts of
+width 88 per layer, top-2, renormalised) time three rows by default (`--skip torch` drops the last):
+  jax          the `jax` step with `model.moe_impl='ragged'` (dropless: tokens sorted by expert through
+               `jax.lax.ragged_dot`, the default)
+  jax-dense    the same with `moe_impl='dense'` (every expert on every token, one-hot combine: E / k times the
+               experts' FLOPs); the `dense` entry of VARIANTS
+  torch        the torch step on transformers' `MixtralForCausalLM` with the same weights (`_fused_experts`; its
+               default experts_implementation, printed), the policy forward with `output_router_logits=True`
+All three add router_aux_coef x the load-balancing loss of the policy's forward (transformers'
+`load_balancing_loss_func`) to the DPO loss, with one coefficient (`step.router_coefs`: LOSS's `router_aux_coef`,
+None = the config's `router_aux_loss_coef`, 0.001); the first-step aux loss of each row is printed. The jax rows
+count the router over the shared-prompt layout's tokens (each prompt once), torch over its `[2B, T]` rows. jax-rows,
+jax-preref and TRL are not run for MoE configs. FLOPs and MFU count the router and the k routed experts
+(`flops.layer_matmul_params`: model FLOPs, also for jax-dense, which executes E experts; see its XLA cost line).
+
 Columns: median step time (s) and the spread of the repeats (each repeat's `torch / this` ratio is printed too:
 adjacent measurements, so a machine that slows down mid-run moves it less); tokens/s = 2B * T tokens of the pairs
 per step (the same count for every implementation, whatever its layout); `x torch` / `x trl` = baseline time / this
@@ -100,7 +115,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import attention, model as model_lib, optim, platforms, sharding, step  # noqa: E402
+from dpo_jax import attention, flops as flops_lib, model as model_lib, moe, optim, platforms, sharding  # noqa: E402
+from dpo_jax import step  # noqa: E402
 from dpo_jax.interop import hf
 from dpo_jax.data import preference  # noqa: E402
 
@@ -124,9 +140,14 @@ CONFIGS = {
     # ~1.1B params (TinyLlama-1.1B's shape), meant for a GPU.
     "1b": (dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                 num_kv_heads=4), 8, 2048),
+    # configs/default.py's `:moe` model (written out: no ml_collections here): Mixtral-shaped, every layer 8 experts
+    # of width 88, top-2, tied embeddings; the `tiny` batch. Rows: jax (ragged), jax-dense, torch (Mixtral).
+    "moe": (dict(vocab_size=256, hidden_size=128, intermediate_size=88, num_layers=4, num_heads=4, num_kv_heads=2,
+                 tie_embeddings=True, num_experts=8, num_experts_per_tok=2, moe_impl="ragged",
+                 router_aux_loss_coef=0.001), 8, 256),
 }
 # The transformers family that builds a config's torch side (default 'llama'): Qwen2's q/k/v biases need 'qwen2'.
-HF_TYPES = {"qwen2.5-0.5b": "qwen2"}
+HF_TYPES = {"qwen2.5-0.5b": "qwen2", "moe": "mixtral"}
 # Shapes whose rows do not all fit in 24 GB of RAM at once: their rows run one after another (`--one_at_a_time`).
 LARGE = ("smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "1b")
 
@@ -143,11 +164,14 @@ VARIANTS = {
     # attention storing each query block's probabilities for the backward instead of recomputing them (as before)
     "attnstore": ({}, "", dict(ATTENTION_BLOCK_RECOMPUTE=False)),
     "qblock128": ({}, "", dict(ATTENTION_QUERY_BLOCK=128)),
+    # MoE configs only (run by default there): every expert on every token, one-hot combine, instead of 'ragged'
+    "dense": (dict(moe_impl="dense"), "", {}),
 }
 BETA = 0.1
 # configs/default.py's `loss` as a plain dict (no ml_collections: benchmarks/device_check.py runs this file's steps
 # on a GPU image without it); `losses.from_config` and `step.train_step` read these fields.
-LOSS = dict(type="sigmoid", beta=BETA, label_smoothing=0.0, types=(), weights=(), options={})
+LOSS = dict(type="sigmoid", beta=BETA, label_smoothing=0.0, types=(), weights=(), options={}, router_aux_coef=None,
+            router_z_coef=0.0)
 OPTIM = dict(learning_rate=1e-6, schedule="constant", warmup_steps=0, total_steps=1000, end_lr_ratio=1.0, b1=0.9,
              b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
 
@@ -181,11 +205,9 @@ def shared_prompt_batch(batch: dict[str, np.ndarray], length: int) -> dict[str, 
 
 
 def matmul_params(cfg: model_lib.ModelConfig) -> int:
-  """Parameters that enter a matmul per token (attention projections, MLP, LM head; not the embedding)."""
-  d, hd = cfg.hidden_size, cfg.resolved_head_dim
-  attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = 3 * d * cfg.intermediate_size
-  return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+  """Parameters that enter a matmul per token (attention projections, MLP, LM head; not the embedding); an MoE
+  layer counts its router and the k experts a token is routed to (`flops.layer_matmul_params`)."""
+  return flops_lib.layer_matmul_params(cfg) + cfg.hidden_size * cfg.vocab_size
 
 
 def forward_flops(cfg: model_lib.ModelConfig, rows: int, length: int) -> float:
@@ -280,8 +302,12 @@ class JaxStep:
     cls._references.clear()
 
   def __call__(self) -> float:
-    self.state, metrics = self.compiled(self.state, self.reference, self.batch)
-    return float(metrics["loss"])  # blocks until the step is done
+    self.state, self.metrics = self.compiled(self.state, self.reference, self.batch)
+    return float(self.metrics["loss"])  # blocks until the step is done; the DPO loss, without router terms
+
+  def router_aux(self) -> float:
+    """The last step's load-balancing loss of the policy forward (`router/aux`; NaN for a dense model)."""
+    return float(self.metrics.get("router/aux", float("nan")))
 
   def persistent_bytes(self) -> int:
     """The state (params, AdamW moments), pi_ref and the batch: resident before a step, as torch's params are."""
@@ -299,17 +325,34 @@ class JaxStep:
 
 # ---- PyTorch ----
 
+def _fused_experts(state: dict[str, np.ndarray], cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
+  """Mixtral's per-expert tensors (`block_sparse_moe.experts.{e}.w1/w3/w2`, `block_sparse_moe.gate`, as
+  `save_pretrained` writes them) as `MixtralForCausalLM`'s in-memory parameters: `mlp.experts.gate_up_proj`
+  `[E, 2F, D]` (w1 rows, then w3), `mlp.experts.down_proj` `[E, D, F]`, `mlp.gate.weight`."""
+  out = {k: v for k, v in state.items() if ".block_sparse_moe." not in k}
+  for i in range(cfg.num_layers):
+    pre, new = f"model.layers.{i}.block_sparse_moe.", f"model.layers.{i}.mlp."
+    per = lambda w: np.stack([state[f"{pre}experts.{e}.{w}.weight"] for e in range(cfg.num_experts)])
+    out[new + "gate.weight"] = state[pre + "gate.weight"]
+    out[new + "experts.gate_up_proj"] = np.concatenate([per("w1"), per("w3")], axis=1)
+    out[new + "experts.down_proj"] = per("w2")
+  return out
+
+
 def torch_models(cfg: model_lib.ModelConfig, params: Any, dtype: str, device: str = "cpu", model_type: str = "llama"):
-  """(policy, reference) HF causal LMs of `model_type` ('llama', 'qwen2') with `params`' weights (fp32 params; bf16
-  runs under autocast), on torch `device` ('cpu', 'cuda'). A tied config ties them on the torch side too: one
-  `embed_tokens` tensor that is also the LM head, as the released checkpoint loads."""
+  """(policy, reference) HF causal LMs of `model_type` ('llama', 'qwen2'; 'mixtral' for an MoE `cfg`) with
+  `params`' weights (fp32 params; bf16 runs under autocast), on torch `device` ('cpu',
+  'cuda'). A tied config ties them on the torch side too: one `embed_tokens` tensor that is also the LM head, as
+  the released checkpoint loads."""
   import torch
   import transformers
   hf_config = hf.hf_config_from_model_config(cfg, model_type)
+  numpy_state = hf.hf_state_dict_from_params(jax.device_get(params), cfg, model_type=model_type)
+  if model_type == "mixtral":  # the per-expert names we export -> transformers 5's fused in-memory experts
+    numpy_state = _fused_experts(numpy_state, cfg)
   hf_config.dtype = "float32"
   hf_config._attn_implementation = "sdpa"
-  state = {k: torch.from_numpy(np.array(v)) for k, v in hf.hf_state_dict_from_params(
-      jax.device_get(params), cfg).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in numpy_state.items()}
   models = []
   for _ in range(2):
     with torch.device(device):  # built where it runs: a random init of 1B params on the host takes seconds
@@ -337,12 +380,19 @@ def _autocast(dtype: str, device_type: str = "cpu"):
 
 class TorchStep:
   """Plain PyTorch DPO step (the formula of `dpo_jax.interop.compare_torch.torch_dpo_step`, tensors prepared once) on
-  torch `device`: 'cpu', or 'cuda' (bf16 then autocasts on the GPU; each step ends with a synchronize)."""
+  torch `device`: 'cpu', or 'cuda' (bf16 then autocasts on the GPU; each step ends with a synchronize). An MoE
+  `cfg` (Mixtral) adds router_aux_coef x the policy forward's `aux_loss` (`output_router_logits=True`: transformers'
+  `load_balancing_loss_func`, attention mask applied) to the objective; the reference runs without router logits."""
 
   def __init__(self, cfg, params, batch, dtype: str, device: str = "cpu", model_type: str = "llama"):
     import torch
     self.device = torch.device(device)
     self.policy, self.reference = torch_models(cfg, params, dtype, device, model_type)
+    self.aux_coef = step.router_coefs(LOSS, cfg)[0] if cfg.num_experts else None  # the jax rows' coefficient
+    self.aux = float("nan")
+    if self.aux_coef is not None:
+      print(f"  torch: {type(self.policy).__name__}, experts_implementation "
+            f"{self.policy.config._experts_implementation!r}, router aux coefficient {self.aux_coef:g}", flush=True)
     self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
     self.attention = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=self.device)
     self.mask = torch.as_tensor(batch["loss_mask"][:, 1:], dtype=torch.float32, device=self.device)
@@ -361,13 +411,19 @@ class TorchStep:
   def __call__(self) -> float:
     import torch
     import torch.nn.functional as F
+    router = {} if self.aux_coef is None else {"output_router_logits": True}
     with _autocast(self.dtype, self.device.type):
-      logps = self._logps(self.policy(input_ids=self.ids, attention_mask=self.attention, use_cache=False).logits)
+      out = self.policy(input_ids=self.ids, attention_mask=self.attention, use_cache=False, **router)
+      logps = self._logps(out.logits)
       with torch.no_grad():
         ref = self._logps(self.reference(input_ids=self.ids, attention_mask=self.attention, use_cache=False).logits)
     margin = (logps[0::2] - ref[0::2]) - (logps[1::2] - ref[1::2])
     loss = -F.logsigmoid(BETA * margin).mean()
-    loss.backward()
+    if self.aux_coef is None:
+      loss.backward()
+    else:  # the returned loss stays the DPO loss, as the jax step's `loss` metric
+      self.aux = float(out.aux_loss.detach())
+      (loss + self.aux_coef * out.aux_loss).backward()
     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), OPTIM["max_grad_norm"])
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
@@ -379,6 +435,10 @@ class TorchStep:
     """Policy + reference params (fp32), resident before the step; AdamW's moments are created during the
     first (warm-up) step, so the RSS rise sampled over it already holds them, with gradients and activations."""
     return 2 * 4 * sum(p.numel() for p in self.policy.parameters())  # tied: the shared tensor counted once
+
+  def router_aux(self) -> float:
+    """The last step's load-balancing loss of the policy forward (NaN for a dense model)."""
+    return self.aux
 
 
 class TrlStep:
@@ -555,14 +615,14 @@ def profile(step_fn: "JaxStep", steps: int = 2, top: int = 15) -> None:
 
 # ---- the run ----
 
-def impl_keys(args: argparse.Namespace) -> list[str]:
-  """The rows this run times, in table order (see the module docstring)."""
-  keys = ["jax"] + [k for k in ("jax-rows", "jax-preref") if k not in args.skip]
+def impl_keys(args: argparse.Namespace, moe_config: bool = False) -> list[str]:
+  """The rows this run times, in table order (see the module docstring); an MoE config's: jax, jax-dense, torch."""
+  keys = ["jax"] + [k for k in ("jax-rows", "jax-preref") if k not in args.skip and not moe_config]
   if args.cpu_devices > 1:
     keys.append(f"jax-dp{args.cpu_devices}")
   keys += ["jax-fullattn"] * args.full_attention + ["jax-xlawgrad"] * args.xla_weight_grad
-  keys += [f"jax-{v}" for v in args.variants]
-  keys += [k for k in ("torch", "trl") if k not in args.skip]
+  keys += [f"jax-{v}" for v in ["dense"] * moe_config + [v for v in args.variants if not (moe_config and v == "dense")]]
+  keys += [k for k in ("torch", "trl") if k not in args.skip and not (moe_config and k == "trl")]
   if "trl" in keys and importlib.util.find_spec("trl") is None:
     print("  trl is not installed: skipping the TRL baseline (pip install -e .[bench])")
     keys.remove("trl")
@@ -617,6 +677,11 @@ def warm_up(impl: Any) -> tuple[float, str]:
   return loss, column
 
 
+def router_aux(impl: Any) -> float:
+  """The warm-up step's load-balancing loss of row `impl` (NaN for dense models and for rows that do not report it)."""
+  return impl.router_aux() if hasattr(impl, "router_aux") else float("nan")
+
+
 def _worker(conn: Any, name: str, key: str, args: argparse.Namespace) -> None:
   """An isolated implementation (`--isolate`): build, warm up, then time one step per request."""
   cfg = model_config(name, args.dtype, args.remat)
@@ -625,7 +690,7 @@ def _worker(conn: Any, name: str, key: str, args: argparse.Namespace) -> None:
   impl = build_impl(key, name, cfg, params, make_batch(cfg, pairs, length), args)
   del params
   loss, memory = warm_up(impl)
-  conn.send((loss, memory, impl.cost_flops() if isinstance(impl, JaxStep) else float("nan")))
+  conn.send((loss, memory, impl.cost_flops() if isinstance(impl, JaxStep) else float("nan"), router_aux(impl)))
   while conn.recv() == "step":
     conn.send(time_once(impl))
 
@@ -651,13 +716,16 @@ class WorkerStep:
         os.environ.pop("XLA_FLAGS", None)
       else:
         os.environ["XLA_FLAGS"] = xla_flags
-    self.ready = self.conn.recv()  # (first loss, memory column, XLA cost): wait, so compiles never overlap
+    self.ready = self.conn.recv()  # (first loss, memory column, XLA cost, aux): wait, so compiles never overlap
 
   def warm_up(self) -> tuple[float, str]:
     return self.ready[0], self.ready[1]
 
   def cost_flops(self) -> float:
     return self.ready[2]
+
+  def router_aux(self) -> float:
+    return self.ready[3]
 
   def __call__(self) -> float:
     self.conn.send("step")
@@ -676,6 +744,12 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   n_params = model_lib.count_params(model_lib.abstract_params(cfg))
   print(f"\n{name}: {n_params / 1e6:.1f}M params, {pairs} pairs x {length} tokens, {args.dtype}, "
         f"remat={args.remat}; forward {fwd / 1e9:.1f} GFLOP", flush=True)
+  if cfg.num_experts:
+    print(f"  MoE: {cfg.num_experts} experts of width {cfg.resolved_moe_intermediate_size} in layers "
+          f"{list(moe.moe_layers(cfg))}, top-{cfg.num_experts_per_tok} ({flops_lib.active_params(cfg) / 1e6:.2f}M "
+          f"params active per token); rows: jax = moe_impl 'ragged', jax-dense = 'dense' (one-hot, "
+          f"{cfg.num_experts / cfg.num_experts_per_tok:g}x the experts' FLOPs), torch = transformers' Mixtral; "
+          f"router aux coefficient {step.router_coefs(LOSS, cfg)[0]:g} in each", flush=True)
   need, free = 5 * 4 * n_params, host_memory.available_ram()
   if jax.default_backend() == "cpu" and need > free and not (args.breakdown or args.profile):
     print(f"  skipped: fp32 params, AdamW moments, gradients and pi_ref alone are {need / 2 ** 30:.1f} GiB, more than "
@@ -694,7 +768,7 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     profile(jax_step)
     return []
   shared_fwd = shared_forward_flops(cfg, pairs, length)
-  keys = impl_keys(args)
+  keys = impl_keys(args, moe_config=bool(cfg.num_experts))
   flops = {k: (3 if k == "jax-preref" else 4) * (fwd if k in ("jax-rows", "torch", "trl") else shared_fwd)
            for k in keys}
   one_at_a_time = args.isolate and (args.one_at_a_time if args.one_at_a_time is not None else name in LARGE)
@@ -705,7 +779,8 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   def warm(key: str, impl: Any) -> None:  # one untimed warm-up step (done by the worker when isolated)
     loss, memory[key] = impl.warm_up() if isinstance(impl, WorkerStep) else warm_up(impl)
     costs[key] = impl.cost_flops() if isinstance(impl, (WorkerStep, JaxStep)) else float("nan")
-    print(f"  warm-up: {key} done, first loss {loss:.7f} (log 2 = {np.log(2):.7f}); peak memory {memory[key]}",
+    aux = f"; router aux loss {router_aux(impl):.5f}" if cfg.num_experts else ""
+    print(f"  warm-up: {key} done, first loss {loss:.7f} (log 2 = {np.log(2):.7f}){aux}; peak memory {memory[key]}",
           flush=True)
 
   def step_time(impl: Any) -> float:
@@ -737,7 +812,9 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   if "jax" in costs:
     print(f"  XLA cost_analysis of the jax step: {costs['jax'] / 1e9:.1f} GFLOP (counted: {4 * shared_fwd / 1e9:.1f})"
           + (f"; of jax-rows: {costs['jax-rows'] / 1e9:.1f} GFLOP (counted: {4 * fwd / 1e9:.1f})"
-             if "jax-rows" in costs else ""), flush=True)
+             if "jax-rows" in costs else "")
+          + (f"; of jax-dense: {costs['jax-dense'] / 1e9:.1f} GFLOP (all experts on every token)"
+             if "jax-dense" in costs else ""), flush=True)
   med = {k: statistics.median(v) for k, v in times.items()}
 
   if "torch" in times:  # each repeat's torch time over this one's, measured back to back: robust to slow drifts
@@ -810,6 +887,8 @@ def main(argv=None) -> None:
   if unknown:
     parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
   names = [args.config] if args.config else args.configs.split(",")
+  if "dense" in args.variants and not all(CONFIGS.get(n, ({},))[0].get("num_experts") for n in names):
+    parser.error("--variants dense: an MoE variant (model.moe_impl); MoE configs (e.g. --config moe) run it already")
 
   import torch
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
