@@ -17,6 +17,8 @@ adapters are differentiated and only they get optimizer moments.
 Projections are named as in PEFT's `target_modules` for Llama-family models: q_proj, k_proj, v_proj, o_proj,
 gate_proj, up_proj, down_proj. Adapters keep the logical axes of the kernel they adapt on their outer side
 ('embed', 'heads', 'mlp', ...) and replicate the rank axis, so they shard with their projection on any mesh.
+Mixture-of-experts layers (moe.py) take one adapter per expert under the names experts.gate_proj, experts.up_proj
+and experts.down_proj; `merge` and `mix_adapters` treat each expert's A_e B_e on its own.
 
 PEFT adapter folders in and out: dpo_jax/interop/hf/peft.py.
 """
@@ -31,11 +33,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpo_jax import moe
+
 # PEFT target name -> (our module, our projection) inside one decoder layer.
 TARGETS = {
     "q_proj": ("attn", "q"), "k_proj": ("attn", "k"), "v_proj": ("attn", "v"), "o_proj": ("attn", "o"),
     "gate_proj": ("mlp", "gate"), "up_proj": ("mlp", "up"), "down_proj": ("mlp", "down"),
+    # Mixture-of-experts layers (moe.py): one adapter per expert (A `[E, in, r]`, B `[E, r, out]`). PEFT's
+    # 'all-linear' does not reach them (transformers keeps the experts as 3-D parameters, not Linear modules), so
+    # they are opt-in by name; the dense names above adapt only dense MLPs.
+    "experts.gate_proj": ("experts", "gate"), "experts.up_proj": ("experts", "up"),
+    "experts.down_proj": ("experts", "down"),
 }
+EXPERT_TARGETS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
 # PEFT's default `target_modules` for llama, mistral, qwen2/3 and gemma
 # (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -58,7 +68,7 @@ class LoraSpec:
   def __post_init__(self):
     targets = tuple(self.targets)
     if targets == (ALL_LINEAR,):
-      targets = tuple(TARGETS)
+      targets = tuple(t for t in TARGETS if t not in EXPERT_TARGETS)
     object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # one canonical order
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
@@ -199,22 +209,35 @@ def init_adapters(model: Any, spec: LoraSpec, rng: jax.Array, shardings: Any | N
 
 def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], spec: LoraSpec, cfg: Any) -> dict[str, Any]:
   """Base params with every adapted kernel replaced by `W + (alpha / r) * A B` (PEFT's `merge_and_unload`); the
-  merged model computes the adapted policy with no adapters (same numbers up to fp32 summation order)."""
+  merged model computes the adapted policy with no adapters (same numbers up to fp32 summation order).
+
+  Mixture-of-experts layers (`moe.is_moe_layer`): an expert target merges `W_e + (alpha / r) A_e B_e` into each
+  expert's slice of the plain `[E, in, out]` array at `mlp/{gate,up,down}` (`[L, E, in, out]` with scan_layers);
+  dense-MLP targets skip MoE layers and expert targets skip dense ones (neither has an adapter there)."""
   out = dict(base)  # a new tree along the adapted paths; untouched leaves are shared
-  for layer_key in ["layers"] if cfg.scan_layers else [f"layers_{i}" for i in range(cfg.num_layers)]:
+  hi = jax.lax.Precision.HIGHEST
+  layers = [("layers", moe.is_moe_layer(cfg, 0))] if cfg.scan_layers else [
+      (f"layers_{i}", moe.is_moe_layer(cfg, i)) for i in range(cfg.num_layers)]
+  for layer_key, is_moe in layers:
     for target in spec.targets:
       module, proj = TARGETS[target]
+      if module != "attn" and (module == "experts") != is_moe:  # the other kind of MLP: no adapter in this layer
+        continue
+      experts = module == "experts"
+      module = "mlp" if experts else module
       ad = adapters[layer_key][module][f"{proj}_lora"]
-      kernel = base[layer_key][module][proj]["kernel"]
+      kernel = base[layer_key][module][proj] if experts else base[layer_key][module][proj]["kernel"]
       a, b = jnp.asarray(ad["a"], jnp.float32), jnp.asarray(ad["b"], jnp.float32)
-      if cfg.scan_layers:
+      if experts:  # A [(L,) E, in, r] @ B [(L,) E, r, out]: one product per (layer,) expert
+        delta = jnp.matmul(a, b, precision=hi)
+      elif cfg.scan_layers:
         delta = jax.vmap(lambda a_, b_: jnp.tensordot(a_, b_, axes=1))(a, b)
       else:
         delta = jnp.tensordot(a, b, axes=1)
       merged = (jnp.asarray(kernel, jnp.float32) + spec.scale * delta).astype(kernel.dtype)
       out[layer_key] = dict(out[layer_key])
       out[layer_key][module] = dict(out[layer_key][module])
-      out[layer_key][module][proj] = dict(out[layer_key][module][proj], kernel=merged)
+      out[layer_key][module][proj] = merged if experts else dict(out[layer_key][module][proj], kernel=merged)
   return out
 
 
@@ -268,18 +291,24 @@ def mix_adapters(reference: Any, policy: Any, alpha: float, *, stacked: bool) ->
 
   `alpha = 1` (hard update) copies the policy's adapters exactly. Any update whose mix has rank <= r (the first one,
   from a zero reference; every hard one) is exact to fp32 rounding. `stacked`: adapters carry a leading layer axis
-  (`cfg.scan_layers`), each layer truncated on its own."""
+  (`cfg.scan_layers`), each layer truncated on its own. Expert adapters (A `[E, in, r]`, B `[E, r, out]` under a
+  layer's 'mlp', one rank more than a dense MLP's) are truncated per expert: expert e's delta `A_e B_e` is a
+  separate matrix."""
   if alpha == 1.0:
     return jax.tree.map(lambda r, p: jnp.array(p, dtype=r.dtype, copy=True), reference, policy)
 
-  def mix(ref: Mapping[str, jax.Array], pol: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    lead = 1 if stacked else 0
+  def mix(path: tuple[Any, ...], ref: Mapping[str, jax.Array], pol: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     a_shape, b_shape = ref["a"].shape, ref["b"].shape
+    in_mlp = any(getattr(key, "key", None) == "mlp" for key in path)
+    # Leading batch axes, each mixed on its own: the layer axis when stacked, the expert axis of an expert adapter
+    # (a dense MLP adapter's A is `[in, r]`, an expert one's `[E, in, r]`).
+    lead = (1 if stacked else 0) + (1 if in_mlp and len(a_shape) - (1 if stacked else 0) == 3 else 0)
     rank, n_in, n_out = a_shape[-1], math.prod(a_shape[lead:-1]), math.prod(b_shape[lead + 1:])
-    flat_a = lambda x: x.astype(jnp.float32).reshape(a_shape[:lead] + (n_in, rank))
-    flat_b = lambda x: x.astype(jnp.float32).reshape(b_shape[:lead] + (rank, n_out))
-    fn = lambda *f: _best_rank_r_sum(*f, alpha)
-    a, b = (jax.vmap(fn) if stacked else fn)(flat_a(pol["a"]), flat_b(pol["b"]), flat_a(ref["a"]), flat_b(ref["b"]))
+    n_batch = math.prod(a_shape[:lead])
+    flat_a = lambda x: x.astype(jnp.float32).reshape(n_batch, n_in, rank)
+    flat_b = lambda x: x.astype(jnp.float32).reshape(n_batch, rank, n_out)
+    a, b = jax.vmap(lambda *f: _best_rank_r_sum(*f, alpha))(flat_a(pol["a"]), flat_b(pol["b"]), flat_a(ref["a"]),
+                                                             flat_b(ref["b"]))
     return {"a": a.reshape(a_shape).astype(ref["a"].dtype), "b": b.reshape(b_shape).astype(ref["b"].dtype)}
 
-  return jax.tree.map(mix, reference, policy, is_leaf=_is_pair)
+  return jax.tree_util.tree_map_with_path(mix, reference, policy, is_leaf=_is_pair)

@@ -291,6 +291,8 @@ def expert_parallel(x_BxTxD, weights_BxTxK, experts_BxTxK, w, cfg, act, shard, i
     kernels = dict(zip(names, leaves[:len(names)]))
     adapters = leaves[len(names):len(names) + 2 * len(lora_names)]
     rng = leaves[-1] if dropout_rng is not None else None
+    for axis in batch if rng is not None else ():  # each device's rows draw their own dropout mask
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
     gather = lambda a, axes, axis: jax.lax.all_gather(a, axes, axis=axis, tiled=True) if axes else a
     kernels = {n: gather(kv, fsdp, 1 if n != "down" else 2) for n, kv in kernels.items()}
     local_lora = None
@@ -326,10 +328,15 @@ def expert_parallel(x_BxTxD, weights_BxTxK, experts_BxTxK, w, cfg, act, shard, i
     def low_rank(name):
       return lambda h, a, b: dot(psum_tensor(dot(h, a)) if name == "down" else dot(h, a), b)
 
-    proj = lambda name, h: _with_lora(dot(h, kernels[name]), h, name, local_lora, rng, low_rank(name))
+    # The down adapter's input is split over 'tensor' (gate's and up's are replicated over it): its shards draw
+    # their own masks.
+    rng_of = lambda name: (jax.random.fold_in(rng, jax.lax.axis_index(tensor)) if rng is not None and tensor
+                           and name == "down" else rng)
+    proj = lambda name, h: _with_lora(dot(h, kernels[name]), h, name, local_lora, rng_of(name), low_rank(name))
     h = act(proj("gate", xs)) * proj("up", xs)
     ys = psum_tensor(proj("down", h)) if lora is None or "down" not in lora.kernels else psum_tensor(
-        dot(h, kernels["down"])) + _with_lora(jnp.zeros_like(xs), h, "down", local_lora, rng, low_rank("down"))
+        dot(h, kernels["down"])) + _with_lora(jnp.zeros_like(xs), h, "down", local_lora, rng_of("down"),
+                                              low_rank("down"))
     back = jnp.zeros_like(ys).at[r_order].set(ys).reshape(ep, c, d)
     back = jax.lax.all_to_all(back, "expert", 0, 0).reshape(ep * c, d)
     y_sorted = jnp.concatenate([back, jnp.zeros_like(back[:1])])[slot] * kept[:, None].astype(back.dtype)
@@ -345,8 +352,7 @@ def expert_parallel(x_BxTxD, weights_BxTxK, experts_BxTxK, w, cfg, act, shard, i
     for nm in lora_names:
       leaves += list(lora.kernels[nm])
     specs += list(lora_specs)
-  if dropout_rng is not None:
-    # Every device draws its own dropout mask for its own rows.
+  if dropout_rng is not None:  # replicated in; `per_device` folds in the device's batch (and tensor) index
     leaves.append(dropout_rng)
     specs.append(P())
   return jax.shard_map(per_device, mesh=mesh, in_specs=(tok, tok, tok, *specs), out_specs=(tok, tok),

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from dpo_jax import moe  # noqa: E402
 from dpo_jax.interop import compare_torch, hf  # noqa: E402
 from dpo_jax.interop.hf import families, layouts  # noqa: E402
-from dpo_jax.model import ModelConfig, make_model  # noqa: E402
+from dpo_jax.model import ModelConfig, init_params, make_model  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, router_aux_loss_coef=0.02, attn_implementation="eager")
@@ -320,3 +320,15 @@ def test_compare_torch_on_a_moe_folder(name, tmp_path, capsys):
   for key, rel in report.items():
     if key.startswith("grads/"):
       assert rel <= 1e-4, (key, rel)
+
+
+def test_a_random_init_moe_exports_as_mixtral(tmp_path):
+  """A cfg with no checkpoint behind it (the trainer's `:moe` run with hf.export) picks the family that expresses
+  it: 'llama' for a dense cfg, 'mixtral' for a Mixtral-shaped MoE."""
+  cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_layers=2, num_heads=4, num_kv_heads=2,
+                    num_experts=4)
+  assert families.family_for(dataclasses.replace(cfg, num_experts=0)) == "llama"
+  assert families.family_for(cfg) == "mixtral"
+  params = jax.device_get(init_params(cfg, jax.random.key(0)))
+  hf.save_hf_checkpoint(params, cfg, str(tmp_path))
+  assert json.load(open(tmp_path / "config.json"))["architectures"] == ["MixtralForCausalLM"]

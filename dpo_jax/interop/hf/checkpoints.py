@@ -304,18 +304,21 @@ def _shards(state_dict: Mapping[str, np.ndarray], max_shard_bytes: int | None) -
   return shards
 
 
-def save_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, path: str, *, model_type: str = "llama",
+def save_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, path: str, *, model_type: str | None = None,
                        tokenizer: Any = None, hf_config: Any = None, max_shard_bytes: int | None = None) -> None:
   """Write `params` as an HF checkpoint folder that `AutoModelForCausalLM.from_pretrained(path)` loads.
 
-  Writes `config.json` (`hf_config` if given, else `hf_config_from_model_config(cfg, model_type)`), the weights
-  from `hf_state_dict_from_params` in the params' dtype as `model.safetensors`, or, when they exceed
+  Writes `config.json` (`hf_config` if given, else `hf_config_from_model_config(cfg, model_type)`; `model_type`
+  None = `families.family_for(cfg)`: 'llama' for a dense cfg it expresses, 'mixtral' for a Mixtral-shaped MoE), the
+  weights from `hf_state_dict_from_params` in the params' dtype as `model.safetensors`, or, when they exceed
   `max_shard_bytes`, as `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`; and
   `tokenizer.save_pretrained(path)` when a tokenizer is given. Params may be sharded jax arrays (gathered to
   host one tensor at a time by the export). Weight files of an earlier save in `path` are replaced.
   """
   from safetensors.numpy import save_file
 
+  if model_type is None:
+    model_type = families.family_for(cfg)
   if hf_config is None:
     hf_config = families.hf_config_from_model_config(cfg, model_type)
   else:

@@ -268,6 +268,15 @@ def _family_mismatch(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
   return bad
 
 
+def family_for(cfg: ModelConfig) -> str:
+  """The HF family a cfg built without a checkpoint exports as: 'llama' when it can express cfg, else the first
+  family that can (e.g. 'mixtral' for a random-init MoE), else 'llama' (whose export then names the fields)."""
+  for model_type in ("llama",) + tuple(_FAMILY_FIXED):
+    if not _family_mismatch(cfg, model_type):
+      return model_type
+  return "llama"
+
+
 def _family_needs(model_type: str) -> str:
   """What `model_type` requires of a cfg, for the refusal message."""
   needs = f"{_FAMILY_FIXED[model_type]}"
