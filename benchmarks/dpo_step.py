@@ -31,14 +31,15 @@ Implementations (each timed after warm-up; the repeats interleave them so a nois
 All of them compute the same loss on the same pairs (the first step's loss, log 2, is printed for each).
 
 Mixture-of-experts configs (`--config moe`: configs/default.py's `:moe` model, Mixtral-shaped: 8 SwiGLU experts of
-width 88 per layer, top-2, renormalised) time three rows by default (`--skip torch` drops the last):
-  jax          the `jax` step with `model.moe_impl='ragged'` (dropless: tokens sorted by expert through
-               `jax.lax.ragged_dot`, the default)
+width 88 per layer, top-2, renormalised) time four rows by default (`--skip torch` drops the last):
+  jax          the `jax` step with `model.moe_impl='auto'`: dropless, 'tiled' on CPU (the sorted tokens in
+               fixed-size tiles, one batched matmul), 'ragged' on GPU / TPU
+  jax-ragged   the same with `moe_impl='ragged'` (`jax.lax.ragged_dot`; the `ragged` entry of VARIANTS)
   jax-dense    the same with `moe_impl='dense'` (every expert on every token, one-hot combine: E / k times the
                experts' FLOPs); the `dense` entry of VARIANTS
   torch        the torch step on transformers' `MixtralForCausalLM` with the same weights (`_fused_experts`; its
                default experts_implementation, printed), the policy forward with `output_router_logits=True`
-All three add router_aux_coef x the load-balancing loss of the policy's forward (transformers'
+All four add router_aux_coef x the load-balancing loss of the policy's forward (transformers'
 `load_balancing_loss_func`) to the DPO loss, with one coefficient (`step.router_coefs`: LOSS's `router_aux_coef`,
 None = the config's `router_aux_loss_coef`, 0.001); the first-step aux loss of each row is printed. The jax rows
 count the router over the shared-prompt layout's tokens (each prompt once), torch over its `[2B, T]` rows. jax-rows,
@@ -141,9 +142,9 @@ CONFIGS = {
     "1b": (dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                 num_kv_heads=4), 8, 2048),
     # configs/default.py's `:moe` model (written out: no ml_collections here): Mixtral-shaped, every layer 8 experts
-    # of width 88, top-2, tied embeddings; the `tiny` batch. Rows: jax (ragged), jax-dense, torch (Mixtral).
+    # of width 88, top-2, tied embeddings; the `tiny` batch. Rows: jax (auto), jax-ragged, jax-dense, torch (Mixtral).
     "moe": (dict(vocab_size=256, hidden_size=128, intermediate_size=88, num_layers=4, num_heads=4, num_kv_heads=2,
-                 tie_embeddings=True, num_experts=8, num_experts_per_tok=2, moe_impl="ragged",
+                 tie_embeddings=True, num_experts=8, num_experts_per_tok=2, moe_impl="auto",
                  router_aux_loss_coef=0.001), 8, 256),
 }
 # The transformers family that builds a config's torch side (default 'llama'): Qwen2's q/k/v biases need 'qwen2'.
@@ -164,7 +165,8 @@ VARIANTS = {
     # attention storing each query block's probabilities for the backward instead of recomputing them (as before)
     "attnstore": ({}, "", dict(ATTENTION_BLOCK_RECOMPUTE=False)),
     "qblock128": ({}, "", dict(ATTENTION_QUERY_BLOCK=128)),
-    # MoE configs only (run by default there): every expert on every token, one-hot combine, instead of 'ragged'
+    # MoE configs only (run by default there): jax.lax.ragged_dot, and every expert on every token (one-hot combine)
+    "ragged": (dict(moe_impl="ragged"), "", {}),
     "dense": (dict(moe_impl="dense"), "", {}),
 }
 BETA = 0.1
@@ -616,12 +618,14 @@ def profile(step_fn: "JaxStep", steps: int = 2, top: int = 15) -> None:
 # ---- the run ----
 
 def impl_keys(args: argparse.Namespace, moe_config: bool = False) -> list[str]:
-  """The rows this run times, in table order (see the module docstring); an MoE config's: jax, jax-dense, torch."""
+  """The rows this run times, in table order (see the module docstring); an MoE config's: jax, jax-ragged,
+  jax-dense, torch."""
   keys = ["jax"] + [k for k in ("jax-rows", "jax-preref") if k not in args.skip and not moe_config]
   if args.cpu_devices > 1:
     keys.append(f"jax-dp{args.cpu_devices}")
   keys += ["jax-fullattn"] * args.full_attention + ["jax-xlawgrad"] * args.xla_weight_grad
-  keys += [f"jax-{v}" for v in ["dense"] * moe_config + [v for v in args.variants if not (moe_config and v == "dense")]]
+  moe_rows = ["ragged", "dense"] if moe_config else []
+  keys += [f"jax-{v}" for v in moe_rows + [v for v in args.variants if v not in moe_rows]]
   keys += [k for k in ("torch", "trl") if k not in args.skip and not (moe_config and k == "trl")]
   if "trl" in keys and importlib.util.find_spec("trl") is None:
     print("  trl is not installed: skipping the TRL baseline (pip install -e .[bench])")
@@ -747,7 +751,8 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
   if cfg.num_experts:
     print(f"  MoE: {cfg.num_experts} experts of width {cfg.resolved_moe_intermediate_size} in layers "
           f"{list(moe.moe_layers(cfg))}, top-{cfg.num_experts_per_tok} ({flops_lib.active_params(cfg) / 1e6:.2f}M "
-          f"params active per token); rows: jax = moe_impl 'ragged', jax-dense = 'dense' (one-hot, "
+          f"params active per token); rows: jax = moe_impl {moe.resolve_impl(cfg)!r} ('auto'), jax-ragged = "
+          f"'ragged', jax-dense = 'dense' (one-hot, "
           f"{cfg.num_experts / cfg.num_experts_per_tok:g}x the experts' FLOPs), torch = transformers' Mixtral; "
           f"router aux coefficient {step.router_coefs(LOSS, cfg)[0]:g} in each", flush=True)
   need, free = 5 * 4 * n_params, host_memory.available_ram()
@@ -813,6 +818,7 @@ def run_config(name: str, args: argparse.Namespace, peak_flops: float) -> list[d
     print(f"  XLA cost_analysis of the jax step: {costs['jax'] / 1e9:.1f} GFLOP (counted: {4 * shared_fwd / 1e9:.1f})"
           + (f"; of jax-rows: {costs['jax-rows'] / 1e9:.1f} GFLOP (counted: {4 * fwd / 1e9:.1f})"
              if "jax-rows" in costs else "")
+          + (f"; of jax-ragged: {costs['jax-ragged'] / 1e9:.1f} GFLOP" if "jax-ragged" in costs else "")
           + (f"; of jax-dense: {costs['jax-dense'] / 1e9:.1f} GFLOP (all experts on every token)"
              if "jax-dense" in costs else ""), flush=True)
   med = {k: statistics.median(v) for k, v in times.items()}
@@ -887,8 +893,10 @@ def main(argv=None) -> None:
   if unknown:
     parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
   names = [args.config] if args.config else args.configs.split(",")
-  if "dense" in args.variants and not all(CONFIGS.get(n, ({},))[0].get("num_experts") for n in names):
-    parser.error("--variants dense: an MoE variant (model.moe_impl); MoE configs (e.g. --config moe) run it already")
+  for variant in ("ragged", "dense"):
+    if variant in args.variants and not all(CONFIGS.get(n, ({},))[0].get("num_experts") for n in names):
+      parser.error(f"--variants {variant}: an MoE variant (model.moe_impl); MoE configs (e.g. --config moe) run it "
+                   "already")
 
   import torch
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "

@@ -2,7 +2,9 @@
 
 Variants: `--config configs/default.py:tiny` (a very small model for tests and smoke runs), `:1b` (a ~1.1B Llama
 for a GPU or TPU: bf16 compute on accelerators, fp32 on CPU), `:lora` (DPO trains LoRA adapters, rank 8 on every
-projection, instead of all weights). The 1b variant needs a tokenizer with >= 201 tokens
+projection, instead of all weights), `:moe` (a Mixtral-style mixture of experts: 8 experts, top-2),
+`:qwen3-30b-a3b` (Qwen3-30B-A3B's shape: 128 experts, top-8, 30.5B params with 3.3B active, on 64 chips as
+expert 8 x fsdp 8; a TPU pod's plan, for `--dry_run`: docs/moe.md). The 1b variant needs a tokenizer with >= 201 tokens
 (the embedded task's fits) and is sized for an accelerator: on CPU it runs, slowly.
 Override any field from the command line, e.g. `--config.loss.beta=0.05 --config.mesh.fsdp=2`.
 """
@@ -11,8 +13,9 @@ import ml_collections
 
 from dpo_jax.sharding import DEFAULT_RULES
 
-# Logical axis name -> mesh axes of the ('data', 'fsdp', 'tensor') mesh; the first matching rule wins. The table
-# (and why each axis maps where it does) is `dpo_jax.sharding.DEFAULT_RULES`, importable without ml_collections.
+# Logical axis name -> mesh axes of the ('data', 'fsdp', 'expert', 'sequence', 'tensor') mesh; the first matching
+# rule wins. The table (and why each axis maps where it does) is `dpo_jax.sharding.DEFAULT_RULES`, importable
+# without ml_collections.
 SHARDING_RULES = DEFAULT_RULES
 
 
@@ -117,13 +120,29 @@ def get_config(arg=None):
       #                           of x and dy as its own array and runs a row-major GEMM (on XLA:CPU faster than
       #                           its strided copy of dy fused into the backward; README benchmark), 'xla' leaves
       #                           the layout to XLA; 'auto' = 'row_major' on CPU, 'xla' on GPU/TPU.
+      num_experts=0,  # mixture of experts (dpo_jax/moe.py): E SwiGLU experts per MoE layer; 0 = dense MLPs.
+      num_experts_per_tok=2,  # k: experts each token is routed to (softmax router, top-k).
+      moe_intermediate_size=None,  # each expert's hidden width; None = intermediate_size (Mixtral).
+      norm_topk_prob=True,  # renormalise the k routing weights to sum 1 (Mixtral: always; Qwen3-MoE: its flag).
+      moe_layer_step=1,  # layer i (0-based) is MoE iff (i + 1) % moe_layer_step == 0 and i is not in
+      #                    dense_layers (Qwen3-MoE's decoder_sparse_step and mlp_only_layers).
+      dense_layers=(),  # layers that keep the dense MLP (Qwen3-MoE's mlp_only_layers).
+      moe_impl="auto",  # how the experts run: 'ragged' (dropless: tokens sorted by expert through grouped
+      #                   matmuls, jax.lax.ragged_dot), 'dense' (every expert on every token, one-hot combine: E / k
+      #                   times the FLOPs, for tiny tests), 'capacity' (at most moe_capacity_factor * N k / E tokens
+      #                   per expert, the rest dropped and counted); 'auto' = 'ragged'.
+      moe_capacity_factor=1.25,  # 'capacity': slots per expert as a multiple of the balanced share N k / E (with
+      #                            mesh.expert > 1: slots per peer in the all-to-all exchange).
+      router_aux_loss_coef=0.0,  # the checkpoint's load-balancing coefficient (HF router_aux_loss_coef); the
+      #                            default of loss.router_aux_coef.
   ))
 
   c.hf = ml_collections.ConfigDict(dict(
       model_path="",  # '' = a random init of config.model; else a local HF checkpoint folder (safetensors) whose
       #                 architecture and weights start the run; config.model then only sets param_dtype,
       #                 compute_dtype, matmul_precision, remat, scan_layers, logits_chunk_size,
-      #                 weight_grad_gemm, attention_impl and context_*. Also the tokenizer if data.tokenizer=''.
+      #                 weight_grad_gemm, attention_impl, context_*, moe_impl and moe_capacity_factor. Also the
+      #                 tokenizer if data.tokenizer=''.
       reference_path="",  # '' = pi_ref is where DPO starts (the SFT result, else hf.model_path); else a separate HF
       #                     checkpoint folder (e.g. an SFT model) loaded as the frozen pi_ref.
       export=False,  # after DPO, write the policy as an HF folder (config.json, safetensors, tokenizer) that
@@ -154,6 +173,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # data-parallel replicas; -1 = all devices not used by the other axes.
       fsdp=1,  # params, grads and optimizer state sharded over this axis (ZeRO-3 style).
+      expert=1,  # expert parallelism: an MoE model's experts split over this axis, tokens exchanged all-to-all
+      #            (dpo_jax/moe.py); it also splits the batch, like data. Must divide model.num_experts.
       sequence=1,  # context parallelism: each sequence's tokens sharded over this axis (MaxText's 'sequence'),
       #              attention across it by model.context_parallel; for pairs too long for one device's memory.
       tensor=1,  # tensor parallelism over heads / MLP / vocab.
@@ -168,6 +189,10 @@ def get_config(arg=None):
       types=(),  # non-empty: a weighted sum of these LOSSES keys instead of loss.type, e.g. ('sigmoid', 'sft').
       weights=(),  # one weight per loss.types entry; () = all 1.0.
       beta=0.1,  # strength of the KL constraint; the implicit reward is beta * log(pi / pi_ref).
+      router_aux_coef=ml_collections.config_dict.placeholder(float),  # MoE models: the router's load-balancing
+      #                 loss (transformers' load_balancing_loss_func over the policy's forward, padding masked) times
+      #                 this is added to every loss type; None = model.router_aux_loss_coef (the checkpoint's).
+      router_z_coef=0.0,  # MoE models: ST-MoE's router z-loss (mean logsumexp(router logits)^2) times this.
       label_smoothing=0.0,  # eps of the label-noise variants (sigmoid = cDPO, robust, exo_pair, aot, simpo),
       #                       in [0, 0.5); an error for types that do not use it.
       f_divergence_type="reverse_kl",  # f-DPO (Wang 2023): 'reverse_kl' (DPO), 'forward_kl', 'js_divergence' or
@@ -308,6 +333,19 @@ def get_config(arg=None):
     c.batch_size = 8
   elif arg == "lora":  # DPO with rank-8 adapters on every projection of the pi_ref that SFT makes
     c.lora.update(rank=8, alpha=16.0, targets=("all-linear",))  # same lr as full fine-tuning (README: LoRA DPO)
+  elif arg == "moe":  # a Mixtral-style mixture of experts (8 experts, top-2, every layer), the default's other sizes
+    c.model.update(intermediate_size=88, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001)
+  elif arg == "qwen3-30b-a3b":  # Qwen3-30B-A3B's shape (HF config.json); 64 chips: v5p-128 (v5p-N counts cores)
+    c.model.update(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                   num_kv_heads=4, head_dim=128, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                   tie_embeddings=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                   norm_topk_prob=True, router_aux_loss_coef=0.001, compute_dtype="auto", scan_layers=True)
+    c.max_length, c.max_prompt_length = 4096, 2048
+    c.batch_size = 64  # one pair per device: the batch splits over data x fsdp x expert
+    c.sft.batch_size = 64
+    # experts over 'expert' (16 per chip), everything over 'fsdp': the rest of the devices (8 of 64, 4 of 32)
+    c.mesh.update(data=1, fsdp=-1, expert=8)
+    c.perf.device_memory_gib = 95.0  # a TPU v5p chip's HBM: the dry run says whether the plan fits
   elif arg not in (None, ""):
-    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny, 1b, lora.")
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use one of: tiny, 1b, lora, moe, qwen3-30b-a3b.")
   return c

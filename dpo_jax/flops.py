@@ -11,6 +11,11 @@ Counting rules, per forward pass over a batch (`forward_flops`), FLOPs = 2 x mul
 
   dense       2 * L * (D * hd * (2H + 2K) + 3 * D * F) per token that goes through the layers: q, k, v, o
               projections (H query heads, K key/value heads of width hd) and the gated MLP (gate, up, down).
+              A mixture-of-experts layer (`moe.is_moe_layer`) replaces 3 * D * F by its router and the k experts
+              the token is routed to: D * E + k * 3 * D * Fe (E experts of hidden width Fe =
+              `resolved_moe_intermediate_size`, k = `num_experts_per_tok`); the other E - k experts cost the token
+              nothing. So a token costs 2 x the *active* matmul params (`layer_matmul_params`, `active_params`),
+              not the total (`total_params`): Qwen3-30B-A3B has 30.5B params, 3.3B active.
   LM head     2 * D * V per position the head runs on (what logprobs.sequence_logps does):
                 rows layout (`input_ids` [N, T], no `prompt_ids`; SFT, DPO, ranked, packed): all N * T positions
                   (the logits of the last column are computed and then dropped);
@@ -27,6 +32,11 @@ Counting rules, per forward pass over a batch (`forward_flops`), FLOPs = 2 x mul
               `pack_slots`) are counted as causal over the whole row, L (L + 1) / 2, not the smaller sum over
               segments: the kernels skip work above the diagonal only and apply the segment mask inside the triangle.
   not counted embedding lookups, norms, RoPE, softmax, the loss and the optimizer update (all O(D) per token).
+
+Model FLOPs, not executed FLOPs: `moe_impl='dense'` (`moe.dense_experts`, for tiny tests) runs all E experts on
+every token, E / k times the experts' FLOPs counted here, and `'capacity'` computes its padding slots; MFU still
+counts the k routed experts (a faster kernel does the same model work). `dense_flops_per_token(cfg,
+executed=True)` counts E experts per token for `moe_impl='dense'`: what the hardware does (XLA's cost analysis).
 
 Padding tokens count like real ones: the step computes them. A train step (`train_step_flops`) is a policy forward
 and its backward (twice the forward: gradients of activations and of weights), 3 forwards, plus one reference
@@ -48,7 +58,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import model
+from dpo_jax import model, moe
 
 # Published dense bf16 peak FLOP/s of one device (NVIDIA lists tensor-core rates with 2:4 sparsity; these are half).
 # Keys are matched as case-insensitive substrings of `jax.Device.device_kind`, first match in this order, so a
@@ -98,12 +108,52 @@ def _shape(x: Any) -> tuple[int, ...]:
   return tuple(int(n) for n in x.shape)
 
 
-def dense_flops_per_token(cfg: model.ModelConfig) -> float:
-  """FLOPs of the layers' projections and MLPs for one token, all layers (no LM head, no attention scores)."""
+def experts_per_token(cfg: model.ModelConfig, *, executed: bool = False) -> int:
+  """Experts one token runs through in an MoE layer: k (`num_experts_per_tok`, the model FLOPs), or with `executed`
+  and `moe_impl='dense'` all E (that kernel runs every expert on every token)."""
+  return cfg.num_experts if executed and moe.resolve_impl(cfg) == "dense" else cfg.num_experts_per_tok
+
+
+def mlp_matmul_params(cfg: model.ModelConfig, layer: int, *, executed: bool = False) -> int:
+  """Weights one token multiplies by in layer `layer`'s MLP: 3 D F (gate, up, down) for a dense MLP; for an MoE
+  layer the router D E plus 3 D Fe for each of `experts_per_token` experts (no biases: they are not matmuls)."""
+  d = cfg.hidden_size
+  if not moe.is_moe_layer(cfg, layer):
+    return 3 * d * cfg.intermediate_size
+  return d * cfg.num_experts + experts_per_token(cfg, executed=executed) * 3 * d * cfg.resolved_moe_intermediate_size
+
+
+def layer_matmul_params(cfg: model.ModelConfig, *, executed: bool = False) -> int:
+  """Projection weights one token multiplies by, all layers: q, k, v, o and each layer's MLP (`mlp_matmul_params`);
+  no embedding, LM head or norms. With MoE layers these are the active ones (k of E experts)."""
   d, hd = cfg.hidden_size, cfg.resolved_head_dim
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = 3 * d * cfg.intermediate_size
-  return 2.0 * cfg.num_layers * (attn + mlp)
+  return sum(attn + mlp_matmul_params(cfg, i, executed=executed) for i in range(cfg.num_layers))
+
+
+def dense_flops_per_token(cfg: model.ModelConfig, *, executed: bool = False) -> float:
+  """FLOPs of the layers' projections and MLPs for one token, all layers (no LM head, no attention scores): 2 x
+  `layer_matmul_params`, MoE layers counting their router and k routed experts. `executed`: E experts for
+  `moe_impl='dense'` (module docstring; not model FLOPs, so not what MFU counts)."""
+  return 2.0 * layer_matmul_params(cfg, executed=executed)
+
+
+def total_params(cfg: model.ModelConfig) -> int:
+  """Every param of the model (`model.count_params` of its abstract params): embedding, layers, all E experts of
+  each MoE layer, norms, LM head."""
+  return model.count_params(model.abstract_params(cfg))
+
+
+def inactive_params(cfg: model.ModelConfig) -> int:
+  """Params a token never touches: the E - k experts it is not routed to, in every MoE layer (0 for dense models)."""
+  unused = cfg.num_experts - cfg.num_experts_per_tok
+  return len(moe.moe_layers(cfg)) * unused * 3 * cfg.hidden_size * cfg.resolved_moe_intermediate_size
+
+
+def active_params(cfg: model.ModelConfig) -> int:
+  """Params one token uses in a forward: `total_params` less the E - k unrouted experts of each MoE layer
+  (`inactive_params`); equal to `total_params` for a dense model. Qwen3-30B-A3B: 30.5B total, 3.3B active."""
+  return total_params(cfg) - inactive_params(cfg)
 
 
 def head_flops_per_position(cfg: model.ModelConfig) -> float:
@@ -150,20 +200,38 @@ def _forward_parts(cfg: model.ModelConfig, batch: Mapping[str, Any]) -> tuple[fl
           attention_flops_per_pair(cfg) * pairs, float(tokens))
 
 
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # LoRA targets of the dense MLP (lora.TARGETS)
+
+
 def adapter_flops_per_token(cfg: model.ModelConfig, spec: Any) -> float:
-  """FLOPs of the LoRA updates `x A B` for one token, all layers: 2 r (in + out) per adapted projection."""
+  """FLOPs of the LoRA updates `x A B` for one token, all layers: 2 r (in + out) per adapted projection. Attention
+  targets adapt every layer, the dense MLP's (`MLP_TARGETS`) the dense layers only, the experts' ('experts.gate_proj',
+  ...) the MoE layers, once for each of the token's k routed experts."""
   d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+  fe = cfg.resolved_moe_intermediate_size
   q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
   dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, f),
-          "up_proj": (d, f), "down_proj": (f, d)}
-  return 2.0 * cfg.num_layers * sum(spec.rank * sum(dims[t]) for t in spec.targets)
+          "up_proj": (d, f), "down_proj": (f, d), "experts.gate_proj": (d, fe), "experts.up_proj": (d, fe),
+          "experts.down_proj": (fe, d)}
+  total = 0
+  for layer in range(cfg.num_layers):
+    is_moe = moe.is_moe_layer(cfg, layer)
+    for t in spec.targets:
+      if t.startswith("experts."):
+        total += cfg.num_experts_per_tok * sum(dims[t]) if is_moe else 0
+      elif t in MLP_TARGETS:
+        total += 0 if is_moe else sum(dims[t])
+      else:
+        total += sum(dims[t])
+  return 2.0 * spec.rank * total
 
 
 def train_step_flops(cfg: model.ModelConfig, batch: Mapping[str, Any], *, reference: bool,
                      lora: Any | None = None) -> float:
   """Model FLOPs of one optimizer step over the global `batch`: policy forward + backward (3 forwards), plus one
   reference forward if `reference` (pi_ref runs in the step; not with precomputed log-probs or reference-free
-  losses). The same for any number of gradient-accumulation micro-batches.
+  losses). The same for any number of gradient-accumulation micro-batches. MoE layers count their router and the k
+  routed experts of each token (`active_params`), whatever `moe_impl` executes: these are the FLOPs MFU divides.
 
   LoRA (`lora`: a `lora.LoraSpec`): the frozen weights get no gradient, so the projections and LM head cost a
   forward and an input gradient (2 forwards, not 3); attention scores still 3 (they hold no weights); the

@@ -61,7 +61,8 @@ def router_sum_keys(model_cfg: Any) -> tuple[str, ...]:
   assignments per expert; 1 = balanced). Empty for a dense model."""
   if not getattr(model_cfg, "num_experts", 0):
     return ()
-  return ("router/aux", "router/z", "router/dropped") + tuple(f"router/load/layer_{i}" for i in moe.moe_layers(model_cfg))
+  layers = tuple(f"router/load/layer_{i}" for i in moe.moe_layers(model_cfg))
+  return ("router/aux", "router/z", "router/dropped") + layers
 
 
 def router_coefs(loss_cfg: Mapping[str, Any], model_cfg: Any) -> tuple[float, float]:

@@ -6,6 +6,11 @@ without pi_ref: precomputed reference log-probs or a reference-free loss), and t
 temporaries (activations, gradients and workspace: XLA's `memory_analysis().temp_size_in_bytes` of the
 per-device SPMD program, compiled from abstract shapes, so no array is ever allocated).
 
+A mixture-of-experts model (`model.num_experts > 0`) prints its total and active params (each token uses the
+router and k of E experts: the count MFU's model FLOPs rest on, `flops.active_params`) and the experts' share of
+the params: their kernels (logical axes ('expert', 'embed', 'mlp')) split over the mesh's expert x fsdp x tensor
+devices, the other params over fsdp x tensor.
+
 With LoRA (`config.lora.rank > 0`) it prints both columns, LoRA and full fine-tuning on the same mesh: LoRA holds
 the base once (it is pi_ref too), the adapters and their optimizer moments, and compiles its own step.
 
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import logprobs, lora as lora_lib, losses, model as model_lib, sharding, step
+from dpo_jax import flops, logprobs, lora as lora_lib, losses, model as model_lib, moe, sharding, step
 
 GiB = 1024 ** 3
 
@@ -149,7 +154,8 @@ def _table(header: tuple, rows: list[tuple]) -> str:
 def report(config: Any, *, compile_step: bool = True) -> dict:
   """Print the dry-run tables for `config` on the mesh over this process's devices; return the numbers.
 
-  Returned keys (per-device bytes unless noted): num_params (count), params, optimizer, reference,
+  Returned keys (per-device bytes unless noted): num_params and active_params (counts; equal for a dense model),
+  params, expert_params (the MoE experts' part of params), optimizer, reference,
   activations (compiled temporaries; None if `compile_step=False`), total, mesh (axis sizes); with LoRA also
   'lora': {num_adapters (count), params (the frozen base), adapters, optimizer, reference (0), activations, total}.
   """
@@ -166,14 +172,21 @@ def report(config: Any, *, compile_step: bool = True) -> dict:
   rows = param_rows(model_cfg, mesh, rules)
   num_params = sum(math.prod(r.shape) for r in rows)
   params_bytes = sum(r.device_bytes for r in rows)
+  active = num_params - flops.inactive_params(model_cfg)  # MoE: the k routed experts of E, what MFU counts
+  expert_rows = [r for r in rows if "expert" in r.logical_axes]
+  expert_bytes = sum(r.device_bytes for r in expert_rows)
   state_sh = step.state_shardings(model_cfg, optimizer, mesh, rules)
   abstract_opt = jax.eval_shape(optimizer.init, model_lib.abstract_params(model_cfg))
   opt_bytes = tree_device_bytes(abstract_opt, state_sh.opt_state)
   moving_reference = with_reference and config.ref_update.mode != "off"  # TR-DPO keeps pi_ref and a moving copy
   ref_bytes = params_bytes * (2 if moving_reference else 1) if with_reference else 0
 
-  print(f"dry run: {num_params:,} params ({model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab "
-        f"{model_cfg.vocab_size}); mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+  moe_note = ""
+  if model_cfg.num_experts:
+    moe_note = (f", {active:,} active ({model_cfg.num_experts_per_tok} of {model_cfg.num_experts} experts in "
+                f"{len(moe.moe_layers(model_cfg))} MoE layers)")
+  print(f"dry run: {num_params:,} params{moe_note} ({model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+        f"vocab {model_cfg.vocab_size}); mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s); batch {config.batch_size} pairs x {config.max_length} tokens"
         f"{' (packed, ' + str(config.data.pairs_per_row) + ' pairs per row)' if config.data.packing else ''}; loss {loss_type}")
   print(_table(("param", "shape", "dtype", "logical axes", "spec", "per-device shape", "per device"),
@@ -194,18 +207,33 @@ def report(config: Any, *, compile_step: bool = True) -> dict:
   why_ref = ("pi_ref and its moving copy (ref_update)" if moving_reference else
              "pi_ref held beside the policy" if with_reference else
              "none: precomputed reference log-probs" if config.data.reference_logps else "none: reference-free loss")
-  memory = [("params", _fmt_bytes(params_bytes), str(model_cfg.param_dtype)),
-            ("optimizer state", _fmt_bytes(opt_bytes), "config.optim's moments, sharded like the params"),
-            ("reference params", _fmt_bytes(ref_bytes), why_ref)]
+  memory = [("params", _fmt_bytes(params_bytes), str(model_cfg.param_dtype))]
+  if expert_rows:
+    split = math.prod(mesh.shape[a] for a in ("expert", "fsdp", "tensor"))
+    memory.append(("  of which experts", _fmt_bytes(expert_bytes),
+                   f"{sum(math.prod(r.shape) for r in expert_rows):,} params ('expert', 'embed', 'mlp') over "
+                   f"expert x fsdp x tensor = {split} devices"))
+  memory += [("optimizer state", _fmt_bytes(opt_bytes), "config.optim's moments, sharded like the params"),
+             ("reference params", _fmt_bytes(ref_bytes), why_ref)]
   if activations is not None:
     memory.append(("activations + grads (step temporaries)", _fmt_bytes(activations),
-                   f"compiled train step, grad_accum_steps={config.optim.grad_accum_steps}, "
+                   f"compiled train step (the grads, ~{_fmt_bytes(params_bytes)} like the params, among them), "
+                   f"grad_accum_steps={config.optim.grad_accum_steps}, "
                    f"remat={model_cfg.remat}, logits_chunk_size={model_cfg.logits_chunk_size}"))
   total = params_bytes + opt_bytes + ref_bytes + (activations or 0)
   memory.append(("total", _fmt_bytes(total), ""))
-  out = {"num_params": num_params, "params": params_bytes, "optimizer": opt_bytes, "reference": ref_bytes,
-         "activations": activations, "total": total, "mesh": dict(mesh.shape)}
+  out = {"num_params": num_params, "active_params": active, "params": params_bytes, "expert_params": expert_bytes,
+         "optimizer": opt_bytes, "reference": ref_bytes, "activations": activations, "total": total,
+         "mesh": dict(mesh.shape)}
   spec = lora_lib.spec_from_config(config.get("lora"))
+  # Expert parallelism runs its local experts through ragged_dot whatever moe_impl says (moe.expert_parallel).
+  cpu_ragged = model_lib.backend(model_cfg) == "cpu" and (moe.resolve_impl(model_cfg) == "ragged"
+                                                          or mesh.shape["expert"] > 1)
+  if compile_step and expert_rows and cpu_ragged:
+    local = model_cfg.num_experts // mesh.shape["expert"]
+    print(f"note: XLA:CPU runs jax.lax.ragged_dot as a masked dense product over all {local} local experts, so the "
+          "MoE step temporaries below overstate a TPU's or GPU's (grouped matmuls); compile for a TPU slice with "
+          "config.dry_run.topology (docs/moe.md).")
   if spec is None:
     print("\nper-device memory of the DPO stage:")
     print(_table(("what", "per device", "note"), memory))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import jax
 
-from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, optim, sharding, step
+from dpo_jax import flops, lora as lora_lib, losses, model as model_lib, moe, optim, sharding, step
 from dpo_jax.data import preference, schemas, synthetic, unpaired
 from dpo_jax.interop import hf
 from dpo_jax.interop.hf import peft as peft_io
@@ -219,7 +219,8 @@ def build_runtime(config: Any, workdir: str, vocab_needed: int) -> Runtime:
 
 # What config.model still decides when the architecture comes from an HF checkpoint.
 NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "matmul_precision", "remat", "scan_layers", "logits_chunk_size",
-                   "weight_grad_gemm", "attention_impl", "context_parallel", "context_load_balance")
+                   "weight_grad_gemm", "attention_impl", "context_parallel", "context_load_balance", "moe_impl",
+                   "moe_capacity_factor")
 
 
 def model_config(config: Any, platform: str = "", devices: int | None = None,
@@ -266,7 +267,10 @@ def resolve_remat(config: Any, cfg: model_lib.ModelConfig, devices: int | None =
 
   Saved activations are estimated per token and layer as (6 D + 2 K hd + 4 I) values in the compute dtype (the
   norms' inputs and outputs, q / k / v, the attention output, the MLP's gate, up, activation and product), for the
-  2 x batch_size x max_length tokens of a step split over the devices that split the batch (and the sequence).
+  2 x batch_size x max_length tokens of a step split over the devices that split the batch (and the sequence). An
+  MoE layer's MLP instead saves R (3 D + 4 Fe) values per token (`moe_rows_per_token`: the token's R expert rows,
+  their input, output and exchange buffers of width D and the gate, up, activation and product of width Fe). The
+  experts' weights are split over expert x fsdp x tensor, the other params over fsdp x tensor.
   """
   devices = devices or jax.device_count()
   if device_bytes is None:
@@ -277,21 +281,43 @@ def resolve_remat(config: Any, cfg: model_lib.ModelConfig, devices: int | None =
     shape = sharding.resolve_mesh_shape(config.mesh, devices)
   except ValueError:  # a mesh for other devices (validated where the mesh is built): all of them split the batch
     shape = tuple(devices if a == "data" else 1 for a in sharding.MESH_AXES)
-  data, fsdp, sequence, tensor = (shape[sharding.MESH_AXES.index(a)] for a in ("data", "fsdp", "sequence", "tensor"))
+  data, fsdp, expert, sequence, tensor = (shape[sharding.MESH_AXES.index(a)]
+                                          for a in ("data", "fsdp", "expert", "sequence", "tensor"))
   compute = 2 if cfg.compute_dtype == "bfloat16" else 4
   tokens = 2 * config.batch_size * config.max_length / max(config.optim.get("grad_accum_steps", 1), 1)
-  tokens /= data * fsdp * sequence
+  tokens /= data * fsdp * expert * sequence
   hd = cfg.resolved_head_dim
-  per_token = (6 * cfg.hidden_size + 2 * cfg.num_kv_heads * hd + 4 * cfg.intermediate_size) * compute
-  activations = cfg.num_layers * tokens * per_token / tensor
+  moe_layers = len(moe.moe_layers(cfg))
+  mlp = ((cfg.num_layers - moe_layers) * 4 * cfg.intermediate_size + moe_layers * moe_rows_per_token(cfg, expert)
+         * (3 * cfg.hidden_size + 4 * cfg.resolved_moe_intermediate_size))  # values per token, all layers' MLPs
+  per_token = (cfg.num_layers * (6 * cfg.hidden_size + 2 * cfg.num_kv_heads * hd) + mlp) * compute
+  activations = tokens * per_token / tensor
   params = model_lib.count_params(model_lib.abstract_params(cfg))
+  experts = moe_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.resolved_moe_intermediate_size
   param_bytes = 2 if cfg.param_dtype == "bfloat16" else 4
-  static = params * (3 * param_bytes + 8) / (fsdp * tensor)  # policy, grads, pi_ref + two fp32 moments
+  # policy, grads, pi_ref + two fp32 moments; expert kernels ('expert', 'embed', 'mlp') also split over 'expert'
+  static = (params - experts + experts / expert) * (3 * param_bytes + 8) / (fsdp * tensor)
   left = device_bytes - static
   remat = "none" if activations <= 0.5 * left else "full"
   return remat, (f"'auto': {remat!r} (~{activations / 2 ** 30:.2f} GiB of saved activations per device "
                  f"{'<=' if remat == 'none' else '>'} half of the {left / 2 ** 30:.2f} GiB left of "
                  f"{device_bytes / 2 ** 30:.2f} GiB ({source}) after params, AdamW, grads and pi_ref)")
+
+
+def moe_rows_per_token(cfg: model_lib.ModelConfig, expert_parallel: int) -> float:
+  """Expert rows an MoE layer computes and keeps per token (`moe.py`'s kernels): k for 'ragged' on one device,
+  min(k, E / ep) x `expert_parallel` with the dropless exchange over mesh.expert = ep > 1 (every peer's buffer has
+  room for N min(k, E / ep) rows, `moe.expert_parallel`: measured, Qwen3-30B-A3B's step on v5p-128 without remat
+  needs 451 GiB of temporaries per chip), k x moe_capacity_factor for 'capacity', E for 'dense' (every expert on
+  every token)."""
+  impl, k = moe.resolve_impl(cfg), cfg.num_experts_per_tok
+  if impl == "dense":
+    return float(cfg.num_experts)
+  if impl == "capacity":
+    return k * cfg.moe_capacity_factor
+  if expert_parallel > 1:
+    return float(min(k, cfg.num_experts // expert_parallel) * expert_parallel)
+  return float(k)
 
 
 @startup.timed("load")

@@ -222,9 +222,11 @@ def report(config: Any) -> dict:
   capacity = (override or topo.chip.hbm_gib) * GiB
   model_cfg = runtime.model_config(config, platform="tpu", devices=len(devices), device_bytes=capacity)
   steps = stage_steps(config)
+  active = (f", {flops_lib.active_params(model_cfg):,} active ({model_cfg.num_experts_per_tok} of "
+            f"{model_cfg.num_experts} experts)" if model_cfg.num_experts else "")
   print(f"TPU dry run: {topo.describe()}; mesh {dict(mesh.shape)}; "
-        f"{model_lib.count_params(model_lib.abstract_params(model_cfg)):,} params ({model_cfg.num_layers} layers, "
-        f"hidden {model_cfg.hidden_size}, vocab {model_cfg.vocab_size}, {model_cfg.compute_dtype} compute, "
+        f"{model_lib.count_params(model_lib.abstract_params(model_cfg)):,} params{active} ({model_cfg.num_layers} "
+        f"layers, hidden {model_cfg.hidden_size}, vocab {model_cfg.vocab_size}, {model_cfg.compute_dtype} compute, "
         f"remat={model_cfg.remat}, scan_layers={model_cfg.scan_layers}); batch {config.batch_size} pairs x "
         f"{config.max_length} tokens; compiling {', '.join(steps)} with libtpu", flush=True)
   reports = compile_steps(config, mesh, model_cfg, steps)

@@ -87,10 +87,10 @@ def test_the_moe_config_builds_the_same_mixtral_in_torch():
 
 @pytest.mark.slow  # ~30 s on a 2-core CPU: three steps compiled or built, in one process
 def test_the_moe_config_times_ragged_dense_and_mixtral(monkeypatch, capsys):
-  """`--config moe` at a smoke size, in one process: its three rows (ours ragged, ours dense one-hot, torch's
-  Mixtral) each print the first DPO loss log 2 and the router aux loss they add, with one coefficient; the two jax
-  rows route identically, torch's aux differs only by its layout (each prompt counted twice); the table has exactly
-  those three rows with a ratio to torch."""
+  """`--config moe` at a smoke size, in one process: its four rows (ours 'auto' = tiled on CPU, ragged, dense
+  one-hot, torch's Mixtral) each print the first DPO loss log 2 and the router aux loss they add, with one
+  coefficient; the jax rows route identically, torch's aux differs only by its layout (each prompt counted twice);
+  the table has exactly those four rows with a ratio to torch."""
   monkeypatch.setitem(bench.CONFIGS, "moe", (dict(bench.CONFIGS["moe"][0], num_layers=2), 2, 32))
   monkeypatch.setattr(bench, "measure_peak", lambda dtype: {"jax": 1e11, "torch": 1e11})
   bench.main(["--config", "moe", "--repeats", "1", "--no-isolate"])
@@ -99,17 +99,17 @@ def test_the_moe_config_times_ragged_dense_and_mixtral(monkeypatch, capsys):
   assert "router aux coefficient 0.001 in each" in out, out
   assert "torch: MixtralForCausalLM, experts_implementation" in out, out
   aux = {}
-  for key in ("jax", "jax-dense", "torch"):
+  for key in ("jax", "jax-ragged", "jax-dense", "torch"):
     (line,) = [line for line in out.splitlines() if line.startswith(f"  warm-up: {key} done")]
     assert "first loss 0.6931" in line, line
     aux[key] = float(line.split("router aux loss ")[1].split(";")[0])
-  assert aux["jax"] == pytest.approx(aux["jax-dense"], rel=1e-5)
+  assert aux["jax"] == pytest.approx(aux["jax-dense"], rel=1e-5) == pytest.approx(aux["jax-ragged"], rel=1e-5)
   assert aux["torch"] == pytest.approx(aux["jax"], rel=0.02) and aux["jax"] > 1.0, aux
   table = [line.split() for line in out.splitlines() if line.startswith("moe ")]
-  assert [row[1] for row in table] == ["jax", "jax-dense", "torch"], out
+  assert [row[1] for row in table] == ["jax", "jax-ragged", "jax-dense", "torch"], out
   for row in table:  # step s, tokens/s and x torch are positive numbers; torch's ratio to itself is 1
     assert float(row[2]) > 0 and float(row[4]) > 0 and float(row[5]) > 0, row
-  assert float(table[2][5]) == 1.0
+  assert float(table[3][5]) == 1.0
 
 
 def test_the_dense_variant_needs_an_moe_config(capsys):

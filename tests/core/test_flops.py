@@ -148,3 +148,81 @@ def test_mfu_arithmetic():
   assert flops.mfu(4e12, 2.0, 1e12, 4) == pytest.approx(0.5)
   assert math.isnan(flops.mfu(4e12, 0.0, 1e12, 4))
   assert math.isnan(flops.mfu(4e12, 2.0, 0.0, 4))
+
+
+# Mixture of experts: CFG's dense sizes, E = 4 experts of width Fe = 6, k = 2, layer 1 MoE and layer 0 dense
+# (moe_layer_step 2: layer i is MoE iff (i + 1) % 2 == 0).
+MOE_CFG = model.ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                            num_kv_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=6,
+                            moe_layer_step=2)
+# Matmul params a token uses: attention 8 * 4 * (2 * 2 + 2 * 1) = 192 per layer; layer 0's dense MLP 3 * 8 * 16 = 384;
+# layer 1's router 8 * 4 = 32 + k experts 2 * 3 * 8 * 6 = 288: 320. 192 * 2 + 384 + 320 = 1088 -> 2176 FLOPs / token.
+# All E = 4 experts (moe_impl='dense' executes them): 32 + 4 * 144 = 608, 192 * 2 + 384 + 608 = 1376 -> 2752.
+
+
+def test_moe_layers_count_the_router_and_k_experts_by_hand():
+  assert flops.layer_matmul_params(MOE_CFG) == 1088
+  assert flops.dense_flops_per_token(MOE_CFG) == 2176
+  # rows [4, 6]: 2176 * 24 + 512 * 24 + 64 * 84 = 52224 + 12288 + 5376 = 69888 (LM head and attention as dense)
+  assert flops.forward_flops(MOE_CFG, shapes(input_ids=(4, 6))) == 69888
+  assert flops.train_step_flops(MOE_CFG, shapes(input_ids=(4, 6)), reference=True) == 4 * 69888
+
+
+def test_model_flops_do_not_follow_the_expert_kernel_but_executed_flops_do():
+  import dataclasses
+  for impl in ("auto", "ragged", "capacity", "dense"):
+    assert flops.dense_flops_per_token(dataclasses.replace(MOE_CFG, moe_impl=impl)) == 2176, impl
+  assert flops.dense_flops_per_token(dataclasses.replace(MOE_CFG, moe_impl="dense"), executed=True) == 2752
+  assert flops.dense_flops_per_token(dataclasses.replace(MOE_CFG, moe_impl="ragged"), executed=True) == 2176
+
+
+def test_total_and_active_params_by_hand():
+  # embedding 32 * 8 = 256, LM head 256 (untied), norms 2 * 2 * 8 + 8 = 40, attention 2 * 192 = 384, layer 0's
+  # MLP 384, layer 1's router 32 and experts 4 * 3 * 8 * 6 = 576: 1928. A token skips E - k = 2 experts: 2 * 144.
+  assert flops.total_params(MOE_CFG) == 1928
+  assert flops.inactive_params(MOE_CFG) == 288
+  assert flops.active_params(MOE_CFG) == 1640
+
+
+def test_dense_models_are_unchanged():
+  assert flops.layer_matmul_params(CFG) * 2 == flops.dense_flops_per_token(CFG) == 2304
+  assert flops.dense_flops_per_token(CFG, executed=True) == 2304
+  assert flops.inactive_params(CFG) == 0
+  assert flops.active_params(CFG) == flops.total_params(CFG) == 32 * 8 * 2 + 2 * (192 + 384 + 16) + 8
+
+
+def test_qwen3_30b_a3b_has_30_5b_params_and_3_3b_active():
+  # Qwen3-30B-A3B's model card: 30.5B params, 3.3B activated. Embedding and head 151936 * 2048 each; per layer q, o
+  # 2048 * 4096, k, v 2048 * 512, router 2048 * 128, 128 experts of 3 * 2048 * 768; norms (qk_norm: 2 * 128 more).
+  cfg = model.ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                          num_kv_heads=4, head_dim=128, qk_norm=True, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, scan_layers=True)
+  per_layer = 2 * 2048 * 4096 + 2 * 2048 * 512 + 2048 * 128 + 128 * 3 * 2048 * 768 + 2 * 2048 + 2 * 128
+  assert flops.total_params(cfg) == 2 * 151936 * 2048 + 48 * per_layer + 2048 == 30_532_122_624
+  assert flops.active_params(cfg) == 30_532_122_624 - 48 * 120 * 3 * 2048 * 768 == 3_353_032_704
+
+
+def test_a_lora_step_with_expert_adapters_by_hand():
+  # rank 2 on q_proj (8 -> 8, both layers: 2 * 16), gate_proj (8 -> 16, the dense layer 0 only: 24) and
+  # experts.down_proj (6 -> 8, MoE layer 1, once per routed expert: 2 * 14): 2 * r * (32 + 24 + 28) = 336 / token.
+  from dpo_jax import lora
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "gate_proj", "experts.down_proj"))
+  assert flops.adapter_flops_per_token(MOE_CFG, spec) == 336
+
+
+def test_executed_moe_flops_match_xla_cost_analysis_of_the_dense_expert_kernel():
+  # moe_impl='dense' multiplies every token by all E experts: XLA's count is the executed count, not the model's.
+  cfg = model.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
+                          num_kv_heads=2, attention_impl="xla", weight_grad_gemm="xla", num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=128, moe_impl="dense")
+  decoder = model.make_model(cfg)
+  ids_NxT = jnp.zeros((4, 16), jnp.int32)
+  forward = lambda p, ids: decoder.apply({"params": p}, ids, ids, jnp.ones_like(ids))
+  cost = jax.jit(forward).lower(model.abstract_params(cfg), ids_NxT).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  tokens, square_minus_triangle = 64, 4 * (16 * 16 - 16 * 17 // 2)
+  executed = (flops.forward_flops(cfg, {"input_ids": ids_NxT}) + flops.attention_flops_per_pair(cfg) *
+              square_minus_triangle + (flops.dense_flops_per_token(cfg, executed=True) -
+                                       flops.dense_flops_per_token(cfg)) * tokens)
+  assert executed == pytest.approx(cost["flops"], rel=0.05), (executed, cost["flops"])
+  assert flops.forward_flops(cfg, {"input_ids": ids_NxT}) < 0.8 * cost["flops"]  # the model count is k of E

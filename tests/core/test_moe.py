@@ -41,17 +41,26 @@ def test_router_picks_renormalised_top_k():
   np.testing.assert_allclose(w_raw[0], np.exp([2.0, 1.0]) / np.exp([2.0, 1.0, 0.0, -1.0]).sum(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["dense", "capacity"])
+@pytest.mark.parametrize("impl", ["tiled", "dense", "capacity"])
 def test_kernels_match_dropless(impl):
   params = model_lib.init_params(CFG, jax.random.key(0))
-  ragged, _ = _forward(CFG, params)
-  other, _ = _forward(dataclasses.replace(CFG, moe_impl=impl, moe_capacity_factor=8.0), params)
+  ragged_cfg = dataclasses.replace(CFG, moe_impl="ragged")
+  other_cfg = dataclasses.replace(CFG, moe_impl=impl, moe_capacity_factor=8.0)
+  ragged, _ = _forward(ragged_cfg, params)
+  other, _ = _forward(other_cfg, params)
   np.testing.assert_allclose(other, ragged, rtol=1e-5, atol=1e-6)
   grad = lambda cfg: jax.grad(lambda p: jnp.sum(model_lib.make_model(cfg).apply({"params": p}, *_inputs()) ** 2))(
       params)
-  for a, b in zip(jax.tree.leaves(grad(dataclasses.replace(CFG, moe_impl=impl, moe_capacity_factor=8.0))),
-                  jax.tree.leaves(grad(CFG))):
+  for a, b in zip(jax.tree.leaves(grad(other_cfg)), jax.tree.leaves(grad(ragged_cfg))):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_auto_is_tiled_on_cpu_and_ragged_on_accelerators():
+  assert moe.resolve_impl(CFG) == "tiled"
+  for platform in ("tpu", "gpu"):
+    assert moe.resolve_impl(dataclasses.replace(CFG, platform=platform)) == "ragged"
+  # A group that fills tiles unevenly: the padded layout still holds every assignment once.
+  assert moe.tile_rows(54, 8) == 8 and moe.tile_rows(10_000, 8) == 64
 
 
 def test_capacity_drops_and_counts():

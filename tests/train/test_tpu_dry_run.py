@@ -42,7 +42,7 @@ def tiny_report(request):
 @pytest.mark.slow
 def test_tiny_steps_compile_for_two_tpu_generations_with_splash_and_no_cpu_path(tiny_report):
   r = tiny_report
-  assert r["mesh"] == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 1}
+  assert r["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
   assert [s.name for s in r["steps"]] == ["dpo", "sft", "eval"]
   kinds = {"v5e": "TPU v5 lite", "v5p": "TPU v5"}
   assert r["topology"].chip.device_kind == kinds[r["topology"].chip.generation]
@@ -196,7 +196,7 @@ def test_a_mesh_axis_may_split_a_physical_axis():
   """sequence=8 on v6e-256's 16x16 torus: no physical axis is 8 long (jax.make_mesh refused it, found by
   scripts/tpu_plan.py); the mesh now splits one."""
   mesh = sharding.make_mesh({"data": 1, "fsdp": 32, "sequence": 8}, topology.devices(topology.parse("v6e-256")))
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "sequence": 8, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "expert": 1, "sequence": 8, "tensor": 1}
   assert len({d.id for d in mesh.devices.flat}) == 256
 
 
