@@ -10,11 +10,12 @@ from dpo_jax import sharding
 
 
 def test_mesh_shape_resolves_minus_one():
-  # (data, fsdp, sequence, tensor)
-  assert sharding.resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)
-  assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 2)
-  assert sharding.resolve_mesh_shape({"data": 1, "fsdp": -1}, 4) == (1, 4, 1, 1)
-  assert sharding.resolve_mesh_shape({"data": -1, "sequence": 4}, 8) == (2, 1, 4, 1)
+  # (data, fsdp, expert, sequence, tensor)
+  assert sharding.resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1, 1, 1)
+  assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 1, 2)
+  assert sharding.resolve_mesh_shape({"data": 1, "fsdp": -1}, 4) == (1, 4, 1, 1, 1)
+  assert sharding.resolve_mesh_shape({"data": -1, "sequence": 4}, 8) == (2, 1, 1, 4, 1)
+  assert sharding.resolve_mesh_shape({"data": 1, "expert": 4, "fsdp": -1}, 8) == (1, 2, 4, 1, 1)
 
 
 @pytest.mark.parametrize("sizes,match", [
@@ -30,7 +31,7 @@ def test_mesh_errors(sizes, match):
 
 def test_make_mesh_uses_the_devices_given():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2}
   one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
   assert one.devices.size == 1
 
