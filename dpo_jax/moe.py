@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -165,6 +165,11 @@ def load_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 # ---- the expert computations: x [N, D], weights / experts [N, k] -> y [N, D] ----
 
+def _combine(y_NxKxD: jax.Array, weights_NxK: jax.Array, cfg: Any) -> jax.Array:
+  """`[N, D]`: each token's k expert outputs `[N, k, D]` summed with its routing weights."""
+  return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype), precision=cfg.matmul_precision)
+
+
 def _sort_assignments(experts_NxK: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(order `[N k]`: assignment indices sorted by expert (stable), inverse `[N k]`, group sizes `[E]`)."""
   flat = experts_NxK.reshape(-1)
@@ -184,8 +189,7 @@ def ragged_experts(x_NxD, weights_NxK, experts_NxK, w, cfg, act, lora=None, drop
   proj = lambda name, h: _with_lora(dot(h, w[name]), h, name, lora, dropout_rng, lambda h, a, b: dot(dot(h, a), b))
   h_MxF = act(proj("gate", xs_MxD)) * proj("up", xs_MxD)
   y_MxD = proj("down", h_MxF)
-  y_NxKxD = y_MxD[inverse].reshape(n, k, -1)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype), precision=cfg.matmul_precision), None
+  return _combine(y_MxD[inverse].reshape(n, k, -1), weights_NxK, cfg), None
 
 
 def dense_experts(x_NxD, weights_NxK, experts_NxK, w, cfg, act, lora=None, dropout_rng=None):
@@ -228,8 +232,7 @@ def tiled_experts(x_NxD, weights_NxK, experts_NxK, w, cfg, act, lora=None, dropo
   proj = lambda name, h: _with_lora(dot(h, w[name]), h, name, lora, dropout_rng, lambda h, a, b: dot(dot(h, a), b))
   h = act(proj("gate", xs)) * proj("up", xs)
   y_MxD = proj("down", h).reshape(tiles * t, -1)[row]
-  y_NxKxD = y_MxD[inverse].reshape(n, k, -1)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype), precision=cfg.matmul_precision), None
+  return _combine(y_MxD[inverse].reshape(n, k, -1), weights_NxK, cfg), None
 
 
 def capacity_experts(x_NxD, weights_NxK, experts_NxK, w, cfg, act, lora=None, dropout_rng=None):
@@ -249,9 +252,10 @@ def capacity_experts(x_NxD, weights_NxK, experts_NxK, w, cfg, act, lora=None, dr
   y_ExCxD = proj("down", h_ExCxF)
   y_MxD = jnp.concatenate([y_ExCxD.reshape(e * c, -1), jnp.zeros_like(y_ExCxD[0, :1])])[slot_M]
   y_MxD = y_MxD * kept_M[:, None].astype(y_MxD.dtype)
-  y = jnp.einsum("nkd,nk->nd", y_MxD.reshape(n, k, -1), weights_NxK.astype(y_MxD.dtype),
-                 precision=cfg.matmul_precision)
-  return y, ~kept_M.reshape(n, k)
+  return _combine(y_MxD.reshape(n, k, -1), weights_NxK, cfg), ~kept_M.reshape(n, k)
+
+
+EXPERT_PROJECTIONS = ("gate", "up", "down")
 
 
 def _with_lora(y, h, name, lora, dropout_rng, low_rank):
@@ -267,15 +271,11 @@ def _with_lora(y, h, name, lora, dropout_rng, low_rank):
   return y + low_rank(h, a, b) * jnp.asarray(lora.scale, y.dtype)
 
 
-EXPERT_PROJECTIONS = ("gate", "up", "down")
-
-
-class ExpertAdapters:
-  """The LoRA adapters of one layer's experts: `kernels` name -> (A `[E, in, r]`, B `[E, r, out]`), the scale
-  alpha / r and the dropout rate."""
-
-  def __init__(self, kernels, scale, dropout):
-    self.kernels, self.scale, self.dropout = kernels, scale, dropout
+class ExpertAdapters(NamedTuple):
+  """The LoRA adapters of one layer's experts."""
+  kernels: dict  # name -> (A `[E, in, r]`, B `[E, r, out]`)
+  scale: float  # alpha / r
+  dropout: float  # the adapters' input dropout rate
 
 
 EXPERT_KERNELS = {"ragged": ragged_experts, "tiled": tiled_experts, "dense": dense_experts,
@@ -350,11 +350,11 @@ def expert_parallel(x_BxTxD, weights_BxTxK, experts_BxTxK, w, cfg, act, shard, i
     m = n * k
     # Dropless: a token's k experts are distinct, so at most min(k, E / ep) of them live on one peer.
     c = n * min(k, e_local) if impl != "capacity" else max(1, math.ceil(cfg.moe_capacity_factor * m / ep))
-    order = jnp.argsort(flat, stable=True)
+    order, inverse, sizes_E = _sort_assignments(experts, cfg.num_experts)
     sorted_e = flat[order]
     dest = sorted_e // e_local
-    starts = jnp.cumsum(jnp.bincount(dest, length=ep)) - jnp.bincount(dest, length=ep)
-    position = jnp.arange(m) - starts[dest]
+    per_peer = sizes_E.reshape(ep, e_local).sum(1)  # peer p holds experts p E/ep .. (p + 1) E/ep - 1
+    position = jnp.arange(m) - (jnp.cumsum(per_peer) - per_peer)[dest]
     kept = position < c
     slot = jnp.where(kept, dest * c + position, ep * c)
     send_x = jnp.zeros((ep * c + 1, d), x.dtype).at[slot].set(x_NxD[order // k])[:-1].reshape(ep, c, d)
@@ -376,17 +376,13 @@ def expert_parallel(x_BxTxD, weights_BxTxK, experts_BxTxK, w, cfg, act, shard, i
                            and name == "down" else rng)
     proj = lambda name, h: _with_lora(dot(h, kernels[name]), h, name, local_lora, rng_of(name), low_rank(name))
     h = act(proj("gate", xs)) * proj("up", xs)
-    ys = psum_tensor(proj("down", h)) if lora is None or "down" not in lora.kernels else psum_tensor(
-        dot(h, kernels["down"])) + _with_lora(jnp.zeros_like(xs), h, "down", local_lora, rng_of("down"),
-                                              low_rank("down"))
+    # The down product's partial sums are added over 'tensor' before its adapter's update, which is whole already.
+    ys = _with_lora(psum_tensor(dot(h, kernels["down"])), h, "down", local_lora, rng_of("down"), low_rank("down"))
     back = jnp.zeros_like(ys).at[r_order].set(ys).reshape(ep, c, d)
     back = jax.lax.all_to_all(back, "expert", 0, 0).reshape(ep * c, d)
     y_sorted = jnp.concatenate([back, jnp.zeros_like(back[:1])])[slot] * kept[:, None].astype(back.dtype)
-    y_MxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-    y = jnp.einsum("nkd,nk->nd", y_MxD.reshape(n, k, d), weights.reshape(n, k).astype(y_MxD.dtype),
-                   precision=cfg.matmul_precision)
-    dropped = jnp.zeros((m,), bool).at[order].set(~kept)
-    return y.reshape(b_, t_, d), dropped.reshape(b_, t_, k)
+    y = _combine(y_sorted[inverse].reshape(n, k, d), weights.reshape(n, k), cfg)
+    return y.reshape(b_, t_, d), (~kept)[inverse].reshape(b_, t_, k)
 
   leaves = [w[nm] for nm in names]
   specs = [kernel_spec[nm] for nm in names]
